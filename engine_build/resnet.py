@@ -1,0 +1,117 @@
+"""ResNet-50 declared as data, built as a torch module with torchvision's parameter names.
+
+The spec is the whole architecture: a 7x7/64 stride-2 stem, a 3x3 stride-2 max pool, bottleneck
+stages of (3, 4, 6, 3) blocks with 1x1-3x3-1x1 widths 64/64/256 ... 512/512/2048 (stride on the 3x3,
+as torchvision's "ResNet v1.5"), global average pooling and a fully connected layer. Parameter names
+match torchvision's resnet50 state_dict, so ImageNet weights and fine-tuned checkpoints load as they
+are. `base_width` shrinks every width for the small models the tests train and export quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    blocks: int
+    width: int  # channels of the 1x1 and 3x3 convolutions
+    out_channels: int  # channels of the last 1x1 convolution (width * expansion)
+    stride: int
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    stem_channels: int
+    stem_kernel: int
+    stages: tuple[StageSpec, ...]
+    num_classes: int = 1000
+
+    @property
+    def feature_size(self) -> int:
+        return self.stages[-1].out_channels
+
+
+def resnet50_spec(num_classes: int = 1000, base_width: int = 64) -> ResNetSpec:
+    """ResNet-50; base_width 64 is the real thing (25,557,032 parameters at 1000 classes)."""
+    stages = tuple(
+        StageSpec(blocks, base_width * mult, base_width * mult * 4, stride)
+        for blocks, mult, stride in ((3, 1, 1), (4, 2, 2), (6, 4, 2), (3, 8, 2))
+    )
+    return ResNetSpec(stem_channels=base_width, stem_kernel=7, stages=stages, num_classes=num_classes)
+
+
+def build_resnet(spec: ResNetSpec) -> torch.nn.Module:
+    """A torch module for `spec` whose forward returns (logits, pooled features)."""
+    from torch import nn
+
+    class Bottleneck(nn.Module):
+        def __init__(self, in_ch: int, width: int, out_ch: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(width)
+            self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(out_ch)
+            self.relu = nn.ReLU(inplace=True)
+            self.downsample = None
+            if stride != 1 or in_ch != out_ch:
+                self.downsample = nn.Sequential(
+                    nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+                )
+
+        def forward(self, x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            out = self.bn3(self.conv3(out))
+            return self.relu(out + identity)
+
+    class ResNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            pad = spec.stem_kernel // 2
+            self.conv1 = nn.Conv2d(3, spec.stem_channels, spec.stem_kernel, stride=2, padding=pad, bias=False)
+            self.bn1 = nn.BatchNorm2d(spec.stem_channels)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            in_ch = spec.stem_channels
+            for index, stage in enumerate(spec.stages, start=1):
+                blocks = []
+                for block in range(stage.blocks):
+                    stride = stage.stride if block == 0 else 1
+                    blocks.append(Bottleneck(in_ch, stage.width, stage.out_channels, stride))
+                    in_ch = stage.out_channels
+                setattr(self, f"layer{index}", nn.Sequential(*blocks))
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Linear(in_ch, spec.num_classes)
+            self._init_weights()
+
+        def _init_weights(self) -> None:
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(module, nn.BatchNorm2d):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+
+        def forward_features(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            for index in range(1, len(spec.stages) + 1):
+                x = getattr(self, f"layer{index}")(x)
+            return self.avgpool(x).flatten(1)
+
+        def forward(self, x):
+            features = self.forward_features(x)
+            return self.fc(features), features
+
+    return ResNet()
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

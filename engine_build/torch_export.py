@@ -1,0 +1,59 @@
+"""PyTorch ResNet -> ONNX with probabilities and pooled features as outputs, dynamic batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from engine_build.errors import BuildError
+from engine_build.resnet import build_resnet, resnet50_spec
+from engine_build.weights import LoadedWeights, infer_base_width
+
+OPSET = 18
+
+
+def model_from_weights(weights: LoadedWeights):
+    """The torch module for these weights, in eval mode; strict loading catches wrong files."""
+    spec = resnet50_spec(weights.num_classes, infer_base_width(weights.state_dict))
+    model = build_resnet(spec)
+    missing, unexpected = model.load_state_dict(weights.state_dict, strict=False)
+    if missing or unexpected:
+        raise BuildError(
+            "weights do not fit ResNet-50: "
+            f"missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    return model.eval(), spec
+
+
+def export_onnx(model, input_size: tuple[int, int], work_dir: Path) -> onnx.ModelProto:
+    """Export with the dynamo exporter (torch >= 2.9 default): dynamic batch, opset 18."""
+    import torch
+
+    class Classifier(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor):
+            logits, features = self.inner(x)
+            return torch.softmax(logits, dim=1), features
+
+    example = torch.zeros(2, 3, *input_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    path = Path(work_dir) / "classifier.onnx"
+    with torch.no_grad():
+        program = torch.onnx.export(
+            Classifier(model).eval(),
+            (example,),
+            dynamo=True,
+            input_names=["input"],
+            output_names=["probabilities", "features"],
+            dynamic_shapes={"x": {0: batch}},
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(path))
+    return onnx.load(str(path))

@@ -1,0 +1,80 @@
+"""`labeler run`: the whole pipeline in one process, no broker."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.inputs import unique
+from worker.results import JsonlWriter, completed_paths
+from worker.runners.base import Runner
+from worker.service import LabelingService, ServiceOptions
+
+
+@dataclass
+class RunSummary:
+    submitted: int = 0
+    skipped: int = 0
+    labeled: int = 0
+    errors: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    batches: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.labeled + sum(self.errors.values())) / self.seconds if self.seconds else 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"inputs {self.submitted + self.skipped}: labeled {self.labeled}, "
+            f"errors {sum(self.errors.values())}, skipped (already done) {self.skipped}",
+            f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s, {self.batches} batches",
+        ]
+        out += [f"  {code}: {count}" for code, count in sorted(self.errors.items())]
+        return out
+
+
+def run_local(
+    paths: Iterable[str],
+    runner: Runner,
+    out_path: Path,
+    options: ServiceOptions,
+    resume: bool = False,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """Label every path once into `out_path`; with resume, skip paths already in it."""
+    summary = RunSummary()
+    done = completed_paths(out_path) if resume else set()
+    todo = []
+    for path in unique(paths):
+        if path in done:
+            summary.skipped += 1
+        else:
+            todo.append(path)
+    if on_total:
+        on_total(len(todo))
+    started = time.monotonic()
+    with JsonlWriter(out_path, append=resume) as writer:
+
+        def record(rec: dict[str, Any]) -> None:
+            writer.write(rec)
+            if "error" in rec:
+                summary.errors[rec["error"]["code"]] += 1
+            else:
+                summary.labeled += 1
+            if on_record:
+                on_record(rec)
+
+        with LabelingService(runner, options) as service:
+            for path in todo:
+                service.submit(path, record)
+                summary.submitted += 1
+            service.drain()
+            summary.batches = service.batches_run
+    summary.seconds = time.monotonic() - started
+    return summary

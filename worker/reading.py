@@ -1,0 +1,93 @@
+"""Reading image bytes safely: confined to allowed roots, capped in size, never blocking on devices.
+
+Paths come from queues and list files written by other people, so every read is treated as
+untrusted: symlinks are resolved before the root check, FIFOs and devices are refused without
+blocking (O_NONBLOCK + fstat), and a file larger than the cap is refused before it is read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from worker.errors import ErrorCode, ImageError
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """Where reads may happen and how much may be read. No roots means anywhere."""
+
+    allowed_roots: tuple[str, ...] = field(default=())
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    @classmethod
+    def create(cls, allowed_roots: Iterable[str] = (), max_bytes: int = DEFAULT_MAX_BYTES) -> ReadPolicy:
+        roots = tuple(os.path.realpath(os.path.expanduser(r)) for r in allowed_roots)
+        return cls(allowed_roots=roots, max_bytes=max_bytes)
+
+    def check_allowed(self, real_path: str) -> None:
+        if not self.allowed_roots:
+            return
+        for root in self.allowed_roots:
+            if real_path == root or real_path.startswith(root.rstrip(os.sep) + os.sep):
+                return
+        raise ImageError(
+            ErrorCode.OUTSIDE_ALLOWED_ROOTS,
+            f"resolves to {real_path}, which is not under an allowed root",
+        )
+
+
+def read_image_bytes(path: str, policy: ReadPolicy) -> bytes:
+    """Return the file's bytes or raise ImageError with a stable code."""
+    real_path = os.path.realpath(path)
+    policy.check_allowed(real_path)
+    try:
+        fd = os.open(real_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise ImageError(ErrorCode.NOT_FOUND, "no such file") from None
+    except PermissionError:
+        raise ImageError(ErrorCode.PERMISSION_DENIED, "permission denied") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.ELOOP, errno.ENODEV, errno.EISDIR):
+            raise ImageError(ErrorCode.NOT_A_FILE, f"cannot open as a file: {exc.strerror}") from None
+        raise ImageError(ErrorCode.NOT_FOUND, f"cannot open: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise ImageError(ErrorCode.NOT_A_FILE, f"{kind}")
+        if info.st_size > policy.max_bytes:
+            raise ImageError(
+                ErrorCode.TOO_LARGE,
+                f"file is {info.st_size} bytes, over the {policy.max_bytes}-byte cap",
+            )
+        if info.st_size == 0:
+            raise ImageError(ErrorCode.DECODE_FAILED, "empty file (0 bytes)")
+        return _read_at_most(fd, policy.max_bytes, real_path)
+    finally:
+        os.close(fd)
+
+
+def _read_at_most(fd: int, max_bytes: int, real_path: str) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        try:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+        except OSError as exc:
+            raise ImageError(ErrorCode.DECODE_FAILED, f"read failed: {exc.strerror}") from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise ImageError(ErrorCode.TOO_LARGE, f"file grew past the {max_bytes}-byte cap")
+    data = b"".join(chunks)
+    if not data:
+        raise ImageError(ErrorCode.DECODE_FAILED, "empty file (0 bytes)")
+    return data

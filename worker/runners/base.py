@@ -1,0 +1,90 @@
+"""The runner interface and the checks every backend shares.
+
+As in Polygraphy, the base class owns the life cycle and the checks (loaded first? uint8 crops of
+the right shape? one output row per input?) and a backend overrides only the small `_load`,
+`_infer` and `_close` hooks.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from worker.sidecar import ModelSpec
+
+
+class RunnerError(RuntimeError):
+    """The runner cannot do its job (missing backend, bad bundle, failed inference)."""
+
+
+@dataclass(frozen=True)
+class InferenceOutput:
+    probabilities: np.ndarray  # (N, num_classes) float32, rows sum to 1
+    features: np.ndarray | None = None  # (N, feature_size) float32, when asked for
+
+
+class Runner(abc.ABC):
+    """load() once in the process that infers, infer() per batch, close() at the end."""
+
+    name = "base"
+
+    def __init__(self, bundle_dir: Path, spec: ModelSpec | None = None) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.spec = spec or ModelSpec.load(self.bundle_dir)
+        self._loaded = False
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """The largest batch the backend accepts (None: unbounded)."""
+        return None
+
+    def load(self) -> Runner:
+        if not self._loaded:
+            self._load()
+            self._loaded = True
+        return self
+
+    def infer(self, crops: np.ndarray, want_features: bool = False) -> InferenceOutput:
+        if not self._loaded:
+            raise RunnerError(f"{self.name} runner: call load() before infer()")
+        expected = (self.spec.input.height, self.spec.input.width, 3)
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != expected:
+            raise RunnerError(
+                f"{self.name} runner expects uint8 crops (N, {expected[0]}, {expected[1]}, 3), "
+                f"got {crops.dtype} {crops.shape}"
+            )
+        if want_features and not self.spec.features_output:
+            raise RunnerError("this bundle has no features output (embeddings need a PyTorch export)")
+        limit = self.max_batch_size
+        if limit is not None and crops.shape[0] > limit:
+            raise RunnerError(f"batch of {crops.shape[0]} exceeds the engine's maximum {limit}")
+        output = self._infer(np.ascontiguousarray(crops), want_features)
+        if output.probabilities.shape != (crops.shape[0], self.spec.num_classes):
+            raise RunnerError(
+                f"{self.name} runner returned {output.probabilities.shape} for {crops.shape[0]} images "
+                f"and {self.spec.num_classes} classes"
+            )
+        return output
+
+    def close(self) -> None:
+        if self._loaded:
+            self._close()
+            self._loaded = False
+
+    def __enter__(self) -> Runner:
+        return self.load()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @abc.abstractmethod
+    def _load(self) -> None: ...
+
+    @abc.abstractmethod
+    def _infer(self, crops: np.ndarray, want_features: bool) -> InferenceOutput: ...
+
+    def _close(self) -> None:
+        """Release backend resources; the default has none to release."""

@@ -1,0 +1,66 @@
+"""ONNX Runtime on the CPU: the embedded default that runs anywhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from worker.runners.base import InferenceOutput, Runner, RunnerError
+from worker.sidecar import ModelSpec, sha256_file
+
+
+class OnnxRuntimeRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        bundle_dir: Path,
+        spec: ModelSpec | None = None,
+        variant: str = "fp32",
+        intra_op_threads: int | None = None,
+        inter_op_threads: int = 1,
+        verify_checksum: bool = True,
+    ) -> None:
+        super().__init__(bundle_dir, spec)
+        self.variant = variant
+        self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
+        self.inter_op_threads = inter_op_threads
+        self.verify_checksum = verify_checksum
+        self._session = None
+
+    def model_path(self) -> tuple[Path, str]:
+        """The ONNX file of the chosen precision variant and its expected checksum."""
+        if self.variant in ("fp32", self.spec.precision):
+            return self.bundle_dir / self.spec.model_file, self.spec.checksum_sha256
+        info = self.spec.variants.get(self.variant)
+        if info is None:
+            known = ", ".join(["fp32", *sorted(self.spec.variants)])
+            raise RunnerError(f"bundle has no {self.variant!r} model (has: {known})")
+        return self.bundle_dir / info["file"], info["sha256"]
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        path, expected = self.model_path()
+        if not path.is_file():
+            raise RunnerError(f"model file missing: {path}")
+        if self.verify_checksum and expected and sha256_file(path) != expected:
+            raise RunnerError(f"{path} does not match the checksum in the sidecar; rebuild the bundle")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = self.inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def _infer(self, crops: np.ndarray, want_features: bool) -> InferenceOutput:
+        names = [self.spec.probabilities_output]
+        if want_features:
+            names.append(self.spec.features_output)
+        results = self._session.run(names, {self.spec.input.name: crops})
+        features = results[1].astype(np.float32, copy=False) if want_features else None
+        return InferenceOutput(results[0].astype(np.float32, copy=False), features)
+
+    def _close(self) -> None:
+        self._session = None

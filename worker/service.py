@@ -1,0 +1,175 @@
+"""The labeling service: a decode thread pool feeding one inference thread through the batcher.
+
+One service lives in each process that infers and is shared by every job in it, so images from
+concurrent jobs (or one long local run) share engine batches. Decoding overlaps inference, finished
+crops enter the queue in completion order (a slow file never holds up a batch), bad files become
+error records on the way, and `submit` blocks when too many images are in flight (backpressure).
+The runner is loaded and used on the inference thread only: CUDA contexts are per thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from worker.batcher import STOP, collect_batch
+from worker.errors import ErrorCode, ImageError
+from worker.postprocess import error_record, label_record, top_k_labels
+from worker.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
+from worker.reading import ReadPolicy, read_image_bytes
+from worker.runners.base import Runner
+
+log = logging.getLogger(__name__)
+
+RecordCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    max_batch_size: int = 32
+    max_wait_s: float = 0.02
+    decode_threads: int = 0  # 0: one per core
+    max_in_flight: int = 0  # 0: four batches' worth
+    top_k: int = 5
+    embeddings: bool = False
+    read_policy: ReadPolicy = field(default_factory=ReadPolicy)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class _Prepared:
+    path: str
+    callback: RecordCallback
+    crop: np.ndarray | None = None
+    error: ImageError | None = None
+
+
+class LabelingService:
+    """submit(path, callback) from any thread; callbacks run on the inference thread."""
+
+    def __init__(self, runner: Runner, options: ServiceOptions | None = None) -> None:
+        self.runner = runner
+        self.options = options or ServiceOptions()
+        limit = runner.max_batch_size
+        self.batch_size = min(self.options.max_batch_size, limit) if limit else self.options.max_batch_size
+        self._in_flight_limit = self.options.max_in_flight or 4 * self.batch_size
+        self._ready: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(self._in_flight_limit)
+        self._idle = threading.Condition()
+        self._in_flight = 0
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.options.decode_threads or os.cpu_count() or 1,
+            thread_name_prefix="decode",
+        )
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
+        self._closed = False
+        self.batches_run = 0
+        self.batch_sizes: list[int] = []
+
+    def start(self) -> LabelingService:
+        """Start the inference thread and wait until the runner is loaded (or failed to load)."""
+        self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
+        return self
+
+    def submit(self, path: str, callback: RecordCallback) -> None:
+        if self._closed:
+            raise RuntimeError("service is closed")
+        self._slots.acquire()
+        with self._idle:
+            self._in_flight += 1
+        self._pool.submit(self._prepare, path, callback)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted image has its record. False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.drain()
+        self._ready.put(STOP)
+        self._thread.join()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> LabelingService:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _prepare(self, path: str, callback: RecordCallback) -> None:
+        item = _Prepared(path, callback)
+        try:
+            data = read_image_bytes(path, self.options.read_policy)
+            item.crop = decode_and_crop(data, self.runner.spec.preprocessing, self.options.max_pixels)
+        except ImageError as exc:
+            item.error = exc
+        except Exception as exc:  # noqa: BLE001 - one odd file must not kill the pipeline
+            log.exception("unexpected failure preparing %s", path)
+            item.error = ImageError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        self._ready.put(item)
+
+    def _inference_loop(self) -> None:
+        try:
+            self.runner.load()
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._load_error = exc
+            self._loaded.set()
+            return
+        self._loaded.set()
+        try:
+            stopped = False
+            while not stopped:
+                items, stopped = collect_batch(self._ready, self.batch_size, self.options.max_wait_s)
+                self._run_batch(items)
+        finally:
+            self.runner.close()
+
+    def _run_batch(self, items: list[_Prepared]) -> None:
+        good = [item for item in items if item.crop is not None]
+        for item in items:
+            if item.error is not None:
+                self._emit(item, error_record(item.path, str(item.error.code), item.error.message))
+        if not good:
+            return
+        try:
+            output = self.runner.infer(np.stack([item.crop for item in good]), self.options.embeddings)
+        except Exception as exc:  # noqa: BLE001 - the batch's images get error records instead
+            log.exception("inference failed for a batch of %d", len(good))
+            for item in good:
+                self._emit(item, error_record(item.path, str(ErrorCode.INFERENCE_FAILED), str(exc)))
+            return
+        self.batches_run += 1
+        self.batch_sizes.append(len(good))
+        labels = top_k_labels(output.probabilities, self.runner.spec.classes, self.options.top_k)
+        for row, item in enumerate(good):
+            embedding = output.features[row] if output.features is not None else None
+            self._emit(item, label_record(item.path, labels[row], embedding))
+
+    def _emit(self, item: _Prepared, record: dict[str, Any]) -> None:
+        item.crop = None
+        try:
+            item.callback(record)
+        except Exception:  # noqa: BLE001 - a failing consumer must not stop other jobs
+            log.exception("record callback failed for %s", item.path)
+        finally:
+            self._slots.release()
+            with self._idle:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.notify_all()
