@@ -1,5 +1,5 @@
 """`python -m engine_build ...` is the same as `labeler build ...`."""
 
-from worker.cli import build
+from engine_build.cli_build import build
 
 build(prog_name="labeler build")

@@ -51,7 +51,9 @@ def build_from_weights(
     source = {
         "kind": "pytorch",
         "description": weights.description,
-        "architecture": "resnet50" if arch.stem_channels == 64 else f"resnet50 (base width {arch.stem_channels})",
+        "architecture": "resnet50"
+        if arch.stem_channels == 64
+        else f"resnet50 (base width {arch.stem_channels})",
         "labels_meaningful": weights.labels_meaningful,
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,
@@ -59,8 +61,14 @@ def build_from_weights(
     }
     warnings = () if weights.labels_meaningful else (RANDOM_WEIGHTS_WARNING,)
     spec = write_bundle(
-        out_dir, classifier, prep, classes, source,
-        features_output="features", feature_size=arch.feature_size, warnings=warnings,
+        out_dir,
+        classifier,
+        prep,
+        classes,
+        source,
+        features_output="features",
+        feature_size=arch.feature_size,
+        warnings=warnings,
     )
 
     def reference(x: np.ndarray) -> np.ndarray:
@@ -97,9 +105,13 @@ def build_from_onnx(
         classifier = append_softmax(classifier, chosen, probabilities)
     elif chosen != probabilities:
         classifier.graph.node.append(onnx.helper.make_node("Identity", [chosen], [probabilities]))
-        classifier.graph.output.append(onnx.helper.make_tensor_value_info(probabilities, onnx.TensorProto.FLOAT, None))
+        classifier.graph.output.append(
+            onnx.helper.make_tensor_value_info(probabilities, onnx.TensorProto.FLOAT, None)
+        )
     num_classes = _output_width(classifier, onnx_path, prep, chosen)
-    classes = read_labels_file(labels_file, num_classes) if labels_file else class_names(num_classes, None, False)
+    classes = (
+        read_labels_file(labels_file, num_classes) if labels_file else class_names(num_classes, None, False)
+    )
     source = {
         "kind": "onnx",
         "description": f"ONNX file {Path(onnx_path).resolve()}",

@@ -16,7 +16,9 @@ from worker.sidecar import ModelInput, Preprocessing
 PREPROCESSED = "preprocessed"
 
 
-def preprocessing_graph(prep: Preprocessing, model_input: ModelInput, opset: int, ir_version: int) -> onnx.ModelProto:
+def preprocessing_graph(
+    prep: Preprocessing, model_input: ModelInput, opset: int, ir_version: int
+) -> onnx.ModelProto:
     """A small model: uint8 crops in, the float tensor the classifier expects out."""
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []

@@ -7,7 +7,6 @@ internet must not be able to run code.
 from __future__ import annotations
 
 import os
-import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

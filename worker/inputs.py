@@ -25,7 +25,7 @@ def iter_input_paths(inputs: Iterable[str], stdin: TextIO | None = None) -> Iter
         elif item.startswith("@") and len(item) > 1:
             with open(item[1:], encoding="utf-8") as handle:
                 yield from _iter_lines(handle)
-        elif os.path.isdir(item) and not os.path.islink(item):
+        elif os.path.isdir(item):
             yield from _walk_images(item)
         else:
             yield os.path.abspath(item)

@@ -141,5 +141,4 @@ def crop_resize(image: np.ndarray, plan: CropPlan) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-
 __all__ = ["CropPlan", "DEFAULT_MAX_PIXELS", "crop_resize", "decode_and_crop", "plan_crop"]

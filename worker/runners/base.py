@@ -88,3 +88,4 @@ class Runner(abc.ABC):
 
     def _close(self) -> None:
         """Release backend resources; the default has none to release."""
+        return None
