@@ -1,0 +1,74 @@
+"""`labeler status`: a run's counts, speed and ETA, once or as a live view."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from worker.run_store import RunStatus, RunStore
+
+
+class RateMeter:
+    """Images per second between successive samples, smoothed so one slow interval does not jump the ETA."""
+
+    def __init__(self, smoothing: float = 0.3) -> None:
+        self.smoothing = smoothing
+        self.rate: float | None = None
+        self._last: tuple[float, int] | None = None
+
+    def sample(self, done: int, now: float | None = None) -> float | None:
+        now = time.monotonic() if now is None else now
+        if self._last is not None and now > self._last[0]:
+            instant = (done - self._last[1]) / (now - self._last[0])
+            self.rate = (
+                instant if self.rate is None else self.smoothing * instant + (1 - self.smoothing) * self.rate
+            )
+        self._last = (now, done)
+        return self.rate
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def format_status(status: RunStatus, rate: float | None = None) -> str:
+    """One block of text; `rate` (live) overrides the run-average rate."""
+    rate = status.average_rate() if rate is None else rate
+    share = f"{100.0 * status.done / status.total:.1f}%" if status.total else "-"
+    if status.pending == 0 and status.total:
+        eta = "finished"
+    elif rate > 0:
+        eta = format_duration(status.pending / rate)
+    else:
+        eta = "unknown"
+    lines = [
+        f"run {status.run}",
+        f"  total {status.total}  done {status.done} ({share})  labeled {status.labeled}  "
+        f"failed {status.failed}  pending {status.pending}",
+        f"  {rate:.1f} images/s  ETA {eta}  queue {status.queued_jobs} jobs",
+    ]
+    if status.dead_jobs:
+        lines.append(f"  dead-lettered jobs: {status.dead_jobs} (their images have internal_error records)")
+    return "\n".join(lines)
+
+
+def follow(
+    store: RunStore,
+    run: str,
+    queue: str,
+    interval_s: float,
+    show: Callable[[RunStatus, float | None], None],
+    until_finished: bool = True,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RunStatus:
+    """Poll the run every `interval_s`, calling `show`; return once nothing is pending."""
+    meter = RateMeter()
+    while True:
+        status = store.status(run, queue)
+        show(status, meter.sample(status.done))
+        if until_finished and status.total and status.pending == 0:
+            return status
+        sleep(interval_s)

@@ -1,0 +1,236 @@
+"""The Redis key schema of a run, and every read and write of it.
+
+Keys (prefix `P`, default `labeler`; run name `R`):
+
+- `P:run:R:records`  hash, image path -> record JSON; "" marks a path that is queued but has no
+  record yet. Writes are idempotent: a redelivered job rewrites the same field, so each image has
+  exactly one record however often its job runs. HLEN is the run's total.
+- `P:run:R:meta`     hash: created_at, done, failed, first_record_at, last_record_at, jobs.
+  `done`/`failed` change only when a field goes from no record to a record (in Lua, atomically),
+  so counters stay exact under redelivery.
+- `P:run:R:deliveries` hash, job id -> times delivered; `<job id>:error` -> last error seen.
+- `P:run:R:dead`     list of dead-lettered jobs (JSON: job_id, run, paths, deliveries, reason).
+- `P:runs`           set of run names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,199}$")
+QUEUED = ""  # the placeholder value of a path that is queued and has no record yet
+
+# KEYS: records, meta. ARGV: now, then (path, record JSON, "1" if error else "0") triples.
+_WRITE_RECORDS = """
+local done, failed = 0, 0
+for i = 2, #ARGV, 3 do
+  local path, rec, is_err = ARGV[i], ARGV[i + 1], ARGV[i + 2] == '1'
+  local old = redis.call('HGET', KEYS[1], path)
+  redis.call('HSET', KEYS[1], path, rec)
+  if (not old) or old == '' then
+    done = done + 1
+    if is_err then failed = failed + 1 end
+  else
+    local old_err = cjson.decode(old)['error'] ~= nil
+    if old_err and not is_err then failed = failed - 1 end
+    if is_err and not old_err then failed = failed + 1 end
+  end
+end
+if done > 0 then
+  redis.call('HINCRBY', KEYS[2], 'done', done)
+  redis.call('HSETNX', KEYS[2], 'first_record_at', ARGV[1])
+end
+if failed ~= 0 then redis.call('HINCRBY', KEYS[2], 'failed', failed) end
+redis.call('HSET', KEYS[2], 'last_record_at', ARGV[1])
+return done
+"""
+
+# KEYS: records. ARGV: paths. Marks paths without a record as queued; returns one flag per path:
+# "1" = publish it (no record yet), "0" = it already has a record (resume skips it).
+_CLAIM_PATHS = """
+local flags = {}
+for i = 1, #ARGV do
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  if not old then
+    redis.call('HSET', KEYS[1], ARGV[i], '')
+    flags[i] = '1'
+  elseif old == '' then
+    flags[i] = '1'
+  else
+    flags[i] = '0'
+  end
+end
+return table.concat(flags)
+"""
+
+
+class RunNameError(ValueError):
+    """A run name that cannot be used as part of a Redis key."""
+
+
+def check_run_name(run: str) -> str:
+    if not RUN_NAME.match(run):
+        raise RunNameError(
+            f"run name {run!r}: use 1-200 letters, digits and _ . : @ + - (starting with a letter or digit)"
+        )
+    return run
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run: str
+    total: int
+    done: int
+    failed: int
+    dead_jobs: int
+    queued_jobs: int
+    created_at: float | None
+    first_record_at: float | None
+    last_record_at: float | None
+
+    @property
+    def pending(self) -> int:
+        return max(0, self.total - self.done)
+
+    @property
+    def labeled(self) -> int:
+        return self.done - self.failed
+
+    def average_rate(self) -> float:
+        """Records per second from the first record to the last one."""
+        if not self.first_record_at or not self.last_record_at or self.done < 2:
+            return 0.0
+        span = self.last_record_at - self.first_record_at
+        return self.done / span if span > 0 else 0.0
+
+
+class RunStore:
+    """Reads and writes of runs in Redis. Thread-safe: redis-py clients share a connection pool."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "labeler") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._write = client.register_script(_WRITE_RECORDS)
+        self._claim = client.register_script(_CLAIM_PATHS)
+
+    def key(self, run: str, part: str) -> str:
+        return f"{self.prefix}:run:{run}:{part}"
+
+    # -- client side -------------------------------------------------------------------------
+
+    def register_run(self, run: str, now: float | None = None) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sadd(f"{self.prefix}:runs", run)
+        pipe.hsetnx(self.key(run, "meta"), "created_at", repr(now or time.time()))
+        pipe.execute()
+
+    def claim_paths(self, pipe: redis.client.Pipeline, run: str, paths: Sequence[str]) -> None:
+        """Queue, on `pipe`, the claim of `paths`; its reply is the flag string of _CLAIM_PATHS."""
+        self._claim(keys=[self.key(run, "records")], args=list(paths), client=pipe)
+
+    def count_jobs(self, run: str, jobs: int) -> None:
+        self.client.hincrby(self.key(run, "meta"), "jobs", jobs)
+
+    def status(self, run: str, queue: str) -> RunStatus:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hlen(self.key(run, "records"))
+        pipe.hgetall(self.key(run, "meta"))
+        pipe.llen(self.key(run, "dead"))
+        pipe.llen(queue)
+        total, meta, dead, queued = pipe.execute()
+        meta = {k.decode(): v.decode() for k, v in meta.items()}
+
+        def number(name: str) -> float | None:
+            return float(meta[name]) if name in meta else None
+
+        return RunStatus(
+            run=run,
+            total=int(total),
+            done=int(meta.get("done", 0)),
+            failed=int(meta.get("failed", 0)),
+            dead_jobs=int(dead),
+            queued_jobs=int(queued),
+            created_at=number("created_at"),
+            first_record_at=number("first_record_at"),
+            last_record_at=number("last_record_at"),
+        )
+
+    def exists(self, run: str) -> bool:
+        return bool(self.client.exists(self.key(run, "meta"), self.key(run, "records")))
+
+    def iter_records(self, run: str, batch: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every finished record, streamed with HSCAN (constant memory; order is Redis's)."""
+        for _path, value in self.client.hscan_iter(self.key(run, "records"), count=batch):
+            if value:
+                yield json.loads(value)
+
+    def dead_letters(self, run: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for item in self.client.lrange(self.key(run, "dead"), 0, -1)]
+
+    # -- worker side -------------------------------------------------------------------------
+
+    def paths_without_record(self, run: str, paths: Sequence[str]) -> list[str]:
+        """The paths of a job that still need work (a redelivered job skips finished ones)."""
+        if not paths:
+            return []
+        values = self.client.hmget(self.key(run, "records"), list(paths))
+        return [path for path, value in zip(paths, values, strict=True) if not value]
+
+    def get_records(self, run: str, paths: Sequence[str]) -> list[dict[str, Any] | None]:
+        values = self.client.hmget(self.key(run, "records"), list(paths)) if paths else []
+        return [json.loads(v) if v else None for v in values]
+
+    def write_records(self, run: str, records: Sequence[dict[str, Any]]) -> int:
+        """Write records idempotently; returns how many paths got their first record."""
+        if not records:
+            return 0
+        args: list[str] = [repr(time.time())]
+        for record in records:
+            args += [
+                record["path"],
+                json.dumps(record, ensure_ascii=False, separators=(",", ":")),
+                "1" if "error" in record else "0",
+            ]
+        return int(self._write(keys=[self.key(run, "records"), self.key(run, "meta")], args=args))
+
+    def count_delivery(self, run: str, job_id: str) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sadd(f"{self.prefix}:runs", run)
+        pipe.hsetnx(self.key(run, "meta"), "created_at", repr(time.time()))
+        pipe.hincrby(self.key(run, "deliveries"), job_id, 1)
+        return int(pipe.execute()[-1])
+
+    def uncount_delivery(self, run: str, job_id: str) -> None:
+        """A clean handback (warm shutdown) is not a failed delivery."""
+        self.client.hincrby(self.key(run, "deliveries"), job_id, -1)
+
+    def note_error(self, run: str, job_id: str, error: str) -> None:
+        self.client.hset(self.key(run, "deliveries"), f"{job_id}:error", error[:2000])
+
+    def last_error(self, run: str, job_id: str) -> str | None:
+        value = self.client.hget(self.key(run, "deliveries"), f"{job_id}:error")
+        return value.decode() if value else None
+
+    def finish_job(self, run: str, job_id: str) -> None:
+        self.client.hdel(self.key(run, "deliveries"), job_id, f"{job_id}:error")
+
+    def dead_letter(self, run: str, job_id: str, paths: Sequence[str], deliveries: int, reason: str) -> None:
+        entry = {
+            "job_id": job_id,
+            "run": run,
+            "paths": list(paths),
+            "deliveries": deliveries,
+            "reason": reason,
+            "at": time.time(),
+        }
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(self.key(run, "dead"), json.dumps(entry, ensure_ascii=False))
+        pipe.hdel(self.key(run, "deliveries"), job_id, f"{job_id}:error")
+        pipe.execute()

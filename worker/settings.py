@@ -1,0 +1,132 @@
+"""Every setting of the distributed labeler, read from the environment in one place.
+
+Workers, the client commands, deploy files and metrics all read `Settings.from_env()`, so a value
+has one name (`LABELER_...`), one default and one check. Command-line flags override single fields
+with `dataclasses.replace`. The Redis URL carries the password, ACL user and TLS
+(`rediss://:PASSWORD@host:6379/0?ssl_cert_reqs=required`), so secrets never need a separate knob.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+
+
+class SettingsError(ValueError):
+    """A setting has a value the labeler cannot work with."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Redis: one URL for the broker and the result backend.
+    broker_url: str = DEFAULT_BROKER_URL
+    queue: str = "labeler"
+    key_prefix: str = "labeler"
+    # Delivery guarantees. The task enforces its own deadline (time limits need prefork); the
+    # visibility timeout must outlast it or a healthy job would be handed to a second worker.
+    task_deadline_s: float = 1800.0
+    visibility_timeout_s: int = 3600
+    restore_interval_s: int = 10
+    restore_throttle: int = 10
+    max_deliveries: int = 3
+    result_expires_s: int = 7 * 24 * 3600
+    redis_retry_s: float = 60.0  # how long a job keeps retrying Redis writes before requeueing
+    # Worker: model and batching.
+    model: str = ""
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    allowed_roots: tuple[str, ...] = ()
+    concurrency: int = 4  # jobs in flight per worker process; they share engine batches
+    batch_size: int = 32
+    max_wait_ms: float = 20.0
+    decode_threads: int = 0
+    intra_op_threads: int = 0
+    top_k: int = 5
+    max_bytes: int = 64 * 1024 * 1024
+    flush_records: int = 256  # records per Redis round trip from a job
+    # Client.
+    chunk_size: int = 500
+    max_queued_jobs: int = 2000  # backpressure: enqueue waits while the queue is longer
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read `LABELER_<FIELD>` for every field; unset or empty means the default."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for item in fields(cls):
+            raw = env.get(env_name(item.name), "").strip()
+            if not raw:
+                continue
+            values[item.name] = _parse(item.name, raw, item.default)
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        if self.visibility_timeout_s <= self.task_deadline_s + 30:
+            raise SettingsError(
+                f"LABELER_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed "
+                f"LABELER_TASK_DEADLINE_S ({self.task_deadline_s}) by more than 30 s, or Redis "
+                "hands a running job to a second worker"
+            )
+        if self.max_deliveries < 1 or self.chunk_size < 1 or self.concurrency < 1:
+            raise SettingsError("max_deliveries, chunk_size and concurrency must be at least 1")
+        if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("LABELER_BROKER_URL must be a redis://, rediss:// or unix:// URL")
+        return self
+
+    def env(self) -> dict[str, str]:
+        """These settings as environment variables (to hand to a worker subprocess)."""
+        out = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            out[env_name(item.name)] = os.pathsep.join(value) if isinstance(value, tuple) else str(value)
+        return out
+
+
+def env_name(field_name: str) -> str:
+    return "LABELER_" + field_name.upper()
+
+
+def _parse(name: str, raw: str, default: object) -> object:
+    try:
+        if isinstance(default, tuple):
+            return tuple(part for part in raw.split(os.pathsep) if part)
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{env_name(name)}={raw!r} is not a valid {type(default).__name__}") from None
+    return raw
+
+
+SETTINGS_DOC = {
+    "broker_url": "Redis URL for broker and results; password/ACL user and rediss:// TLS go in it",
+    "queue": "queue (Redis list) that jobs are published to and workers consume",
+    "key_prefix": "prefix of every run key in Redis",
+    "task_deadline_s": "a job gives up and requeues its unfinished images after this long",
+    "visibility_timeout_s": "unacked jobs of a dead worker are redelivered after this long",
+    "restore_interval_s": "seconds between sweeps for unacked jobs of dead workers",
+    "restore_throttle": "only every Nth sweep scans Redis",
+    "max_deliveries": "a job delivered this many times without finishing is dead-lettered",
+    "result_expires_s": "TTL of Celery task results (per-image records never expire)",
+    "redis_retry_s": "how long a job retries failed Redis writes before requeueing itself",
+    "model": "model bundle directory the worker serves",
+    "backend": "runner backend (onnxruntime, tensorrt, ...)",
+    "precision": "which model of the bundle to run (fp32, fp16, int8)",
+    "allowed_roots": f"directories the worker may read, separated by {os.pathsep!r}",
+    "concurrency": "jobs in flight per worker process (threads pool)",
+    "batch_size": "largest engine batch",
+    "max_wait_ms": "longest wait to fill an engine batch",
+    "decode_threads": "decode threads (0: one per core)",
+    "intra_op_threads": "ONNX Runtime threads (0: one per core)",
+    "top_k": "labels per record",
+    "max_bytes": "largest file a worker reads",
+    "flush_records": "records a job writes to Redis per round trip",
+    "chunk_size": "image paths per job published by `labeler enqueue`",
+    "max_queued_jobs": "`labeler enqueue` waits while the queue holds more jobs than this",
+}
