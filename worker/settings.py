@@ -28,6 +28,7 @@ class Settings:
     # Delivery guarantees. The task enforces its own deadline (time limits need prefork); the
     # visibility timeout must outlast it or a healthy job would be handed to a second worker.
     task_deadline_s: float = 1800.0
+    deadline_grace_s: float = 15.0  # images in flight at the deadline may finish this long after it
     visibility_timeout_s: int = 3600
     restore_interval_s: int = 10
     restore_throttle: int = 10
@@ -64,11 +65,11 @@ class Settings:
         return cls(**values).validated()
 
     def validated(self) -> Settings:
-        if self.visibility_timeout_s <= self.task_deadline_s + 30:
+        if self.visibility_timeout_s <= self.task_deadline_s + self.deadline_grace_s:
             raise SettingsError(
                 f"LABELER_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed "
-                f"LABELER_TASK_DEADLINE_S ({self.task_deadline_s}) by more than 30 s, or Redis "
-                "hands a running job to a second worker"
+                f"LABELER_TASK_DEADLINE_S + LABELER_DEADLINE_GRACE_S ({self.task_deadline_s} + "
+                f"{self.deadline_grace_s}), or Redis hands a running job to a second worker"
             )
         if self.max_deliveries < 1 or self.chunk_size < 1 or self.concurrency < 1:
             raise SettingsError("max_deliveries, chunk_size and concurrency must be at least 1")
@@ -109,6 +110,7 @@ SETTINGS_DOC = {
     "queue": "queue (Redis list) that jobs are published to and workers consume",
     "key_prefix": "prefix of every run key in Redis",
     "task_deadline_s": "a job gives up and requeues its unfinished images after this long",
+    "deadline_grace_s": "images in flight at the deadline may finish this long after it",
     "visibility_timeout_s": "unacked jobs of a dead worker are redelivered after this long",
     "restore_interval_s": "seconds between sweeps for unacked jobs of dead workers",
     "restore_throttle": "only every Nth sweep scans Redis",

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-DEADLINE_GRACE_S = 15.0  # in-flight images may finish this long after the deadline
 
 _shutting_down = threading.Event()
 _service_lock = threading.Lock()
@@ -250,7 +249,7 @@ def label_paths(job_id: str, run: str, paths: list[str], return_records: bool = 
         submitted += 1
         if sink.pending() >= config.flush_records:
             written += flush(sink.take(config.flush_records, 0))
-    while written < submitted and time.monotonic() < deadline + DEADLINE_GRACE_S:
+    while written < submitted and time.monotonic() < deadline + config.deadline_grace_s:
         written += flush(sink.take(config.flush_records, 0.25))
 
     if written < len(todo):
