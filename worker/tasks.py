@@ -211,7 +211,9 @@ class _RecordSink:
 @app.task(name=TASK_NAME, bind=True, base=DeliveryCountingTask)
 def label_chunk(self: Task, run: str, paths: list[str], return_records: bool = False) -> dict[str, Any]:
     """Label `paths` into run `run`. Returns counts (and the records, when asked, for small jobs)."""
-    return label_paths(self.request.id or "unknown", run, paths, return_records)
+    result = label_paths(self.request.id or "unknown", run, paths, return_records)
+    result["worker"] = self.request.hostname
+    return result
 
 
 def label_paths(job_id: str, run: str, paths: list[str], return_records: bool = False) -> dict[str, Any]:
