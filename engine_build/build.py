@@ -121,6 +121,7 @@ def build_from_onnx(
         "onnx_version": onnx.__version__,
     }
     spec = write_bundle(out_dir, classifier, prep, classes, source)
+    _require_dynamic_batch(out_dir, spec, onnx_path)
     original = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     input_name = original.get_inputs()[0].name
 
@@ -133,6 +134,24 @@ def build_from_onnx(
         return out.astype(np.float32)
 
     return record_verification(out_dir, spec, verify_bundle(out_dir, spec, reference, verify_images))
+
+
+def _require_dynamic_batch(out_dir: Path, spec: ModelSpec, onnx_path: Path) -> None:
+    """Renaming the batch axis is not enough when the graph hard-codes it (a Reshape to [1, -1])."""
+    import shutil
+
+    from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
+
+    crops = np.zeros((2, spec.input.height, spec.input.width, 3), np.uint8)
+    try:
+        with OnnxRuntimeRunner(out_dir, spec, intra_op_threads=1) as runner:
+            runner.infer(crops)
+    except Exception as exc:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise BuildError(
+            f"{onnx_path} has a fixed batch size and cannot run a batch of 2 ({exc}). Re-export it with a "
+            "dynamic batch axis (torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes={'input': {0: 'batch'}})."
+        ) from None
 
 
 def _make_batch_dynamic(model: onnx.ModelProto) -> None:

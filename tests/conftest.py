@@ -70,11 +70,9 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def resnet50_bundle(tmp_path_factory) -> Path:
-    """The full ResNet-50 (1000 classes), seeded random weights."""
-    from engine_build.build import build_from_weights
-    from engine_build.weights import random_weights
+def resnet50_bundle(labeler_home) -> Path:
+    """The embedded default: full ResNet-50, 1000 classes. Offline (CI) it is the seeded random
+    fallback, built through the same path `labeler run` takes when no --model is given."""
+    from engine_build.default_bundle import ensure_default_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "resnet50"
-    build_from_weights(random_weights(1000, seed=0), out)
-    return out
+    return ensure_default_bundle(echo=lambda message: None)
