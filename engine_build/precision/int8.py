@@ -1,0 +1,108 @@
+"""FP32 ONNX -> INT8 Q/DQ ONNX in the form TensorRT accepts, calibrated on the CPU.
+
+ONNX Runtime's static quantization in QDQ format with symmetric INT8 activations and per-channel
+symmetric INT8 weights: TensorRT rejects non-zero zero points and the QOperator (QLinearConv) form.
+Only convolutions, the classifier's Gemm and the residual Adds get Q/DQ (the layers TensorRT runs in
+INT8); the preprocessing head and the softmax stay FP32, as do graph inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from engine_build.precision.graph_parts import output_nodes, prepared_copy, preprocessing_nodes
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+QUANTIZED_OPS = ("Conv", "Gemm", "Add", "MaxPool")
+CALIBRATION_BATCH = 16
+
+
+def calibration_batches(crops: np.ndarray, batch: int = CALIBRATION_BATCH) -> Iterator[np.ndarray]:
+    for start in range(0, len(crops), batch):
+        yield crops[start : start + batch]
+
+
+def quantize_int8(
+    src: Path,
+    dst: Path,
+    crops: np.ndarray,
+    input_name: str,
+    method: str = "minmax",
+    extra_fp32_nodes: tuple[str, ...] = (),
+) -> dict[str, object]:
+    """Calibrate on `crops` (uint8, the bundle's input) and write the Q/DQ model to `dst`."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
+    if len(crops) == 0:
+        raise ValueError("no calibration crops")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = calibration_batches(crops)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {input_name: batch}
+
+    model = prepared_copy(str(src))
+    keep = [*preprocessing_nodes(model), *output_nodes(model), *extra_fp32_nodes]
+    named = dst.with_name(dst.name + ".named.onnx")
+    onnx.save(model, str(named))
+    try:
+        quantize_static(
+            str(named),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=keep,
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }[method],
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+    finally:
+        named.unlink(missing_ok=True)
+    check_tensorrt_form(onnx.load(str(dst)))
+    return {
+        "quantizer": "onnxruntime.quantization.quantize_static (QDQ)",
+        "activations": "int8 symmetric per-tensor",
+        "weights": "int8 symmetric per-channel",
+        "calibration_method": method,
+        "calibration_images": int(len(crops)),
+        "quantized_ops": list(QUANTIZED_OPS),
+        "fp32_nodes": keep,
+    }
+
+
+def check_tensorrt_form(model: onnx.ModelProto) -> None:
+    """Fail early on what TensorRT would reject later: QOperator nodes, non-zero zero points."""
+    ops = {node.op_type for node in model.graph.node}
+    bad_ops = ops & {"QLinearConv", "QLinearMatMul", "QLinearAdd", "ConvInteger", "MatMulInteger"}
+    if bad_ops:
+        raise ValueError(f"quantized model has QOperator nodes {sorted(bad_ops)}; TensorRT needs Q/DQ form")
+    if "QuantizeLinear" not in ops:
+        raise ValueError("quantized model has no QuantizeLinear nodes: nothing was quantized")
+    initializers = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+            zero = initializers.get(node.input[2])
+            if zero is not None and np.any(onnx.numpy_helper.to_array(zero) != 0):
+                raise ValueError(f"{node.name} has a non-zero zero point; TensorRT needs symmetric INT8")

@@ -1,0 +1,292 @@
+"""A recording FAKE of the `tensorrt` and `pycuda.driver` modules (neither can run here).
+
+No GPU and no TensorRT exist in this workplace, so these fakes stand in for them. They implement
+only the calls our builder and runner make, record every call in order (with the stream it was
+queued on) and run synchronously. The fake engine "computes" something checkable: row i of the
+probabilities is one-hot at (mean pixel of crop i) mod classes, so tests can see that each chunk's
+outputs come back in the right rows. What this proves: our code's profiles, tensor names, shapes,
+buffer sizes, stream order and error paths. What it cannot prove: that real TensorRT accepts them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class FakeGpuWorld:
+    """Everything the fakes share: the call log and the knobs tests turn."""
+
+    calls: list[tuple] = field(default_factory=list)
+    gpu_name: str = "NVIDIA H100 80GB HBM3"
+    capability: tuple[int, int] = (9, 0)
+    trt_version: str = "11.4.0"
+    parse_ok: bool = True
+    build_ok: bool = True
+    execute_ok: bool = True
+    output_dtype: str = "float32"  # "float16" for an engine with FP16 I/O
+    num_classes: int = 4
+    feature_size: int = 8
+    input_name: str = "images"
+    crop: tuple[int, int] = (32, 32)
+    max_batch: int = 64
+    memory: dict[int, np.ndarray] = field(default_factory=dict)
+    _addresses: Any = field(default_factory=lambda: itertools.count(0x1000, 0x1000))
+
+    def record(self, *call: Any) -> None:
+        self.calls.append(call)
+
+    def named(self, name: str) -> list[tuple]:
+        return [c for c in self.calls if c[0] == name]
+
+
+class DataType(Enum):
+    UINT8 = "uint8"
+    FLOAT = "float32"
+    HALF = "float16"
+
+
+class TensorIOMode(Enum):
+    INPUT = 1
+    OUTPUT = 2
+
+
+class MemoryPoolType(Enum):
+    WORKSPACE = 0
+
+
+def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
+    """sys.modules entries for tensorrt, pycuda and pycuda.driver, bound to `world`."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = world.trt_version
+    trt.DataType = DataType
+    trt.TensorIOMode = TensorIOMode
+    trt.MemoryPoolType = MemoryPoolType
+    trt.nptype = lambda dtype: np.dtype(dtype.value).type
+
+    class Logger:
+        WARNING = "warning"
+
+        def __init__(self, severity: str = "warning") -> None:
+            self.severity = severity
+
+    class Network:
+        pass
+
+    class OnnxParser:
+        def __init__(self, network: Network, logger: Logger) -> None:
+            self.num_errors = 0 if world.parse_ok else 1
+
+        def parse_from_file(self, path: str) -> bool:
+            world.record("parse_from_file", path)
+            return world.parse_ok
+
+        def get_error(self, index: int) -> str:
+            return "fake parser error: unsupported node"
+
+    class Profile:
+        def set_shape(self, name: str, low: tuple, opt: tuple, high: tuple) -> None:
+            world.record("set_shape", name, tuple(low), tuple(opt), tuple(high))
+
+    class TimingCache:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def serialize(self) -> bytes:
+            return self.data + b"+timings"
+
+    class BuilderConfig:
+        def __init__(self) -> None:
+            self._cache: TimingCache | None = None
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "builder_optimization_level":
+                world.record("builder_optimization_level", value)
+            object.__setattr__(self, name, value)
+
+        def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
+            world.record("set_memory_pool_limit", pool, size)
+
+        def add_optimization_profile(self, profile: Profile) -> int:
+            world.record("add_optimization_profile")
+            return 0
+
+        def create_timing_cache(self, data: bytes) -> TimingCache:
+            world.record("create_timing_cache", bytes(data))
+            return TimingCache(bytes(data))
+
+        def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
+            world.record("set_timing_cache", ignore_mismatch)
+            self._cache = cache
+            return True
+
+        def get_timing_cache(self) -> TimingCache | None:
+            return self._cache
+
+    class Builder:
+        def __init__(self, logger: Logger) -> None:
+            pass
+
+        def create_network(self, *flags: int) -> Network:
+            world.record("create_network", flags)
+            return Network()
+
+        def create_builder_config(self) -> BuilderConfig:
+            return BuilderConfig()
+
+        def create_optimization_profile(self) -> Profile:
+            return Profile()
+
+        def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes | None:
+            world.record("build_serialized_network")
+            return b"FAKE-ENGINE" if world.build_ok else None
+
+    class Context:
+        ids = itertools.count()
+
+        def __init__(self) -> None:
+            self.id = next(Context.ids)
+            self.addresses: dict[str, int] = {}
+            self.shape: tuple | None = None
+
+        def set_input_shape(self, name: str, shape: tuple) -> bool:
+            world.record("set_input_shape", self.id, name, tuple(shape))
+            self.shape = tuple(shape)
+            return True
+
+        def set_tensor_address(self, name: str, address: int) -> bool:
+            world.record("set_tensor_address", self.id, name, address)
+            self.addresses[name] = address
+            return True
+
+        def execute_async_v3(self, stream_handle: int) -> bool:
+            world.record("execute_async_v3", self.id, stream_handle)
+            if not world.execute_ok:
+                return False
+            count = self.shape[0]
+            crops = world.memory[self.addresses[world.input_name]][:count]
+            means = crops.reshape(count, -1).mean(axis=1)
+            probs = self._device_output("probabilities", world.num_classes)
+            probs[:count] = 0
+            probs[np.arange(count), means.astype(int) % world.num_classes] = 1
+            if "features" in self.addresses:
+                self._device_output("features", world.feature_size)[:count] = means[:, None]
+            return True
+
+        def _device_output(self, name: str, width: int) -> np.ndarray:
+            address = self.addresses[name]
+            if world.memory.get(address) is None:
+                world.memory[address] = np.zeros((world.max_batch, width), world.output_dtype)
+            return world.memory[address]
+
+    class Engine:
+        def __init__(self) -> None:
+            out = DataType.HALF if world.output_dtype == "float16" else DataType.FLOAT
+            h, w = world.crop
+            self.io = {
+                world.input_name: (TensorIOMode.INPUT, DataType.UINT8, (-1, h, w, 3)),
+                "probabilities": (TensorIOMode.OUTPUT, out, (-1, world.num_classes)),
+                "features": (TensorIOMode.OUTPUT, out, (-1, world.feature_size)),
+            }
+            self.num_io_tensors = len(self.io)
+
+        def get_tensor_name(self, index: int) -> str:
+            return list(self.io)[index]
+
+        def get_tensor_mode(self, name: str) -> TensorIOMode:
+            return self.io[name][0]
+
+        def get_tensor_dtype(self, name: str) -> DataType:
+            return self.io[name][1]
+
+        def get_tensor_shape(self, name: str) -> tuple:
+            return self.io[name][2]
+
+        def get_tensor_profile_shape(self, name: str, profile: int) -> tuple:
+            h, w = world.crop
+            return (1, h, w, 3), (world.max_batch // 2, h, w, 3), (world.max_batch, h, w, 3)
+
+        def create_execution_context(self) -> Context:
+            world.record("create_execution_context")
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger: Logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes) -> Engine | None:
+            world.record("deserialize_cuda_engine", len(data))
+            return Engine() if data.startswith(b"FAKE-ENGINE") else None
+
+    trt.Logger, trt.Builder, trt.OnnxParser, trt.Runtime = Logger, Builder, OnnxParser, Runtime
+
+    cuda = types.ModuleType("pycuda.driver")
+
+    class CudaContext:
+        def pop(self) -> None:
+            world.record("context_pop")
+
+    class Device:
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def name(self) -> str:
+            return world.gpu_name
+
+        def compute_capability(self) -> tuple[int, int]:
+            return world.capability
+
+        def make_context(self) -> CudaContext:
+            world.record("make_context", self.index)
+            return CudaContext()
+
+    class Allocation:
+        def __init__(self, nbytes: int) -> None:
+            self.address = next(world._addresses)
+            self.nbytes = nbytes
+            world.memory[self.address] = None  # typed on first copy
+
+        def __int__(self) -> int:
+            return self.address
+
+        def free(self) -> None:
+            world.record("free", self.address)
+
+    class Stream:
+        handles = itertools.count(100)
+
+        def __init__(self) -> None:
+            self.handle = next(Stream.handles)
+
+        def synchronize(self) -> None:
+            world.record("stream_synchronize", self.handle)
+
+    def pagelocked_empty(shape: tuple, dtype: Any) -> np.ndarray:
+        world.record("pagelocked_empty", tuple(shape), np.dtype(dtype))
+        return np.zeros(shape, dtype)
+
+    def mem_alloc(nbytes: int) -> Allocation:
+        world.record("mem_alloc", nbytes)
+        return Allocation(nbytes)
+
+    def memcpy_htod_async(dest: Allocation, src: np.ndarray, stream: Stream) -> None:
+        world.record("memcpy_htod_async", stream.handle, int(dest), src.shape)
+        world.memory[int(dest)] = src.copy()
+
+    def memcpy_dtoh_async(dest: np.ndarray, src: Allocation, stream: Stream) -> None:
+        world.record("memcpy_dtoh_async", stream.handle, int(src), dest.shape)
+        dest[...] = world.memory[int(src)][: dest.shape[0]]
+
+    cuda.init = lambda: world.record("cuda_init")
+    cuda.Device, cuda.Stream = Device, Stream
+    cuda.pagelocked_empty, cuda.mem_alloc = pagelocked_empty, mem_alloc
+    cuda.memcpy_htod_async, cuda.memcpy_dtoh_async = memcpy_htod_async, memcpy_dtoh_async
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver = cuda
+    return {"tensorrt": trt, "pycuda": pycuda, "pycuda.driver": cuda}

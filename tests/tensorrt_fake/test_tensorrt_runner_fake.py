@@ -1,0 +1,177 @@
+"""worker.runners.tensorrt_runner against FAKE tensorrt and pycuda modules (recording, no GPU).
+
+Checks what our runner is responsible for: choosing the engine for this GPU / TensorRT version /
+model, refusing the rest with a rebuild hint, never loading from outside the bundle, buffer sizes
+from the profile's max batch, the tensor-name API, chunks on separate streams with the next copy
+queued before the previous chunk is waited for, FP16 outputs widened, resources released."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from engine_build.tensorrt_engine import EngineSettings, build_engine
+from worker.runners.base import RunnerError
+from worker.runners.gpu_info import GpuInfo
+from worker.runners.tensorrt_runner import TensorRTRunner
+
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
+
+
+def _engine(bundle, max_batch=64, gpu=H100, precision="fp16") -> dict:
+    settings = EngineSettings(precision, opt_batch=max_batch // 2, max_batch=max_batch)
+    return build_engine(bundle, settings, gpu=gpu, echo=lambda _m: None)
+
+
+def _crops(values: list[int]) -> np.ndarray:
+    return np.stack([np.full((32, 32, 3), v, np.uint8) for v in values])
+
+
+def test_fake_trt_runner_buffers_names_and_results(fake_gpu, fake_bundle):
+    _engine(fake_bundle)
+    fake_gpu.calls.clear()
+    runner = TensorRTRunner(fake_bundle, precision="fp16", slots=2, min_chunk=4)
+    assert runner.max_batch_size == 64  # known from the record before load (the service asks early)
+    with runner:
+        assert fake_gpu.named("make_context") == [("make_context", 0)]
+        host = fake_gpu.named("pagelocked_empty")
+        assert ("pagelocked_empty", (64, 32, 32, 3), np.dtype(np.uint8)) in host
+        assert ("pagelocked_empty", (64, 4), np.dtype(np.float32)) in host
+        assert len(host) == 2 * 3  # two slots x (input, probabilities, features)
+        assert sorted(c[1] for c in fake_gpu.named("mem_alloc"))[-1] == 64 * 32 * 32 * 3
+        addressed = {(c[1], c[2]) for c in fake_gpu.named("set_tensor_address")}
+        assert {name for _ctx, name in addressed} == {"images", "probabilities", "features"}
+        values = [0, 1, 2, 3, 5, 6, 7, 9]
+        out = runner.infer(_crops(values), want_features=True)
+    np.testing.assert_array_equal(out.probabilities.argmax(1), np.array(values) % 4)
+    np.testing.assert_allclose(out.features[:, 0], values)
+    assert out.probabilities.dtype == np.float32
+    shapes = [c[3] for c in fake_gpu.named("set_input_shape")]
+    assert shapes == [(4, 32, 32, 3), (4, 32, 32, 3)]  # two chunks, one per slot
+    assert fake_gpu.named("context_pop") == [("context_pop",)]
+    assert len(fake_gpu.named("free")) == 6
+
+
+def test_fake_trt_runner_queues_next_copy_before_waiting_on_the_first_chunk(fake_gpu, fake_bundle):
+    _engine(fake_bundle)
+    with TensorRTRunner(fake_bundle, precision="fp16", slots=2, min_chunk=8) as runner:
+        fake_gpu.calls.clear()
+        runner.infer(_crops(list(range(32))))
+    order = [
+        (c[0], c[1])
+        for c in fake_gpu.calls
+        if c[0] in ("memcpy_htod_async", "execute_async_v3", "stream_synchronize")
+    ]
+    (first_copy, second_copy) = [c for c in fake_gpu.calls if c[0] == "memcpy_htod_async"]
+    assert first_copy[1] != second_copy[1]  # chunks on different streams
+    first_sync = order.index(("stream_synchronize", first_copy[1]))
+    assert order.index(("memcpy_htod_async", second_copy[1])) < first_sync
+    executes = fake_gpu.named("execute_async_v3")
+    assert [e[2] for e in executes] == [first_copy[1], second_copy[1]]  # each runs on its own stream
+
+
+def test_fake_trt_runner_small_batch_stays_whole(fake_gpu, fake_bundle):
+    _engine(fake_bundle)
+    with TensorRTRunner(fake_bundle, precision="fp16", min_chunk=16) as runner:
+        fake_gpu.calls.clear()
+        out = runner.infer(_crops([1, 2, 3]))
+    assert [c[3] for c in fake_gpu.named("set_input_shape")] == [(3, 32, 32, 3)]
+    assert out.probabilities.shape == (3, 4)
+
+
+def test_fake_trt_runner_widens_fp16_engine_outputs(fake_gpu, fake_bundle):
+    fake_gpu.output_dtype = "float16"
+    _engine(fake_bundle)
+    with TensorRTRunner(fake_bundle, precision="fp16") as runner:
+        out = runner.infer(_crops([2, 3]))
+    assert ("pagelocked_empty", (64, 4), np.dtype(np.float16)) in fake_gpu.named("pagelocked_empty")
+    assert out.probabilities.dtype == np.float32
+    np.testing.assert_array_equal(out.probabilities.argmax(1), [2, 3])
+
+
+def test_fake_trt_runner_refuses_engine_for_another_gpu_with_rebuild_hint(fake_gpu, fake_bundle):
+    _engine(fake_bundle, gpu=GpuInfo("NVIDIA A100-SXM4-80GB", "8.0"))
+    runner = TensorRTRunner(fake_bundle, precision="fp16")
+    with pytest.raises(RunnerError) as caught:
+        runner.load()
+    message = str(caught.value)
+    assert "built for NVIDIA A100-SXM4-80GB" in message
+    assert f"labeler build {fake_bundle} --tensorrt --precision fp16" in message
+    assert fake_gpu.named("deserialize_cuda_engine") == []
+    assert fake_gpu.named("context_pop") == [("context_pop",)]  # the CUDA context is not leaked
+
+
+def test_fake_trt_runner_refuses_other_tensorrt_version(fake_gpu, fake_bundle):
+    _engine(fake_bundle)
+    import sys
+
+    sys.modules["tensorrt"].__version__ = "11.5.0"
+    with pytest.raises(RunnerError, match="TensorRT 11.4.0"):
+        TensorRTRunner(fake_bundle, precision="fp16").load()
+
+
+def test_fake_trt_runner_refuses_stale_engine_after_model_changes(fake_gpu, fake_bundle):
+    record = _engine(fake_bundle)
+    record_path = fake_bundle / "engines" / record["engine_file"].replace(".engine", ".json")
+    record["onnx_sha256"] = "0" * 64
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(RunnerError, match="older model"):
+        TensorRTRunner(fake_bundle, precision="fp16").load()
+
+
+def test_fake_trt_runner_refuses_tampered_engine(fake_gpu, fake_bundle):
+    record = _engine(fake_bundle)
+    (fake_bundle / "engines" / record["engine_file"]).write_bytes(b"FAKE-ENGINE but edited")
+    with pytest.raises(RunnerError, match="checksum"):
+        TensorRTRunner(fake_bundle, precision="fp16").load()
+    assert fake_gpu.named("deserialize_cuda_engine") == []
+
+
+def test_fake_trt_runner_never_loads_from_outside_the_bundle(fake_gpu, fake_bundle, tmp_path):
+    record = _engine(fake_bundle)
+    record_path = fake_bundle / "engines" / record["engine_file"].replace(".engine", ".json")
+    outside = tmp_path / "elsewhere.engine"
+    outside.write_bytes(b"FAKE-ENGINE")
+    record["engine_file"] = "../../elsewhere.engine"
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(RunnerError, match="outside"):
+        TensorRTRunner(fake_bundle, precision="fp16").load()
+    # a link inside engines/ that leads out of it is refused too
+    engine = fake_bundle / "engines" / "linked.engine"
+    os.symlink(outside, engine)
+    record["engine_file"] = "linked.engine"
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(RunnerError, match="outside"):
+        TensorRTRunner(fake_bundle, precision="fp16").load()
+    assert fake_gpu.named("deserialize_cuda_engine") == []
+
+
+def test_fake_trt_runner_reports_failed_execution(fake_gpu, fake_bundle):
+    _engine(fake_bundle)
+    with TensorRTRunner(fake_bundle, precision="fp16") as runner:
+        fake_gpu.execute_ok = False
+        with pytest.raises(RunnerError, match="execute_async_v3 failed"):
+            runner.infer(_crops([1, 2]))
+        with pytest.raises(RunnerError, match="exceeds the engine's maximum 64"):
+            runner.infer(_crops(list(range(65))))
+
+
+def test_fake_trt_runner_serves_the_labeling_service(fake_gpu, fake_bundle, photo_dir):
+    """Real files, real decode threads and batcher; only the engine is fake."""
+    from worker.service import LabelingService, ServiceOptions
+
+    _engine(fake_bundle)
+    records = []
+    runner = TensorRTRunner(fake_bundle, precision="fp16")
+    paths = sorted(str(p) for p in photo_dir.glob("*.jpg"))
+    with LabelingService(runner, ServiceOptions(max_batch_size=128, decode_threads=2)) as service:
+        assert service.batch_size == 64  # capped at the engine's profile maximum
+        for path in [*paths, str(photo_dir / "missing.jpg")]:
+            service.submit(path, records.append)
+        service.drain()
+    assert len(records) == len(paths) + 1
+    assert sum("labels" in r for r in records) == len(paths)
+    assert [r["error"]["code"] for r in records if "error" in r] == ["not_found"]
