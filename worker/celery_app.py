@@ -43,7 +43,8 @@ def configure(app: Celery, settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_pool="threads",
+        # Celery cannot tell `-P prefork` from its default, so the pool is a setting (LABELER_POOL).
+        worker_pool=settings.pool,
         worker_concurrency=settings.concurrency,
         broker_transport_options=transport_options(settings),
         result_backend_transport_options=transport_options(settings),

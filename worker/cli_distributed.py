@@ -42,6 +42,16 @@ def _store(settings):
     return RunStore(_client(settings.broker_url), settings.key_prefix)
 
 
+def _run_exists(store, run: str) -> bool:
+    """Whether the run exists; Redis errors (auth, connection, TLS) become a one-line message."""
+    import redis
+
+    try:
+        return store.exists(run)
+    except redis.exceptions.RedisError as exc:
+        raise click.ClickException(f"Redis: {exc}") from None
+
+
 @click.command("worker")
 @click.option(
     "--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Model bundle to serve."
@@ -70,8 +80,6 @@ def _store(settings):
 @click.option(
     "--pool",
     type=click.Choice(["threads", "solo", "prefork"]),
-    default="threads",
-    show_default=True,
     help="threads: one engine shared by all jobs of the process (the design); prefork: one engine per child.",
 )
 @click.option("--include", "includes", multiple=True, help="Extra task modules to import (repeatable).")
@@ -88,7 +96,7 @@ def worker_command(
     max_wait_ms: float | None,
     hostname: str | None,
     loglevel: str,
-    pool: str,
+    pool: str | None,
     includes: tuple[str, ...],
 ) -> None:
     """Run a Celery worker that labels jobs from the queue (the engine loads inside this process)."""
@@ -107,6 +115,7 @@ def worker_command(
         concurrency=concurrency,
         batch_size=batch_size,
         max_wait_ms=max_wait_ms,
+        pool=pool,
     )
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
@@ -131,7 +140,7 @@ def worker_command(
         "-c",
         str(settings.concurrency),
         "-P",
-        pool,
+        settings.pool,
         "-n",
         name,
     ]
@@ -243,7 +252,7 @@ def status_command(run: str, broker: str | None, watch: bool, interval: float, a
 
     settings = _settings(broker_url=broker)
     store = _store(settings)
-    if not store.exists(run):
+    if not _run_exists(store, run):
         raise click.ClickException(f"no run named {run!r} in {settings.key_prefix}:run:*")
     if as_json:
         status = store.status(run, settings.queue)
@@ -285,7 +294,7 @@ def results_command(run: str, out_path: Path, broker: str | None) -> None:
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     store = _store(settings)
-    if not store.exists(run):
+    if not _run_exists(store, run):
         raise click.ClickException(f"no run named {run!r}")
     try:
         count = export_records(store.iter_records(run), out_path)

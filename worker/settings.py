@@ -41,6 +41,7 @@ class Settings:
     precision: str = "fp32"
     allowed_roots: tuple[str, ...] = ()
     concurrency: int = 4  # jobs in flight per worker process; they share engine batches
+    pool: str = "threads"  # threads: one engine per process shared by all its jobs
     batch_size: int = 32
     max_wait_ms: float = 20.0
     decode_threads: int = 0
@@ -73,6 +74,8 @@ class Settings:
             )
         if self.max_deliveries < 1 or self.chunk_size < 1 or self.concurrency < 1:
             raise SettingsError("max_deliveries, chunk_size and concurrency must be at least 1")
+        if self.pool not in ("threads", "solo", "prefork"):
+            raise SettingsError("LABELER_POOL must be threads, solo or prefork")
         if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("LABELER_BROKER_URL must be a redis://, rediss:// or unix:// URL")
         return self
@@ -122,6 +125,7 @@ SETTINGS_DOC = {
     "precision": "which model of the bundle to run (fp32, fp16, int8)",
     "allowed_roots": f"directories the worker may read, separated by {os.pathsep!r}",
     "concurrency": "jobs in flight per worker process (threads pool)",
+    "pool": "Celery pool: threads (one shared engine), solo, or prefork (one engine per child)",
     "batch_size": "largest engine batch",
     "max_wait_ms": "longest wait to fill an engine batch",
     "decode_threads": "decode threads (0: one per core)",
