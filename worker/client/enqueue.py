@@ -20,7 +20,7 @@ import redis
 from worker.client.protocol import job_message
 from worker.run_store import RunStore, check_run_name
 
-CLAIM_SCRIPT_PATHS = 1000  # paths per Lua call (keeps each script call short)
+CLAIM_SCRIPT_PATHS = 5000  # paths per Lua call (each call blocks Redis for a few milliseconds)
 
 
 @dataclass
