@@ -106,33 +106,3 @@ def _parse(name: str, raw: str, default: object) -> object:
     except ValueError:
         raise SettingsError(f"{env_name(name)}={raw!r} is not a valid {type(default).__name__}") from None
     return raw
-
-
-SETTINGS_DOC = {
-    "broker_url": "Redis URL for broker and results; password/ACL user and rediss:// TLS go in it",
-    "queue": "queue (Redis list) that jobs are published to and workers consume",
-    "key_prefix": "prefix of every run key in Redis",
-    "task_deadline_s": "a job gives up and requeues its unfinished images after this long",
-    "deadline_grace_s": "images in flight at the deadline may finish this long after it",
-    "visibility_timeout_s": "unacked jobs of a dead worker are redelivered after this long",
-    "restore_interval_s": "seconds between sweeps for unacked jobs of dead workers",
-    "restore_throttle": "only every Nth sweep scans Redis",
-    "max_deliveries": "a job delivered this many times without finishing is dead-lettered",
-    "result_expires_s": "TTL of Celery task results (per-image records never expire)",
-    "redis_retry_s": "how long a job retries failed Redis writes before requeueing itself",
-    "model": "model bundle directory the worker serves",
-    "backend": "runner backend (onnxruntime, tensorrt, ...)",
-    "precision": "which model of the bundle to run (fp32, fp16, int8)",
-    "allowed_roots": f"directories the worker may read, separated by {os.pathsep!r}",
-    "concurrency": "jobs in flight per worker process (threads pool)",
-    "pool": "Celery pool: threads (one shared engine), solo, or prefork (one engine per child)",
-    "batch_size": "largest engine batch",
-    "max_wait_ms": "longest wait to fill an engine batch",
-    "decode_threads": "decode threads (0: one per core)",
-    "intra_op_threads": "ONNX Runtime threads (0: one per core)",
-    "top_k": "labels per record",
-    "max_bytes": "largest file a worker reads",
-    "flush_records": "records a job writes to Redis per round trip",
-    "chunk_size": "image paths per job published by `labeler enqueue`",
-    "max_queued_jobs": "`labeler enqueue` waits while the queue holds more jobs than this",
-}

@@ -1,0 +1,124 @@
+"""Distributed throughput (one worker, through Redis) against `labeler run` on the same images.
+
+    python bench/bench_distributed.py [--model BUNDLE] [--images 300] [--chunk-size 50] [--rounds 2]
+
+Same bundle, same batch size (32), same max wait (20 ms), decode and ONNX Runtime threads one per
+core on both sides. Rounds alternate local and distributed so machine noise hits both.
+- local: `labeler run DIR` as a subprocess; its own summary line gives images/s (from service start,
+  model load included, to the last record written).
+- distributed: a `labeler worker` subprocess on a private redis-server (password, AOF everysec),
+  warmed up with one small run (model loaded); images/s from the first job published to the last
+  record in Redis, so enqueue, queue latency and Redis writes all count.
+Ratio distributed / local; target >= 0.95 on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests" / "distributed")]
+from common import machine_description, make_photo_set  # noqa: E402
+from distributed_helpers import QUEUE, CeleryWorker, RedisServer, run_counts, wait_run_done, worker_env  # noqa: E402
+
+from worker.client.enqueue import enqueue_paths  # noqa: E402
+
+
+def local_rate(bundle: Path, folder: Path, out: Path, batch: int) -> float:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            str(folder),
+            "--model",
+            str(bundle),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--batch-size",
+            str(batch),
+            "--max-wait-ms",
+            "20",
+        ],  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    match = re.search(r"([\d.]+) images/s", done.stderr)
+    if not match:
+        raise RuntimeError(f"no rate in labeler run output:\n{done.stderr}")
+    return float(match.group(1))
+
+
+def distributed_rate(client, run: str, paths: list[str], chunk_size: int) -> float:
+    started = time.perf_counter()
+    enqueue_paths(client, run, paths, QUEUE, chunk_size)
+    counts = wait_run_done(client, run, 3600)
+    elapsed = time.perf_counter() - started
+    assert counts["done"] == len(paths) and counts["failed"] == 0, counts
+    return len(paths) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="bundle (default: the embedded default ResNet-50)")
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--chunk-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.model is None:
+        from engine_build.default_bundle import ensure_default_bundle
+
+        args.model = ensure_default_bundle()
+    print(f"machine: {machine_description()}, load average {os.getloadavg()[0]:.1f}")
+    print(f"model {args.model}, {args.images} images, chunk {args.chunk_size}, batch {args.batch_size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        paths = [str(p) for p in make_photo_set(folder, args.images)]
+        server = RedisServer(Path(tmp)).start()
+        env = worker_env(
+            server.url, args.model, batch_size=args.batch_size, max_wait_ms=20, decode_threads=0,
+            intra_op_threads=0, task_deadline_s=1800, deadline_grace_s=15, visibility_timeout_s=3600,
+            restore_interval_s=10, restore_throttle=10, flush_records=256,
+        )  # fmt: skip
+        env.pop("OMP_NUM_THREADS", None)
+        worker = CeleryWorker(
+            "bench", env, Path(tmp), [sys.executable, "-m", "worker", "worker", "-n", "bench@%h"]
+        )
+        try:
+            worker.start()
+            client = server.client()
+            enqueue_paths(client, "warmup", paths[:16], QUEUE, 16)
+            wait_run_done(client, "warmup", 600)
+            ratios = []
+            for round_number in range(args.rounds):
+                local = local_rate(args.model, folder, Path(tmp) / "local.jsonl", args.batch_size)
+                remote = distributed_rate(client, f"bench-{round_number}", paths, args.chunk_size)
+                ratios.append(remote / local)
+                print(
+                    f"round {round_number + 1}: labeler run {local:7.1f} images/s   "
+                    f"distributed {remote:7.1f} images/s   ratio {remote / local:.3f}"
+                )
+            print(f"median ratio distributed / local: {statistics.median(ratios):.3f} (target >= 0.95)")
+            assert run_counts(client, "bench-0")["total"] == args.images
+        finally:
+            worker.stop()
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
