@@ -21,7 +21,8 @@ class RunSummary:
     skipped: int = 0
     labeled: int = 0
     errors: Counter = field(default_factory=Counter)
-    seconds: float = 0.0
+    seconds: float = 0.0  # labeling only, from a loaded model to the last record
+    load_seconds: float = 0.0
     batches: int = 0
 
     @property
@@ -32,7 +33,8 @@ class RunSummary:
         out = [
             f"inputs {self.submitted + self.skipped}: labeled {self.labeled}, "
             f"errors {sum(self.errors.values())}, skipped (already done) {self.skipped}",
-            f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s, {self.batches} batches",
+            f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s, {self.batches} batches "
+            f"(model load {self.load_seconds:.1f} s)",
         ]
         out += [f"  {code}: {count}" for code, count in sorted(self.errors.items())]
         return out
@@ -58,7 +60,7 @@ def run_local(
             todo.append(path)
     if on_total:
         on_total(len(todo))
-    started = time.monotonic()
+    load_started = time.monotonic()
     with JsonlWriter(out_path, append=resume) as writer:
 
         def record(rec: dict[str, Any]) -> None:
@@ -71,6 +73,8 @@ def run_local(
                 on_record(rec)
 
         with LabelingService(runner, options) as service:
+            started = time.monotonic()
+            summary.load_seconds = started - load_started
             for path in todo:
                 service.submit(path, record)
                 summary.submitted += 1
