@@ -58,13 +58,16 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)
 
-    def start(self) -> RedisServer:
-        args = [
+    def server_args(self) -> list[str]:
+        return [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
             "--requirepass", PASSWORD, "--dir", str(self.data_dir),
             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
             "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
         ]  # fmt: skip
+
+    def start(self) -> RedisServer:
+        args = self.server_args()
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._ready, 15, "redis-server to accept connections")
