@@ -152,6 +152,23 @@ def test_malformed_job_fails_without_harming_the_worker(contract_worker, redis_s
     assert ok["labeled"] == 1 and contract_worker.alive()
 
 
+def test_cli_enqueue_waits_for_the_run_and_resumes(
+    contract_worker, redis_server, small_jpegs, tmp_path
+) -> None:
+    listing = tmp_path / "paths.txt"
+    listing.write_text("\n".join(small_jpegs[20:45]) + "\n")
+    args = ["enqueue", f"@{listing}", "--run", "cli-run", "--broker", redis_server.url, "--queue", QUEUE,
+            "--chunk-size", "10", "--wait", "--interval", "0.2", "--no-progress"]  # fmt: skip
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert first.stdout.splitlines()[0] == "cli-run"  # the run id, alone on stdout
+    assert "25 queued in 3 jobs" in first.stderr and "ETA finished" in first.stderr
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "0 queued in 0 jobs, 25 already done" in again.stderr
+    status = CliRunner().invoke(main, ["status", "cli-run", "--broker", redis_server.url])
+    assert "done 25 (100.0%)" in status.stdout
+
+
 def test_redis_requires_the_password(contract_worker, redis_server) -> None:
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis(host="127.0.0.1", port=redis_server.port).ping()

@@ -1,0 +1,47 @@
+"""Images of concurrent jobs share engine batches.
+
+Batch sizes are not visible from outside a worker, so this runs the task body (`label_paths`) of
+several jobs in threads of this process, exactly as the threads pool does, against the real
+private Redis and the real labeling service, and reads the service's batch sizes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+
+from worker import tasks
+from worker.celery_app import app, configure
+from worker.run_store import RunStore
+from worker.settings import Settings
+
+
+def test_concurrent_jobs_share_engine_batches(redis_url, tiny_bundle, small_jpegs) -> None:
+    original = app.labeler_settings
+    configure(app, Settings(broker_url=redis_url, model=str(tiny_bundle), batch_size=32, max_wait_ms=400,
+                            decode_threads=2, intra_op_threads=1))  # fmt: skip
+    tasks._store = None
+    try:
+        service = tasks.shared_service()
+        jobs = [small_jpegs[i * 3 : (i + 1) * 3] for i in range(6)]
+        results: list[dict] = []
+        threads = [
+            threading.Thread(
+                target=lambda i=i, paths=paths: results.append(tasks.label_paths(f"j{i}", "mix", paths))
+            )
+            for i, paths in enumerate(jobs)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(r["labeled"] for r in results) == [3] * 6
+        assert max(service.batch_sizes) > 3, service.batch_sizes  # one batch held several jobs' images
+        assert sum(service.batch_sizes) == 18
+        status = RunStore(redis.Redis.from_url(redis_url)).status("mix", "q")
+        assert (status.total, status.done) == (18, 18)
+    finally:
+        tasks._on_worker_shutdown()
+        tasks._store = None
+        configure(app, original)
