@@ -124,11 +124,12 @@ def _decode(data: bytes, header: ImageHeader | None, reduce_factor: int) -> np.n
     return image
 
 
-def crop_resize(image: np.ndarray, plan: CropPlan) -> np.ndarray:
+def crop_resize(image: np.ndarray, plan: CropPlan, interpolation: int | None = None) -> np.ndarray:
     """Cut the source region of the crop from `image` (any decoded size) and resize it once.
 
     Downscales by 2x or more use INTER_AREA (anti-aliased); the rest use INTER_LINEAR, which is
-    cheap and, after a reduced decode, close to PIL's anti-aliased bilinear.
+    cheap and, after a reduced decode, close to PIL's anti-aliased bilinear. `interpolation`
+    overrides the choice (the shortcut benchmark compares them).
     """
     height, width = image.shape[:2]
     x0, y0, x1, y1 = plan.source_box(width, height)
@@ -136,7 +137,8 @@ def crop_resize(image: np.ndarray, plan: CropPlan) -> np.ndarray:
     right, bottom = min(width, max(left + 1, int(round(x1)))), min(height, max(top + 1, int(round(y1))))
     region = image[top:bottom, left:right]
     ratio = min((right - left) / plan.crop_width, (bottom - top) / plan.crop_height)
-    interpolation = cv2.INTER_AREA if ratio >= 2.0 else cv2.INTER_LINEAR
+    if interpolation is None:
+        interpolation = cv2.INTER_AREA if ratio >= 2.0 else cv2.INTER_LINEAR
     out = cv2.resize(region, (plan.crop_width, plan.crop_height), interpolation=interpolation)
     return np.ascontiguousarray(out)
 
