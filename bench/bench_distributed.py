@@ -6,10 +6,12 @@ Same bundle, same batch size (32), same max wait (20 ms), decode and ONNX Runtim
 core on both sides. Rounds alternate local and distributed so machine noise hits both.
 - local: `labeler run DIR` as a subprocess; its own summary line gives images/s (from service start,
   model load included, to the last record written).
+- warm in-process: the same pipeline (LabelingService + JSONL writer) with the model loaded before
+  the clock starts: the strict baseline, since the distributed worker is warm too.
 - distributed: a `labeler worker` subprocess on a private redis-server (password, AOF everysec),
   warmed up with one small run (model loaded); images/s from the first job published to the last
   record in Redis, so enqueue, queue latency and Redis writes all count.
-Ratio distributed / local; target >= 0.95 on this machine.
+Ratios distributed / each local figure; target >= 0.95 on this machine.
 """
 
 from __future__ import annotations
@@ -61,6 +63,24 @@ def local_rate(bundle: Path, folder: Path, out: Path, batch: int) -> float:
     return float(match.group(1))
 
 
+def warm_local_rate(bundle: Path, paths: list[str], out: Path, batch: int) -> float:
+    """`labeler run`'s pipeline in this process with the model already loaded (steady state)."""
+    from worker.results import JsonlWriter
+    from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
+    from worker.service import LabelingService, ServiceOptions
+
+    options = ServiceOptions(max_batch_size=batch, max_wait_s=0.02)
+    with LabelingService(OnnxRuntimeRunner(bundle), options) as service, JsonlWriter(out) as writer:
+        for path in paths[:8]:
+            service.submit(path, lambda _record: None)
+        service.drain()
+        started = time.perf_counter()
+        for path in paths:
+            service.submit(path, writer.write)
+        service.drain()
+        return len(paths) / (time.perf_counter() - started)
+
+
 def distributed_rate(client, run: str, paths: list[str], chunk_size: int) -> float:
     started = time.perf_counter()
     enqueue_paths(client, run, paths, QUEUE, chunk_size)
@@ -104,16 +124,21 @@ def main() -> None:
             client = server.client()
             enqueue_paths(client, "warmup", paths[:16], QUEUE, 16)
             wait_run_done(client, "warmup", 600)
-            ratios = []
+            ratios, warm_ratios = [], []
             for round_number in range(args.rounds):
                 local = local_rate(args.model, folder, Path(tmp) / "local.jsonl", args.batch_size)
+                warm = warm_local_rate(args.model, paths, Path(tmp) / "warm.jsonl", args.batch_size)
                 remote = distributed_rate(client, f"bench-{round_number}", paths, args.chunk_size)
                 ratios.append(remote / local)
+                warm_ratios.append(remote / warm)
                 print(
-                    f"round {round_number + 1}: labeler run {local:7.1f} images/s   "
-                    f"distributed {remote:7.1f} images/s   ratio {remote / local:.3f}"
+                    f"round {round_number + 1}: labeler run {local:7.1f} images/s   warm in-process {warm:7.1f}   "
+                    f"distributed {remote:7.1f}   ratio vs run {remote / local:.3f}   vs warm {remote / warm:.3f}"
                 )
-            print(f"median ratio distributed / local: {statistics.median(ratios):.3f} (target >= 0.95)")
+            print(
+                f"median ratio distributed / labeler run: {statistics.median(ratios):.3f}; "
+                f"distributed / warm in-process: {statistics.median(warm_ratios):.3f} (target >= 0.95)"
+            )
             assert run_counts(client, "bench-0")["total"] == args.images
         finally:
             worker.stop()
