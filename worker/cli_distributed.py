@@ -213,7 +213,9 @@ def enqueue_command(
         + (f" ({summary.waited_s:.0f} s waiting for the queue)" if summary.waited_s else ""),
         err=True,
     )
-    if wait:
+    if wait and summary.seen == 0:
+        click.echo("nothing to wait for: the inputs named no paths", err=True)
+    elif wait:
         _follow(settings, run, interval, show)
 
 

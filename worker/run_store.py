@@ -54,7 +54,8 @@ return done
 
 # KEYS: records. ARGV[1]: JSON array of paths (one argument: packing thousands of arguments costs
 # the client more than the whole script costs Redis; one HMGET and one HSET per 1,000 paths cost
-# Redis a fraction of a call per path). Marks paths without a record as queued and returns one flag per path: "1" = publish it (no record yet), "0" = it has a record (resume skips it).
+# Redis far less than a call per path). Marks paths without a record as queued and returns one
+# flag per path: "1" = publish it (no record yet), "0" = it has a record (resume skips it).
 _CLAIM_PATHS = """
 local paths = cjson.decode(ARGV[1])
 local flags = {}
