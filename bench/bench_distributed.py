@@ -84,7 +84,7 @@ def warm_local_rate(bundle: Path, paths: list[str], out: Path, batch: int) -> fl
 def distributed_rate(client, run: str, paths: list[str], chunk_size: int) -> float:
     started = time.perf_counter()
     enqueue_paths(client, run, paths, QUEUE, chunk_size)
-    counts = wait_run_done(client, run, 3600)
+    counts = wait_run_done(client, run, 3600, interval=0.01)
     elapsed = time.perf_counter() - started
     assert counts["done"] == len(paths) and counts["failed"] == 0, counts
     return len(paths) / elapsed
@@ -126,9 +126,22 @@ def main() -> None:
             wait_run_done(client, "warmup", 600)
             ratios, warm_ratios = [], []
             for round_number in range(args.rounds):
-                local = local_rate(args.model, folder, Path(tmp) / "local.jsonl", args.batch_size)
-                warm = warm_local_rate(args.model, paths, Path(tmp) / "warm.jsonl", args.batch_size)
-                remote = distributed_rate(client, f"bench-{round_number}", paths, args.chunk_size)
+                measure = {
+                    "local": lambda: local_rate(
+                        args.model, folder, Path(tmp) / "local.jsonl", args.batch_size
+                    ),
+                    "warm": lambda: warm_local_rate(
+                        args.model, paths, Path(tmp) / "warm.jsonl", args.batch_size
+                    ),
+                    "remote": lambda r=round_number: distributed_rate(
+                        client, f"bench-{r}", paths, args.chunk_size
+                    ),
+                }
+                order = list(measure) if round_number % 2 == 0 else list(reversed(measure))
+                rates = {
+                    name: measure[name]() for name in order
+                }  # alternate order: no side always goes first
+                local, warm, remote = rates["local"], rates["warm"], rates["remote"]
                 ratios.append(remote / local)
                 warm_ratios.append(remote / warm)
                 print(

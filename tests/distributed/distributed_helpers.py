@@ -188,9 +188,9 @@ def run_counts(client: redis.Redis, run: str) -> dict[str, int]:
     }
 
 
-def wait_run_done(client: redis.Redis, run: str, timeout: float) -> dict[str, int]:
+def wait_run_done(client: redis.Redis, run: str, timeout: float, interval: float = 0.25) -> dict[str, int]:
     def finished() -> dict[str, int] | None:
         counts = run_counts(client, run)
         return counts if counts["total"] and counts["done"] >= counts["total"] else None
 
-    return wait_for(finished, timeout, f"run {run} to finish", interval=0.25)  # type: ignore[return-value]
+    return wait_for(finished, timeout, f"run {run} to finish", interval=interval)  # type: ignore[return-value]
