@@ -57,6 +57,9 @@ def configure(app: Celery, settings: Settings) -> Celery:
         # lost with the connection, the visibility timeout redelivers them and they skip done paths.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_heartbeat=0,
+        # Task events, so Flower (and celery-exporter) see workers and jobs; tiny next to the images.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     app.labeler_settings = settings  # type: ignore[attr-defined]
     return app

@@ -13,10 +13,11 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -32,6 +33,14 @@ log = logging.getLogger(__name__)
 RecordCallback = Callable[[dict[str, Any]], None]
 
 
+class ServiceObserver(Protocol):
+    """Told what the service did, for metrics (worker/metrics.py). Calls must be cheap and not raise."""
+
+    def prepared(self, seconds: float) -> None: ...  # read + decode + crop of one image
+    def batch(self, size: int, seconds: float, waits: list[float]) -> None: ...  # waits: crop ready -> infer
+    def emitted(self, record: dict[str, Any]) -> None: ...  # every record, labeled or error
+
+
 @dataclass(frozen=True)
 class ServiceOptions:
     max_batch_size: int = 32
@@ -42,6 +51,7 @@ class ServiceOptions:
     embeddings: bool = False
     read_policy: ReadPolicy = field(default_factory=ReadPolicy)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    observer: ServiceObserver | None = None  # None (local runs): no metrics
 
 
 @dataclass
@@ -50,6 +60,7 @@ class _Prepared:
     callback: RecordCallback
     crop: np.ndarray | None = None
     error: ImageError | None = None
+    ready_at: float = 0.0
 
 
 class LabelingService:
@@ -114,6 +125,7 @@ class LabelingService:
 
     def _prepare(self, path: str, callback: RecordCallback) -> None:
         item = _Prepared(path, callback)
+        started = time.perf_counter()
         try:
             data = read_image_bytes(path, self.options.read_policy)
             item.crop = decode_and_crop(data, self.runner.spec.preprocessing, self.options.max_pixels)
@@ -122,7 +134,10 @@ class LabelingService:
         except Exception as exc:  # noqa: BLE001 - one odd file must not kill the pipeline
             log.exception("unexpected failure preparing %s", path)
             item.error = ImageError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        item.ready_at = time.perf_counter()
         self._ready.put(item)
+        if self.options.observer is not None:
+            self.options.observer.prepared(item.ready_at - started)
 
     def _inference_loop(self) -> None:
         try:
@@ -147,6 +162,7 @@ class LabelingService:
                 self._emit(item, error_record(item.path, str(item.error.code), item.error.message))
         if not good:
             return
+        started = time.perf_counter()
         try:
             output = self.runner.infer(np.stack([item.crop for item in good]), self.options.embeddings)
         except Exception as exc:  # noqa: BLE001 - the batch's images get error records instead
@@ -156,6 +172,9 @@ class LabelingService:
             return
         self.batches_run += 1
         self.batch_sizes.append(len(good))
+        if self.options.observer is not None:
+            waits = [started - item.ready_at for item in good]
+            self.options.observer.batch(len(good), time.perf_counter() - started, waits)
         labels = top_k_labels(output.probabilities, self.runner.spec.classes, self.options.top_k)
         for row, item in enumerate(good):
             embedding = output.features[row] if output.features is not None else None
@@ -165,6 +184,8 @@ class LabelingService:
         item.crop = None
         try:
             item.callback(record)
+            if self.options.observer is not None:
+                self.options.observer.emitted(record)
         except Exception:  # noqa: BLE001 - a failing consumer must not stop other jobs
             log.exception("record callback failed for %s", item.path)
         finally:

@@ -49,6 +49,7 @@ class Settings:
     top_k: int = 5
     max_bytes: int = 64 * 1024 * 1024
     flush_records: int = 256  # records per Redis round trip from a job
+    metrics_port: int = 0  # the worker's Prometheus /metrics port; 0: no endpoint
     # Client.
     chunk_size: int = 500
     max_queued_jobs: int = 2000  # backpressure: enqueue waits while the queue is longer

@@ -30,6 +30,7 @@ from worker.postprocess import error_record
 from worker.run_store import RunNameError, RunStore, check_run_name
 from worker.service import LabelingService, ServiceOptions
 from worker.settings import Settings
+from worker.worker_telemetry import note_records, process_metrics
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def _create_service(config: Settings) -> LabelingService:
         decode_threads=config.decode_threads,
         top_k=config.top_k,
         read_policy=ReadPolicy.create(config.allowed_roots, config.max_bytes),
+        observer=process_metrics(),
     )
     service = LabelingService(runner, options).start()
     log.warning("labeling service ready: %s (%s, %s)", bundle, config.backend, config.precision)
@@ -238,6 +240,7 @@ def label_paths(job_id: str, run: str, paths: list[str], return_records: bool = 
     def flush(records: list[dict[str, Any]]) -> int:
         if records:
             with_redis_retry(lambda: store.write_records(run, records), "writing records")
+            note_records(store.client, store.prefix, run, records)
             failed = sum(1 for r in records if "error" in r)
             counts["failed"] += failed
             counts["labeled"] += len(records) - failed

@@ -1,0 +1,93 @@
+"""Who labeled how much of a run, and when: the Redis keys behind per-worker throughput and the
+report's throughput chart.
+
+Records carry no timestamps and the run's meta hash only counts totals, so workers add, with each
+flush of records (one extra round trip per `LABELER_FLUSH_RECORDS` records):
+
+- `P:run:R:workers`   hash, `<worker>|images`, `<worker>|failed`, `<worker>|first_at`,
+  `<worker>|last_at` (worker = Celery node name, e.g. `labeler-gpu0@node7`);
+- `P:run:R:timeline`  hash, bucket start (epoch seconds, multiple of BUCKET_S) -> images written.
+
+These count work done, so a job redelivered after a crash counts its rewritten records again;
+the run's own `done`/`failed` stay exact. The keys share the run's prefix, so deleting
+`P:run:R:*` removes them with the run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+BUCKET_S = 10
+
+
+@dataclass(frozen=True)
+class WorkerActivity:
+    worker: str
+    images: int
+    failed: int
+    first_at: float
+    last_at: float
+
+    @property
+    def rate(self) -> float:
+        """Images per second over the span this worker wrote records for the run."""
+        span = self.last_at - self.first_at
+        return self.images / span if span > 0 else 0.0
+
+
+def _keys(prefix: str, run: str) -> tuple[str, str]:
+    return f"{prefix}:run:{run}:workers", f"{prefix}:run:{run}:timeline"
+
+
+def note_records(
+    client: redis.Redis,
+    prefix: str,
+    run: str,
+    worker: str,
+    records: Sequence[dict[str, Any]],
+    now: float | None = None,
+) -> None:
+    """Count one flush of `records` for `worker` (one pipelined round trip)."""
+    if not records:
+        return
+    now = time.time() if now is None else now
+    failed = sum(1 for record in records if "error" in record)
+    workers, timeline = _keys(prefix, run)
+    pipe = client.pipeline(transaction=False)
+    pipe.hincrby(workers, f"{worker}|images", len(records))
+    if failed:
+        pipe.hincrby(workers, f"{worker}|failed", failed)
+    pipe.hsetnx(workers, f"{worker}|first_at", repr(now))
+    pipe.hset(workers, f"{worker}|last_at", repr(now))
+    pipe.hincrby(timeline, str(int(now // BUCKET_S * BUCKET_S)), len(records))
+    pipe.execute()
+
+
+def worker_activity(client: redis.Redis, prefix: str, run: str) -> list[WorkerActivity]:
+    """Every worker that wrote records for `run`, busiest first."""
+    fields: dict[str, dict[str, str]] = {}
+    for key, value in client.hgetall(_keys(prefix, run)[0]).items():
+        worker, _, name = key.decode().rpartition("|")
+        fields.setdefault(worker, {})[name] = value.decode()
+    out = [
+        WorkerActivity(
+            worker=worker,
+            images=int(values.get("images", 0)),
+            failed=int(values.get("failed", 0)),
+            first_at=float(values.get("first_at", 0.0)),
+            last_at=float(values.get("last_at", 0.0)),
+        )
+        for worker, values in fields.items()
+    ]
+    return sorted(out, key=lambda item: (-item.images, item.worker))
+
+
+def timeline(client: redis.Redis, prefix: str, run: str) -> list[tuple[int, int]]:
+    """(bucket start, images) pairs in time order; buckets with no records are absent."""
+    items = client.hgetall(_keys(prefix, run)[1])
+    return sorted((int(k), int(v)) for k, v in items.items())
