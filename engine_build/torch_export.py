@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -43,7 +47,7 @@ def export_onnx(model, input_size: tuple[int, int], work_dir: Path) -> onnx.Mode
     example = torch.zeros(2, 3, *input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     path = Path(work_dir) / "classifier.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             Classifier(model).eval(),
             (example,),
@@ -57,3 +61,19 @@ def export_onnx(model, input_size: tuple[int, int], work_dir: Path) -> onnx.Mode
         )
     program.save(str(path))
     return onnx.load(str(path))
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs every torchvision op it cannot register and deprecation notices; none of
+    it concerns a ResNet, and it buries the build summary. Real errors still raise."""
+    logger = logging.getLogger("torch.onnx")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(previous)
