@@ -10,7 +10,6 @@ The runner is loaded and used on the inference thread only: CUDA contexts are pe
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 from worker.batcher import STOP, collect_batch
 from worker.errors import ErrorCode, ImageError
+from worker.machine import usable_cores
 from worker.postprocess import error_record, label_record, top_k_labels
 from worker.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
 from worker.reading import ReadPolicy, read_image_bytes
@@ -77,7 +77,7 @@ class LabelingService:
         self._idle = threading.Condition()
         self._in_flight = 0
         self._pool = ThreadPoolExecutor(
-            max_workers=self.options.decode_threads or os.cpu_count() or 1,
+            max_workers=self.options.decode_threads or usable_cores(),
             thread_name_prefix="decode",
         )
         self._loaded = threading.Event()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from worker.machine import usable_cores
 from worker.runners.base import InferenceOutput, Runner, RunnerError
 from worker.sidecar import ModelSpec, sha256_file
 
@@ -25,7 +25,7 @@ class OnnxRuntimeRunner(Runner):
     ) -> None:
         super().__init__(bundle_dir, spec)
         self.variant = variant
-        self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
+        self.intra_op_threads = intra_op_threads or usable_cores()
         self.inter_op_threads = inter_op_threads
         self.verify_checksum = verify_checksum
         self._session = None
