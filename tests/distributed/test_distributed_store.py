@@ -163,3 +163,15 @@ def test_status_text_and_rate() -> None:
     status = RunStatus("r", 1000, 400, 10, 0, 3, 0.0, 0.0, 8.0)
     text = format_status(status, rate=50.0)
     assert "pending 600" in text and "ETA 0m12s" in text and "failed 10" in text
+
+
+def test_app_is_json_only_with_late_acks_and_one_visibility_timeout() -> None:
+    from worker.celery_app import create_app
+
+    conf = create_app(Settings(broker_url="redis://:pw@127.0.0.1:1/0", visibility_timeout_s=999)).conf
+    assert conf.accept_content == conf.result_accept_content == ["json"]
+    assert conf.task_serializer == conf.result_serializer == "json"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    broker, backend = conf.broker_transport_options, conf.result_backend_transport_options
+    assert broker["visibility_timeout"] == backend["visibility_timeout"] == 999
+    assert conf.worker_pool == "threads"
