@@ -150,7 +150,7 @@ def run(
 
 # Subcommands that live with the code they drive: each module defines one click command (or a
 # list of them) and is registered here, so `labeler --help` shows them all.
-_COMMAND_MODULES = ("engine_build.cli_build", "worker.cli_distributed")
+_COMMAND_MODULES = ("engine_build.cli_build", "worker.cli_distributed", "worker.cli_report")
 
 
 def _register_commands() -> None:
