@@ -2,12 +2,14 @@
 
     python bench/bench_enqueue.py [--paths 1000000] [--chunk-size 500] [--skip-cli]
 
-On a private redis-server (password, AOF everysec, as deploy configures it):
+On a private redis-server (password, AOF everysec, as deploy configures it; its data directory
+is under the system temp dir):
 1. Baseline: raw redis-py, one LPUSH per path, pipelined 10,000 commands per round trip.
 2. `enqueue_paths`: resume check and claim of every path (Lua, per 1,000), protocol v2 job
    messages of `--chunk-size` paths, one LPUSH per 20,000 paths. Ratio against the baseline.
 3. The same through the CLI (`labeler enqueue @list`), a subprocess, reading a list file.
 4. Redis memory per queued image (queue + run hash), and per finished record (top-5 labels).
+5. `enqueue_paths` again on a server with AOF off: the part of the time that is the disk.
 """
 
 from __future__ import annotations
@@ -41,6 +43,25 @@ def raw_pipelined_lpush(client, paths: list[str], batch: int = 10000) -> float:
             pipe.lpush("raw-baseline", path)
         pipe.execute()
     return time.perf_counter() - started
+
+
+class RedisServerNoAof(RedisServer):
+    """The same server with persistence off: what enqueueing costs Redis itself, without the disk."""
+
+    def server_args(self) -> list[str]:
+        args = super().server_args()
+        args[args.index("--appendonly") + 1] = "no"
+        return args
+
+
+def enqueue_without_aof(paths: list[str], chunk_size: int, folder: Path) -> float:
+    server = RedisServerNoAof(folder).start()
+    try:
+        started = time.perf_counter()
+        enqueue_paths(server.client(), "bench", paths, "labeler", chunk_size, max_queued_jobs=10**9)
+        return time.perf_counter() - started
+    finally:
+        server.stop()
 
 
 def main() -> None:
@@ -136,6 +157,10 @@ def main() -> None:
                 print("  " + done.stderr.strip().splitlines()[-1])
         finally:
             server.stop()
+        no_aof_dir = Path(tmp) / "no-aof"
+        no_aof_dir.mkdir()
+        elapsed = enqueue_without_aof(paths, args.chunk_size, no_aof_dir)
+        print(f"enqueue_paths, AOF off:         {elapsed:6.2f} s  {args.paths / elapsed:10.0f} paths/s")
 
 
 if __name__ == "__main__":
