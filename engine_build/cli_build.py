@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from engine_build.precision.cli_options import precision_options
 from worker.sidecar import summarize
 
 
@@ -19,9 +20,7 @@ def _triple(text: str | None) -> tuple[float, float, float] | None:
 
 
 @click.command()
-@click.option(
-    "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Bundle directory to write."
-)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--weights", help="FILE (torchvision-style state_dict or checkpoint), 'imagenet', or 'random'.")
 @click.option(
     "--onnx",
@@ -72,6 +71,7 @@ def _triple(text: str | None) -> tuple[float, float, float] | None:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Photos to check the bundle against its source (default: packaged samples).",
 )
+@precision_options  # BUNDLE argument, --precision/--calib/--tensorrt (engine_build/precision)
 def build(
     out_dir: Path,
     weights: str | None,

@@ -63,6 +63,13 @@ def inspect(bundle: Path) -> None:
 @click.option("--decode-threads", type=int, default=0, help="Decode threads (0: one per core).")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core).")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch-cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto: a TensorRT engine for this GPU, else PyTorch CUDA, else ONNX Runtime on the CPU.",
+)
 @click.option("--max-bytes", type=int, default=64 * 1024 * 1024, show_default=True, help="Largest file read.")
 @click.option(
     "--max-pixels",
@@ -85,6 +92,7 @@ def run(
     decode_threads: int,
     threads: int,
     precision: str,
+    backend: str,
     max_bytes: int,
     max_pixels: int,
     progress: bool | None,
@@ -95,8 +103,7 @@ def run(
     from worker.inputs import iter_input_paths
     from worker.local_run import run_local
     from worker.reading import ReadPolicy
-    from worker.runners import RunnerError
-    from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
+    from worker.runners import RunnerError, create_runner
     from worker.service import ServiceOptions
 
     if model_dir is None:
@@ -119,7 +126,10 @@ def run(
         read_policy=ReadPolicy.create([str(r) for r in allowed_roots], max_bytes),
         max_pixels=max_pixels,
     )
-    runner = OnnxRuntimeRunner(model_dir, spec, variant=precision, intra_op_threads=threads or None)
+    try:
+        runner = create_runner(model_dir, backend, variant=precision, intra_op_threads=threads or None)
+    except RunnerError as exc:
+        raise click.ClickException(str(exc)) from None
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=0, unit="img", disable=not show, dynamic_ncols=True, smoothing=0.1)
 

@@ -4,16 +4,5 @@ TensorRT 11 builds strongly typed networks only, so precision lives in the ONNX 
 converting the graph (preprocessing head, softmax and graph I/O stay FP32), INT8 by explicit
 QuantizeLinear/DequantizeLinear pairs computed from calibration crops made by the worker's own
 decode_and_crop. Every variant is compared with FP32 on held-out images before it is recorded.
+Modules: fp16, int8, calibration, gate, variants (the orchestration), cli_options (`labeler build`).
 """
-
-from engine_build.precision.gate import GateResult, GateThresholds, default_thresholds
-from engine_build.precision.variants import PRECISIONS, PrecisionRequest, add_precision_variants
-
-__all__ = [
-    "PRECISIONS",
-    "GateResult",
-    "GateThresholds",
-    "PrecisionRequest",
-    "add_precision_variants",
-    "default_thresholds",
-]

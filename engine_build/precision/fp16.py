@@ -14,12 +14,18 @@ from pathlib import Path
 
 import onnx
 
+from engine_build.errors import BuildError
 from engine_build.precision.graph_parts import output_nodes, prepared_copy, preprocessing_nodes
 
 
 def convert_fp16(src: Path, dst: Path, extra_fp32_nodes: tuple[str, ...] = ()) -> dict[str, object]:
     """Write the FP16 model to `dst`; return the recipe (what stayed FP32 and why) for the sidecar."""
-    from onnxconverter_common import float16
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise BuildError(
+            "FP16 conversion needs onnxconverter-common: pip install 'resnet-labeler[export]'"
+        ) from None
 
     model = prepared_copy(str(src))
     keep = [*preprocessing_nodes(model), *output_nodes(model), *extra_fp32_nodes]

@@ -35,7 +35,7 @@ def default_thresholds(precision: str) -> GateThresholds:
     if precision == "fp16":
         return GateThresholds(0.99, 0.98, 0.005, 0.05)
     if precision == "int8":
-        return GateThresholds(0.97, 0.95, 0.02, None)
+        return GateThresholds(0.97, 0.95, 0.03, None)
     raise ValueError(f"no gate defaults for precision {precision!r}")
 
 

@@ -10,6 +10,7 @@ buffer sizes, stream order and error paths. What it cannot prove: that real Tens
 
 from __future__ import annotations
 
+import importlib.machinery
 import itertools
 import types
 from dataclasses import dataclass, field
@@ -289,4 +290,7 @@ def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
     cuda.memcpy_htod_async, cuda.memcpy_dtoh_async = memcpy_htod_async, memcpy_dtoh_async
     pycuda = types.ModuleType("pycuda")
     pycuda.driver = cuda
-    return {"tensorrt": trt, "pycuda": pycuda, "pycuda.driver": cuda}
+    modules = {"tensorrt": trt, "pycuda": pycuda, "pycuda.driver": cuda}
+    for name, module in modules.items():  # importlib.util.find_spec() reads __spec__
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    return modules

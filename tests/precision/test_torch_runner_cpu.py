@@ -1,0 +1,50 @@
+"""The PyTorch runner's weights and GPU-side preprocessing, checked on the CPU in FP32 against ONNX
+Runtime on the same bundle (CUDA and FP16 themselves only run on a GPU machine: bench/gpu_check.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.preprocess import decode_and_crop
+from worker.runners.base import RunnerError
+from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
+from worker.runners.torch_cuda_runner import TorchCudaRunner
+from worker.sidecar import ModelSpec
+
+
+def test_torch_runner_matches_onnxruntime_on_the_trained_bundle(trained_bundle, photo_dir):
+    spec = ModelSpec.load(trained_bundle)
+    crops = np.stack(
+        [decode_and_crop(p.read_bytes(), spec.preprocessing) for p in sorted(photo_dir.glob("*.jpg"))]
+    )
+    with OnnxRuntimeRunner(trained_bundle) as runner:
+        expected = runner.infer(crops, want_features=True)
+    for channels_last in (True, False):
+        with TorchCudaRunner(
+            trained_bundle, device="cpu", dtype="float32", channels_last=channels_last
+        ) as runner:
+            got = runner.infer(crops, want_features=True)
+        np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-4)
+        np.testing.assert_allclose(got.features, expected.features, rtol=1e-3, atol=1e-3)
+        assert got.probabilities.dtype == np.float32
+
+
+def test_torch_runner_refuses_a_cuda_device_it_cannot_see(trained_bundle):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RunnerError, match="no CUDA device"):
+        TorchCudaRunner(trained_bundle).load()
+
+
+def test_torch_runner_needs_a_pytorch_built_bundle(tmp_path, trained_bundle):
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(trained_bundle, bundle)
+    spec = ModelSpec.load(bundle)
+    imported = ModelSpec.from_dict({**spec.to_dict(), "source": {"kind": "onnx"}})
+    with pytest.raises(RunnerError, match="built from PyTorch weights"):
+        TorchCudaRunner(bundle, imported, device="cpu", dtype="float32").load()
