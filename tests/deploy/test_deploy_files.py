@@ -1,0 +1,305 @@
+"""deploy/ checked without Docker or a cluster: the compose file against the compose-spec schema
+(vendored in check-jsonschema), the Kubernetes manifests against the packaged Kubernetes schemas
+(kubernetes-validate, strict) and KEDA's CRD schemas (@kubernetes-models/keda, installed from npm
+into tests/deploy/keda_validate), the systemd unit with `systemd-analyze verify`, and the
+properties the design needs (broker-grade Redis, one GPU per worker, read-only bundle, graceful
+stop longer than the longest batch, non-root images)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from worker.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+KEDA_DIR = Path(__file__).resolve().parent / "keda_validate"
+WORKER_STOP_BUDGET_S = Settings().redis_retry_s + 30  # a final write may retry this long, plus batches
+
+
+def duration_s(text: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", text))
+
+
+# -- docker compose ---------------------------------------------------------------------------
+
+
+def check_compose(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def test_compose_file_validates_against_the_compose_spec() -> None:
+    result = check_compose(DEPLOY / "docker-compose.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_validator_rejects_a_broken_file(tmp_path) -> None:
+    broken = compose()
+    broken["services"]["worker-gpu0"]["deploy"]["resources"]["reservations"]["devices"] = "all"
+    broken["services"]["worker-gpu0"]["stop_grace_periods"] = "2m"
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(broken))
+    result = check_compose(path)
+    assert result.returncode != 0 and "devices" in result.stdout
+
+
+def test_compose_redis_is_configured_as_a_broker() -> None:
+    redis = compose()["services"]["redis"]
+    conf = (DEPLOY / "redis" / "redis.conf").read_text()
+    settings = dict(
+        line.split(None, 1) for line in conf.splitlines() if line.strip() and not line.startswith("#")
+    )
+    assert settings["appendonly"] == "yes"
+    assert settings["appendfsync"] == "everysec"
+    assert settings["maxmemory-policy"] == "noeviction"
+    assert "./redis/redis.conf:/usr/local/etc/redis/redis.conf:ro" in redis["volumes"]
+    assert (
+        "--requirepass" in " ".join(redis["command"])
+        and "REDIS_PASSWORD:?" in redis["environment"]["REDIS_PASSWORD"]
+    )
+    assert any(v.endswith(":/data") for v in redis["volumes"])  # the AOF outlives the container
+
+
+def test_compose_runs_one_worker_per_gpu_with_its_own_device() -> None:
+    services = compose()["services"]
+    workers = {name: svc for name, svc in services.items() if name.startswith("worker-gpu")}
+    assert len(workers) >= 2
+    device_ids = []
+    for name, svc in workers.items():
+        [device] = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        device_ids += device["device_ids"]
+        assert len(device["device_ids"]) == 1, name
+        assert "/models/bundle:ro" in " ".join(svc["volumes"]), f"{name}: bundle must be read-only"
+        assert svc["environment"]["LABELER_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
+        assert duration_s(svc["stop_grace_period"]) >= WORKER_STOP_BUDGET_S
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert len(set(device_ids)) == len(device_ids), "two workers share a GPU"
+    names = [svc["command"][svc["command"].index("--hostname") + 1] for svc in workers.values()]
+    assert len(set(names)) == len(names), "Celery node names must differ"
+
+
+def test_prometheus_scrapes_every_worker_and_the_celery_exporter() -> None:
+    services = compose()["services"]
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    for name, svc in services.items():
+        if name.startswith("worker-gpu"):
+            assert f"{name}:{svc['environment']['LABELER_METRICS_PORT']}" in targets
+    assert "celery-exporter:9808" in targets and "flower:5555" in targets
+    mounts = " ".join(services["prometheus"]["volumes"])
+    assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+
+
+# -- Dockerfiles ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
+def test_images_run_as_a_non_root_user_and_copy_files_that_exist(name: str) -> None:
+    text = (DEPLOY / "docker" / name).read_text()
+    users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    for line in re.findall(r"^COPY (?!--from)(.*)$", text, re.MULTILINE):
+        for source in line.split()[:-1]:
+            assert (REPO / source).exists(), f"{name}: COPY {source} does not exist"
+    assert 'ENTRYPOINT ["tini", "--"' in text  # SIGTERM reaches the worker: warm shutdown
+
+
+def test_gpu_image_is_on_nvidia_cuda_and_installs_tensorrt() -> None:
+    text = (DEPLOY / "docker" / "Dockerfile.gpu").read_text()
+    assert re.findall(r"^FROM nvidia/cuda:\$\{CUDA_VERSION\}-(\w+)-", text, re.MULTILINE) == [
+        "devel",
+        "runtime",
+    ]
+    assert '".[tensorrt,gpu-metrics]"' in text
+    extras = (REPO / "pyproject.toml").read_text()
+    assert re.search(r"^tensorrt = \[", extras, re.MULTILINE) and re.search(
+        r"^gpu-metrics = \[", extras, re.MULTILINE
+    )
+
+
+def test_gpu_entrypoint_is_a_valid_shell_script() -> None:
+    script = DEPLOY / "docker" / "gpu-entrypoint.sh"
+    assert script.stat().st_mode & 0o111
+    subprocess.run(["sh", "-n", str(script)], check=True)
+    assert script.read_text().rstrip().endswith('exec labeler worker "$@"')
+
+
+# -- systemd ----------------------------------------------------------------------------------
+
+UNIT = DEPLOY / "systemd" / "labeler-worker@.service"
+
+
+def systemd_verify(unit: Path, tmp_path: Path, instance: str = "0") -> subprocess.CompletedProcess:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    target = tmp_path / unit.name.replace("@.", f"@{instance}.")
+    target.write_text(unit.read_text())
+    return subprocess.run(
+        ["systemd-analyze", "verify", str(target)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path) -> None:
+    result = systemd_verify(UNIT, tmp_path, "3")
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+
+def test_systemd_analyze_catches_a_broken_unit(tmp_path) -> None:
+    broken = tmp_path / "src"
+    broken.mkdir()
+    (broken / UNIT.name).write_text(UNIT.read_text().replace("TimeoutStopSec=", "TimeoutStopSecs="))
+    result = systemd_verify(broken / UNIT.name, tmp_path)
+    assert "Unknown key 'TimeoutStopSecs'" in result.stderr
+
+
+def test_systemd_stop_is_graceful_and_outlasts_a_batch() -> None:
+    unit = dict(
+        line.split("=", 1)
+        for line in UNIT.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert unit["KillSignal"] == "SIGTERM" and unit["KillMode"] == "mixed"
+    assert float(unit["TimeoutStopSec"]) >= WORKER_STOP_BUDGET_S
+    assert unit["EnvironmentFile"] == "/etc/labeler/worker.env"
+    assert "--gpu %i" in unit["ExecStart"] and "$$((9100 + %i))" in unit["ExecStart"]
+    assert unit["User"] != "root"
+
+
+def test_systemd_metrics_ports_differ_per_gpu() -> None:
+    """Run the unit's shell line (with `env` in place of the worker) for GPUs 0-15."""
+    exec_start = re.search(r"^ExecStart=/bin/sh -c '(.*)'$", UNIT.read_text(), re.MULTILINE).group(1)
+    prefix = exec_start.split(" exec ", 1)[0].replace("$$", "$")  # systemd turns $$ into $
+    ports = set()
+    for gpu in range(16):
+        env = subprocess.run(
+            ["sh", "-c", prefix.replace("%i", str(gpu)) + " exec env"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        ports.add(re.search(r"^LABELER_METRICS_PORT=(\d+)$", env, re.MULTILINE).group(1))
+    assert ports == {str(9100 + gpu) for gpu in range(16)}
+
+
+# -- Kubernetes -------------------------------------------------------------------------------
+
+
+def k8s_documents() -> list[dict]:
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+def keda_validate(documents: list[dict]) -> list[dict]:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail(
+            "node and npm are needed to validate KEDA objects (scripts/install-system-deps installs them)"
+        )
+    if not (KEDA_DIR / "node_modules" / "@kubernetes-models" / "keda").exists():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=KEDA_DIR, check=True, capture_output=True, timeout=300
+        )
+    result = subprocess.run(
+        [node, str(KEDA_DIR / "validate.mjs")],
+        input=json.dumps(documents),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_core_manifests_pass_strict_kubernetes_schemas() -> None:
+    core = [doc for doc in k8s_documents() if not doc["apiVersion"].startswith("keda.sh/")]
+    assert {doc["kind"] for doc in core} == {"Deployment", "Secret", "ConfigMap"}
+    version = kubernetes_validate.latest_version()
+    for doc in core:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_kubernetes_validator_rejects_a_typo() -> None:
+    [deployment] = [doc for doc in k8s_documents() if doc["kind"] == "Deployment"]
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["terminationGracePeriod"] = 180
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_keda_objects_pass_the_keda_crd_schemas() -> None:
+    keda = [doc for doc in k8s_documents() if doc["apiVersion"].startswith("keda.sh/")]
+    results = keda_validate(keda)
+    assert {(r["kind"], r["ok"]) for r in results} == {
+        ("ScaledObject", True),
+        ("TriggerAuthentication", True),
+    }, results
+
+
+def test_keda_validator_rejects_a_broken_scaled_object() -> None:
+    [scaled] = [doc for doc in k8s_documents() if doc["kind"] == "ScaledObject"]
+    broken = copy.deepcopy(scaled)
+    broken["spec"]["minReplicaCount"] = "zero"
+    del broken["spec"]["triggers"][0]["type"]
+    [result] = keda_validate([broken])
+    assert not result["ok"] and "minReplicaCount" in result["error"]
+
+
+def test_worker_deployment_one_gpu_per_pod_secret_url_and_graceful_stop() -> None:
+    docs = {doc["kind"]: doc for doc in k8s_documents()}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    env = {item["name"]: item for item in container["env"]}
+    secret_ref = env["LABELER_BROKER_URL"]["valueFrom"]["secretKeyRef"]
+    assert (
+        secret_ref["name"] == docs["Secret"]["metadata"]["name"]
+        and secret_ref["key"] in docs["Secret"]["stringData"]
+    )
+    assert "LABELER_BROKER_URL" not in docs["ConfigMap"]["data"]  # the password stays in the Secret
+    assert pod["terminationGracePeriodSeconds"] >= WORKER_STOP_BUDGET_S
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    bundle = next(
+        m for m in container["volumeMounts"] if m["mountPath"] == docs["ConfigMap"]["data"]["LABELER_MODEL"]
+    )
+    assert bundle["readOnly"] is True
+    assert container["ports"][0]["containerPort"] == int(docs["ConfigMap"]["data"]["LABELER_METRICS_PORT"])
+
+
+def test_scaled_object_scales_the_worker_on_its_queue() -> None:
+    docs = {doc["kind"]: doc for doc in k8s_documents()}
+    spec = docs["ScaledObject"]["spec"]
+    assert spec["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["listName"] == docs["ConfigMap"]["data"]["LABELER_QUEUE"]
+    assert trigger["authenticationRef"]["name"] == docs["TriggerAuthentication"]["metadata"]["name"]
+    [secret_ref] = docs["TriggerAuthentication"]["spec"]["secretTargetRef"]
+    assert secret_ref["key"] in docs["Secret"]["stringData"]
+    # Scale-in caveat (LLEN ignores jobs in progress): slow, stabilized scale-down.
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert behavior["stabilizationWindowSeconds"] >= 300
+    assert behavior["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 120}]
