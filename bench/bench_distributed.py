@@ -11,7 +11,10 @@ core on both sides. Rounds alternate local and distributed so machine noise hits
 - distributed: a `labeler worker` subprocess on a private redis-server (password, AOF everysec),
   warmed up with one small run (model loaded); images/s from the first job published to the last
   record in Redis, so enqueue, queue latency and Redis writes all count.
-Ratios distributed / each local figure; target >= 0.95 on this machine.
+Ratios distributed / each local figure; target >= 0.95 on this machine. The machine is shared, so
+wall-clock rates swing with other people's load; CPU seconds per image (bench process for the warm
+local run; worker + redis-server + enqueue for distributed) are printed too, as the steadier
+measure of overhead: on a dedicated CPU-bound box, throughput follows it.
 """
 
 from __future__ import annotations
@@ -33,38 +36,33 @@ from distributed_helpers import QUEUE, CeleryWorker, RedisServer, run_counts, wa
 
 from worker.client.enqueue import enqueue_paths  # noqa: E402
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-def local_rate(bundle: Path, folder: Path, out: Path, batch: int) -> float:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "run",
-            str(folder),
-            "--model",
-            str(bundle),
-            "--out",
-            str(out),
-            "--no-progress",
-            "--batch-size",
-            str(batch),
-            "--max-wait-ms",
-            "20",
-        ],  # fmt: skip
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def redis_cpu_s(client) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def local_rate(bundle: Path, folder: Path, out: Path, batch: int) -> tuple[float, float]:
+    """`labeler run` as a subprocess: (its own images/s, None: CPU includes imports, not comparable)."""
+    command = [sys.executable, "-m", "worker", "run", str(folder), "--model", str(bundle), "--out", str(out),
+               "--no-progress", "--batch-size", str(batch), "--max-wait-ms", "20"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
     match = re.search(r"([\d.]+) images/s", done.stderr)
     if not match:
         raise RuntimeError(f"no rate in labeler run output:\n{done.stderr}")
-    return float(match.group(1))
+    return float(match.group(1)), float("nan")
 
 
-def warm_local_rate(bundle: Path, paths: list[str], out: Path, batch: int) -> float:
-    """`labeler run`'s pipeline in this process with the model already loaded (steady state)."""
+def warm_local_rate(bundle: Path, paths: list[str], out: Path, batch: int) -> tuple[float, float]:
+    """`labeler run`'s pipeline in this process, model loaded before the clock: (images/s, CPU s/image)."""
     from worker.results import JsonlWriter
     from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
     from worker.service import LabelingService, ServiceOptions
@@ -74,20 +72,30 @@ def warm_local_rate(bundle: Path, paths: list[str], out: Path, batch: int) -> fl
         for path in paths[:8]:
             service.submit(path, lambda _record: None)
         service.drain()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for path in paths:
             service.submit(path, writer.write)
         service.drain()
-        return len(paths) / (time.perf_counter() - started)
+        return len(paths) / (time.perf_counter() - started), (time.process_time() - cpu) / len(paths)
 
 
-def distributed_rate(client, run: str, paths: list[str], chunk_size: int) -> float:
-    started = time.perf_counter()
+def distributed_rate(
+    client, worker_pid: int, run: str, paths: list[str], chunk_size: int
+) -> tuple[float, float]:
+    """(images/s from first publish to last record, CPU s/image of worker + Redis + enqueue)."""
+    started, worker_cpu, redis_cpu = time.perf_counter(), process_cpu_s(worker_pid), redis_cpu_s(client)
+    own = time.process_time()
     enqueue_paths(client, run, paths, QUEUE, chunk_size)
+    own = time.process_time() - own
     counts = wait_run_done(client, run, 3600, interval=0.01)
     elapsed = time.perf_counter() - started
+    worker_cpu = process_cpu_s(worker_pid) - worker_cpu
+    redis_cpu = redis_cpu_s(client) - redis_cpu
     assert counts["done"] == len(paths) and counts["failed"] == 0, counts
-    return len(paths) / elapsed
+    n = len(paths)
+    print(f"  distributed CPU ms/img: worker {worker_cpu / n * 1000:.2f}, redis-server {redis_cpu / n * 1000:.2f}, "
+          f"enqueue {own / n * 1000:.2f}")  # fmt: skip
+    return n / elapsed, (worker_cpu + redis_cpu + own) / n
 
 
 def main() -> None:
@@ -124,7 +132,7 @@ def main() -> None:
             client = server.client()
             enqueue_paths(client, "warmup", paths[:16], QUEUE, 16)
             wait_run_done(client, "warmup", 600)
-            ratios, warm_ratios = [], []
+            ratios, warm_ratios, cpu_ratios = [], [], []
             for round_number in range(args.rounds):
                 measure = {
                     "local": lambda: local_rate(
@@ -134,23 +142,27 @@ def main() -> None:
                         args.model, paths, Path(tmp) / "warm.jsonl", args.batch_size
                     ),
                     "remote": lambda r=round_number: distributed_rate(
-                        client, f"bench-{r}", paths, args.chunk_size
+                        client, worker.process.pid, f"bench-{r}", paths, args.chunk_size
                     ),
                 }
                 order = list(measure) if round_number % 2 == 0 else list(reversed(measure))
-                rates = {
-                    name: measure[name]() for name in order
-                }  # alternate order: no side always goes first
-                local, warm, remote = rates["local"], rates["warm"], rates["remote"]
+                results = {name: measure[name]() for name in order}  # alternate: no side always goes first
+                (local, _), (warm, warm_cpu), (remote, remote_cpu) = (
+                    results[k] for k in ("local", "warm", "remote")
+                )
                 ratios.append(remote / local)
                 warm_ratios.append(remote / warm)
+                cpu_ratios.append(warm_cpu / remote_cpu)
                 print(
-                    f"round {round_number + 1}: labeler run {local:7.1f} images/s   warm in-process {warm:7.1f}   "
-                    f"distributed {remote:7.1f}   ratio vs run {remote / local:.3f}   vs warm {remote / warm:.3f}"
+                    f"round {round_number + 1}: labeler run {local:6.1f} images/s | warm in-process {warm:6.1f} "
+                    f"({warm_cpu * 1000:.1f} CPU ms/img) | distributed {remote:6.1f} ({remote_cpu * 1000:.1f} CPU "
+                    f"ms/img) | ratios: vs run {remote / local:.3f}, vs warm {remote / warm:.3f}, "
+                    f"CPU cost warm/distributed {warm_cpu / remote_cpu:.3f}"
                 )
             print(
-                f"median ratio distributed / labeler run: {statistics.median(ratios):.3f}; "
-                f"distributed / warm in-process: {statistics.median(warm_ratios):.3f} (target >= 0.95)"
+                f"medians: distributed/labeler run {statistics.median(ratios):.3f}; distributed/warm in-process "
+                f"{statistics.median(warm_ratios):.3f}; CPU per image warm/distributed "
+                f"{statistics.median(cpu_ratios):.3f} (target >= 0.95)"
             )
             assert run_counts(client, "bench-0")["total"] == args.images
         finally:
