@@ -40,9 +40,9 @@ class _Slot:
 
 @dataclass
 class PendingBatch:
-    """A chunk queued on a slot's stream; wait() returns its outputs."""
+    """A chunk queued on a slot's stream; wait() returns its outputs. At most `slots` chunks may be
+    in flight: the next submit on the same slot waits for (and overwrites) its buffers."""
 
-    runner: TensorRTRunner
     slot: _Slot
     count: int
     outputs: list[str] = field(default_factory=list)
@@ -162,7 +162,7 @@ class TensorRTRunner(Runner):
         for out in wanted:
             cuda.memcpy_dtoh_async(slot.host[out][:count], slot.device[out], slot.stream)
         slot.busy = True
-        return PendingBatch(self, slot, count, wanted)
+        return PendingBatch(slot, count, wanted)
 
     def chunks(self, count: int) -> list[tuple[int, int]]:
         """Split a batch over the slots so copies overlap compute; small batches stay whole."""
