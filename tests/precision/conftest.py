@@ -7,13 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shapes_task import CLASSES, train_tiny_resnet, write_images
-
-from worker.sidecar import Preprocessing
-
-CROP = Preprocessing(crop_size=(32, 32), resize_size=36)
-CALIB_COUNT = 200
-HELDOUT_COUNT = 200
+from shapes_task import CALIB_COUNT, CLASSES, CROP, HELDOUT_COUNT, train_tiny_resnet, write_images
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from worker.sidecar import Preprocessing
+
 CLASSES = ("horizontal_stripes", "vertical_stripes", "disc", "checkerboard")
+CROP = Preprocessing(crop_size=(32, 32), resize_size=36)  # the test bundle's preprocessing
+CALIB_COUNT = 200  # calibration images; the next HELDOUT_COUNT are the gate's held-out set
+HELDOUT_COUNT = 200
 _HUES = ((60, 60, 230), (60, 210, 60), (230, 90, 40), (40, 220, 230))
 
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-from conftest import CALIB_COUNT, HELDOUT_COUNT
+from shapes_task import CALIB_COUNT, HELDOUT_COUNT
 
 from engine_build.errors import BuildError
 from engine_build.precision.calibration import CALIBRATION_FILE, CropSet, image_paths, split_images
