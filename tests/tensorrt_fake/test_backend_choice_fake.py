@@ -93,3 +93,23 @@ def test_forced_torch_cuda_without_a_gpu_fails_clearly(no_gpu, fake_bundle):
 def test_unknown_backend_lists_the_choices(fake_bundle):
     with pytest.raises(RunnerError, match="auto, onnxruntime, tensorrt, torch-cuda"):
         create_runner(fake_bundle, "openvino")
+
+
+def test_fake_trt_labeler_build_tensorrt_passes_the_profile_and_settings(
+    fake_gpu, fake_nvidia_smi, fake_bundle
+):
+    """`labeler build BUNDLE --tensorrt` end to end through click, against the fakes."""
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    args = ["build", str(fake_bundle), "--tensorrt", "--max-batch", "32", "--opt-batch", "16"]
+    result = CliRunner().invoke(main, [*args, "--workspace-mib", "256", "--opt-level", "5"])
+    assert result.exit_code == 0, result.output
+    assert "engine      model.fp32.nvidia-h100-80gb-hbm3.sm90.trt11.4.0.b32.engine" in result.output
+    assert fake_gpu.named("set_shape") == [
+        ("set_shape", "images", (1, 32, 32, 3), (16, 32, 32, 3), (32, 32, 32, 3))
+    ]
+    assert fake_gpu.named("builder_optimization_level") == [("builder_optimization_level", 5)]
+    assert fake_gpu.named("set_memory_pool_limit")[0][2] == 256 << 20
+    assert (fake_bundle / "engines" / "model.fp32.nvidia-h100-80gb-hbm3.sm90.trt11.4.0.b32.json").is_file()
