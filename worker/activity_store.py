@@ -91,3 +91,19 @@ def timeline(client: redis.Redis, prefix: str, run: str) -> list[tuple[int, int]
     """(bucket start, images) pairs in time order; buckets with no records are absent."""
     items = client.hgetall(_keys(prefix, run)[1])
     return sorted((int(k), int(v)) for k, v in items.items())
+
+
+def format_workers(workers: Sequence[WorkerActivity], now: float | None = None) -> list[str]:
+    """Lines for `labeler status`: one per worker, busiest first."""
+    if not workers:
+        return []
+    now = time.time() if now is None else now
+    width = max(len(w.worker) for w in workers)
+    lines = [f"  workers ({len(workers)}):"]
+    for w in workers:
+        ago = max(0.0, now - w.last_at)
+        lines.append(
+            f"    {w.worker:<{width}}  {w.images} images  {w.failed} failed  {w.rate:.1f} images/s  "
+            f"last record {ago:.0f} s ago"
+        )
+    return lines

@@ -111,3 +111,17 @@ def test_metrics_endpoint_reports_a_taken_port() -> None:
         sock.listen()
         port = sock.getsockname()[1]
         assert WorkerMetrics("busy").serve(port, addr="127.0.0.1") is False
+
+
+def test_worker_lines_show_rate_and_last_record() -> None:
+    from worker.activity_store import WorkerActivity, format_workers
+
+    workers = [
+        WorkerActivity("labeler-gpu0@node1", 1000, 3, 100.0, 110.0),
+        WorkerActivity("labeler-gpu1@node1", 500, 0, 100.0, 200.0),
+    ]
+    lines = format_workers(workers, now=230.0)
+    assert lines[0] == "  workers (2):"
+    assert "labeler-gpu0@node1  1000 images  3 failed  100.0 images/s  last record 120 s ago" in lines[1]
+    assert "5.0 images/s" in lines[2] and "last record 30 s ago" in lines[2]
+    assert format_workers([]) == []
