@@ -188,7 +188,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="Tiny model on the CPU (checks the script).")
-    parser.add_argument("--images", type=int, help="Files to decode [6000; smoke 96].")
+    parser.add_argument("--images", type=int, help="Files to decode [12000; smoke 96].")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="Decode threads [all cores].")
     parser.add_argument("--seconds", type=float, help="Time per engine measurement [4; smoke 1].")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
@@ -203,7 +203,7 @@ def main() -> None:
             raise SystemExit("no CUDA device: run with --smoke on a CPU machine")
         torch.backends.cudnn.benchmark = True
         device, dtype, classes, width, size, batches = "cuda", "float16", 1000, 64, 224, (64, 128, 256)
-        count, seconds = args.images or 6000, args.seconds or 4.0
+        count, seconds = args.images or 12000, args.seconds or 4.0
     print(f"machine: {machine(device)}", flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,9 +216,13 @@ def main() -> None:
         figures: dict = {"machine": machine(device), "model": how, "images": count, "threads": args.threads}
         figures["engine_only"] = {str(b): engine_only(factory, crops, b, seconds) for b in batches}
         figures["model_on_device"] = {str(b): model_on_device(factory, b, seconds) for b in batches}
-        figures["decode_only"] = decode_only(paths, prep, args.threads)
         e2e_batch = max(batches)
-        figures["end_to_end"], figures["mean_batch"] = end_to_end(factory, paths, e2e_batch, args.threads)
+        for _ in range(2):  # best of two: the first pass also warms the page cache
+            decode = decode_only(paths, prep, args.threads)
+            figures["decode_only"] = max(decode, figures.get("decode_only", 0.0))
+            e2e, mean_batch = end_to_end(factory, paths, e2e_batch, args.threads)
+            if e2e > figures.get("end_to_end", 0.0):
+                figures["end_to_end"], figures["mean_batch"] = e2e, mean_batch
     bound = min(figures["engine_only"][str(e2e_batch)], figures["decode_only"])
     figures["ratio"] = figures["end_to_end"] / bound
     figures["seconds"] = time.perf_counter() - started
