@@ -29,6 +29,12 @@ def _triple(text: str | None) -> tuple[float, float, float] | None:
     help="Import any one-input NCHW/NHWC float image classifier.",
 )
 @click.option(
+    "--keras",
+    "keras_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A Keras 3 model (MODEL.keras, e.g. from labeler finetune); caffe-style NHWC preprocessing.",
+)
+@click.option(
     "--labels",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Class names, one per line, in class-index order.",
@@ -76,6 +82,7 @@ def build(
     out_dir: Path,
     weights: str | None,
     onnx_file: Path | None,
+    keras_file: Path | None,
     labels: Path | None,
     num_classes: int,
     seed: int,
@@ -90,13 +97,13 @@ def build(
     output_kind: str,
     verify_images: Path | None,
 ) -> None:
-    """Build a model bundle (model.onnx + model.json) from PyTorch weights or an ONNX file."""
+    """Build a model bundle (model.onnx + model.json) from PyTorch weights, ONNX or a Keras model."""
     from engine_build.errors import BuildError
     from worker.inputs import iter_input_paths
     from worker.sidecar import Preprocessing
 
-    if (weights is None) == (onnx_file is None):
-        raise click.UsageError("give exactly one of --weights or --onnx")
+    if [weights, onnx_file, keras_file].count(None) != 2:
+        raise click.UsageError("give exactly one of --weights, --onnx or --keras")
     defaults = Preprocessing()
     prep = Preprocessing(
         crop_size=(input_size, input_size),
@@ -109,7 +116,11 @@ def build(
     )
     images = [Path(p) for p in iter_input_paths([str(verify_images)])] if verify_images else None
     try:
-        if onnx_file is not None:
+        if keras_file is not None:
+            from engine_build.keras_export import build_from_keras_cli
+
+            spec = build_from_keras_cli(keras_file, out_dir, labels, images, click.get_current_context())
+        elif onnx_file is not None:
             from engine_build.build import build_from_onnx
 
             spec = build_from_onnx(

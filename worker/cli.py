@@ -160,7 +160,12 @@ def run(
 
 # Subcommands that live with the code they drive: each module defines one click command (or a
 # list of them) and is registered here, so `labeler --help` shows them all.
-_COMMAND_MODULES = ("engine_build.cli_build", "worker.cli_distributed", "worker.cli_report")
+_COMMAND_MODULES = (
+    "engine_build.cli_build",
+    "worker.cli_distributed",
+    "worker.cli_report",
+    "engine_build.cli_finetune",
+)
 
 
 def _register_commands() -> None:
