@@ -34,7 +34,7 @@ def create_runner(bundle_dir: Path, backend: str = "onnxruntime", **options: obj
     precision = str(options.pop("variant", None) or "fp32")
     if backend == "auto":
         backend, reason = choose_backend(bundle_dir, spec, precision)
-        log.warning("backend auto: %s (%s)", backend, reason)
+        log.info("backend auto: %s (%s)", backend, reason)
     if backend == "onnxruntime":
         from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
 
@@ -102,6 +102,10 @@ def torch_cuda_problem(spec, precision: str, gpu_checked: bool = False) -> str |
         return (
             "it rebuilds the ResNet-50 from the bundle's weights, so it needs a bundle built with --weights"
         )
+    import torch  # importing creates no CUDA context; torch.version.cuda is None in CPU-only builds
+
+    if torch.version.cuda is None:
+        return f"this PyTorch ({torch.__version__}) is a CPU-only build"
     return None
 
 
