@@ -69,7 +69,7 @@ def warm_local_rate(bundle: Path, paths: list[str], out: Path, batch: int) -> tu
 
     options = ServiceOptions(max_batch_size=batch, max_wait_s=0.02)
     with LabelingService(OnnxRuntimeRunner(bundle), options) as service, JsonlWriter(out) as writer:
-        for path in paths[:8]:
+        for path in paths[: 2 * batch]:  # the same warm-up as the worker's: full batches once
             service.submit(path, lambda _record: None)
         service.drain()
         started, cpu = time.perf_counter(), time.process_time()
@@ -130,7 +130,9 @@ def main() -> None:
         try:
             worker.start()
             client = server.client()
-            enqueue_paths(client, "warmup", paths[:16], QUEUE, 16)
+            # Warm-up: load the model and run full batches once (ONNX Runtime plans memory per shape).
+            warmup = paths[: 2 * args.batch_size]
+            enqueue_paths(client, "warmup", warmup, QUEUE, len(warmup))
             wait_run_done(client, "warmup", 600)
             ratios, warm_ratios, cpu_ratios = [], [], []
             for round_number in range(args.rounds):
