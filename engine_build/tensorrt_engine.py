@@ -35,6 +35,9 @@ class EngineSettings:
     max_batch: int = 256
     workspace_mib: int = 4096
     optimization_level: int = 3  # TensorRT's default; 4-5 search longer for faster kernels
+    # One identical profile per concurrent execution context: with dynamic shapes a profile is safe
+    # to use from one context at a time, and the runner keeps two batches in flight.
+    profiles: int = 2
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
@@ -43,6 +46,8 @@ class EngineSettings:
             )
         if not 0 <= self.optimization_level <= 5:
             raise ValueError("optimization level is 0..5")
+        if self.profiles < 1:
+            raise ValueError("need at least one optimization profile")
 
 
 def onnx_for_precision(spec: ModelSpec, bundle_dir: Path, precision: str) -> tuple[Path, str]:
@@ -107,9 +112,10 @@ def build_engine(
         "opt": (settings.opt_batch, height, width, 3),
         "max": (settings.max_batch, height, width, 3),
     }
-    profile = builder.create_optimization_profile()
-    profile.set_shape(spec.input.name, shapes["min"], shapes["opt"], shapes["max"])
-    config.add_optimization_profile(profile)
+    for _ in range(settings.profiles):
+        profile = builder.create_optimization_profile()
+        profile.set_shape(spec.input.name, shapes["min"], shapes["opt"], shapes["max"])
+        config.add_optimization_profile(profile)
     cache_path = timing_cache_path(bundle_dir, gpu, version)
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
     timing_cache = config.create_timing_cache(cache_bytes)
@@ -140,6 +146,7 @@ def build_engine(
         "tensorrt_version": version,
         "input": spec.input.name,
         "profile": {key: list(value) for key, value in shapes.items()},
+        "profiles": settings.profiles,
         "settings": asdict(settings),
         "timing_cache": cache_path.name,
         "build_seconds": round(seconds, 1),

@@ -37,6 +37,7 @@ class FakeGpuWorld:
     input_name: str = "images"
     crop: tuple[int, int] = (32, 32)
     max_batch: int = 64
+    profiles: int = 2  # optimization profiles in the deserialized engine
     memory: dict[int, np.ndarray] = field(default_factory=dict)
     _addresses: Any = field(default_factory=lambda: itertools.count(0x1000, 0x1000))
 
@@ -156,6 +157,10 @@ def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
             self.addresses: dict[str, int] = {}
             self.shape: tuple | None = None
 
+        def set_optimization_profile_async(self, index: int, stream_handle: int) -> bool:
+            world.record("set_optimization_profile_async", self.id, index, stream_handle)
+            return 0 <= index < world.profiles
+
         def set_input_shape(self, name: str, shape: tuple) -> bool:
             world.record("set_input_shape", self.id, name, tuple(shape))
             self.shape = tuple(shape)
@@ -196,6 +201,7 @@ def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
                 "features": (TensorIOMode.OUTPUT, out, (-1, world.feature_size)),
             }
             self.num_io_tensors = len(self.io)
+            self.num_optimization_profiles = world.profiles
 
         def get_tensor_name(self, index: int) -> str:
             return list(self.io)[index]

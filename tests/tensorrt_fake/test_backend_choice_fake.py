@@ -112,7 +112,7 @@ def test_fake_trt_labeler_build_tensorrt_passes_the_profile_and_settings(
     result = CliRunner().invoke(main, [*args, "--workspace-mib", "256", "--opt-level", "5"])
     assert result.exit_code == 0, result.output
     assert "engine      model.fp32.nvidia-h100-80gb-hbm3.sm90.trt11.4.0.b32.engine" in result.output
-    assert fake_gpu.named("set_shape") == [
+    assert fake_gpu.named("set_shape") == 2 * [
         ("set_shape", "images", (1, 32, 32, 3), (16, 32, 32, 3), (32, 32, 32, 3))
     ]
     assert fake_gpu.named("builder_optimization_level") == [("builder_optimization_level", 5)]

@@ -24,9 +24,11 @@ def test_fake_trt_build_sets_profile_workspace_level_and_strong_typing(fake_gpu,
 
     assert fake_gpu.named("create_network") == [("create_network", ())]  # strongly typed: no flags
     assert fake_gpu.named("parse_from_file")[0][1].endswith("model.fp16.onnx")
-    assert fake_gpu.named("set_shape") == [
+    # one identical profile per concurrent execution context (the runner's two slots)
+    assert fake_gpu.named("set_shape") == 2 * [
         ("set_shape", "images", (1, 32, 32, 3), (32, 32, 32, 3), (64, 32, 32, 3))
     ]
+    assert len(fake_gpu.named("add_optimization_profile")) == 2
     (pool_call,) = fake_gpu.named("set_memory_pool_limit")
     assert pool_call[2] == 512 * 1024 * 1024
     assert fake_gpu.named("builder_optimization_level") == [("builder_optimization_level", 4)]
@@ -41,7 +43,7 @@ def test_fake_trt_build_sets_profile_workspace_level_and_strong_typing(fake_gpu,
     assert record["gpu_name"] == H100.name and record["compute_capability"] == "9.0"
     assert record["tensorrt_version"] == "11.4.0" and record["precision"] == "fp16"
     assert record["onnx_sha256"] == spec.variants["fp16"]["sha256"]
-    assert record["profile"]["max"] == [64, 32, 32, 3]
+    assert record["profile"]["max"] == [64, 32, 32, 3] and record["profiles"] == 2
 
 
 def test_fake_trt_timing_cache_is_persisted_and_reused(fake_gpu, fake_bundle):

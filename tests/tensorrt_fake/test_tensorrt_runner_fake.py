@@ -42,6 +42,9 @@ def test_fake_trt_runner_buffers_names_and_results(fake_gpu, fake_bundle):
         assert ("pagelocked_empty", (64, 4), np.dtype(np.float32)) in host
         assert len(host) == 2 * 3  # two slots x (input, probabilities, features)
         assert sorted(c[1] for c in fake_gpu.named("mem_alloc"))[-1] == 64 * 32 * 32 * 3
+        profiles = fake_gpu.named("set_optimization_profile_async")
+        assert [c[2] for c in profiles] == [0, 1]  # each context on its own profile
+        assert profiles[0][1] != profiles[1][1]
         addressed = {(c[1], c[2]) for c in fake_gpu.named("set_tensor_address")}
         assert {name for _ctx, name in addressed} == {"images", "probabilities", "features"}
         values = [0, 1, 2, 3, 5, 6, 7, 9]
@@ -71,6 +74,15 @@ def test_fake_trt_runner_queues_next_copy_before_waiting_on_the_first_chunk(fake
     assert order.index(("memcpy_htod_async", second_copy[1])) < first_sync
     executes = fake_gpu.named("execute_async_v3")
     assert [e[2] for e in executes] == [first_copy[1], second_copy[1]]  # each runs on its own stream
+
+
+def test_fake_trt_runner_uses_one_slot_for_a_single_profile_engine(fake_gpu, fake_bundle):
+    fake_gpu.profiles = 1  # e.g. an engine built with profiles=1
+    _engine(fake_bundle)
+    with TensorRTRunner(fake_bundle, precision="fp16", slots=2, min_chunk=4) as runner:
+        out = runner.infer(_crops(list(range(16))))
+    assert len(fake_gpu.named("create_execution_context")) == 1
+    np.testing.assert_array_equal(out.probabilities.argmax(1), np.arange(16) % 4)
 
 
 def test_fake_trt_runner_small_batch_stays_whole(fake_gpu, fake_bundle):

@@ -109,7 +109,8 @@ class TensorRTRunner(Runner):
                     f"TensorRT could not deserialize {self.choice.path.name}; rebuild it on this node"
                 )
             self._describe_io(trt)
-            self._slots = [self._make_slot(trt, cuda) for _ in range(self.slot_count)]
+            slots = min(self.slot_count, max(1, int(self._engine.num_optimization_profiles)))
+            self._slots = [self._make_slot(cuda, index) for index in range(slots)]
         except BaseException:
             self._release()
             raise
@@ -130,15 +131,20 @@ class TensorRTRunner(Runner):
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self._shapes = {n: (self._max_batch, *tuple(engine.get_tensor_shape(n))[1:]) for n in names}
 
-    def _make_slot(self, trt: Any, cuda: Any) -> _Slot:
+    def _make_slot(self, cuda: Any, profile: int) -> _Slot:
+        """Buffers, a stream and an execution context on its own optimization profile (a profile
+        with dynamic shapes serves one context at a time; the builder makes one per slot)."""
         host, device = {}, {}
         for name in (*self._inputs, *self._outputs):
             host[name] = cuda.pagelocked_empty(self._shapes[name], self._dtypes[name])
             device[name] = cuda.mem_alloc(host[name].nbytes)
+        stream = cuda.Stream()
         context = self._engine.create_execution_context()
+        context.set_optimization_profile_async(profile, stream.handle)
+        stream.synchronize()
         for name in device:
             context.set_tensor_address(name, int(device[name]))
-        return _Slot(context, cuda.Stream(), host, device)
+        return _Slot(context, stream, host, device)
 
     def submit(self, crops: np.ndarray, want_features: bool = False) -> PendingBatch:
         """Queue copy-in, execute and copy-out on the next free slot's stream; returns at once."""
