@@ -48,3 +48,22 @@ def test_torch_runner_needs_a_pytorch_built_bundle(tmp_path, trained_bundle):
     imported = ModelSpec.from_dict({**spec.to_dict(), "source": {"kind": "onnx"}})
     with pytest.raises(RunnerError, match="built from PyTorch weights"):
         TorchCudaRunner(bundle, imported, device="cpu", dtype="float32").load()
+
+
+def test_torch_runner_serves_the_labeling_service_with_the_same_labels(trained_bundle, photo_dir):
+    from worker.service import LabelingService, ServiceOptions
+
+    paths = sorted(str(p) for p in photo_dir.glob("*.jpg"))
+    labels = {}
+    for name, runner in (
+        ("onnxruntime", OnnxRuntimeRunner(trained_bundle, intra_op_threads=1)),
+        ("torch", TorchCudaRunner(trained_bundle, device="cpu", dtype="float32")),
+    ):
+        records: list[dict] = []
+        with LabelingService(runner, ServiceOptions(max_batch_size=8, decode_threads=2)) as service:
+            for path in paths:
+                service.submit(path, records.append)
+            service.drain()
+        labels[name] = {r["path"]: r["labels"][0]["label"] for r in records}
+    assert len(labels["torch"]) == len(paths)
+    assert labels["torch"] == labels["onnxruntime"]
