@@ -11,6 +11,7 @@ preprocessing head and the softmax stay FP32, as do graph inputs and outputs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,11 @@ def quantize_int8(
     ops = [*QUANTIZED_OPS, "Add"] if quantize_adds else list(QUANTIZED_OPS)
     named = dst.with_name(dst.name + ".named.onnx")
     onnx.save(model, str(named))
+    root = logging.getLogger()
+    level = root.level
+    # The quantizer warns on the root logger to run its pre-processing (shape inference, constant
+    # folding); the exporter already folded BatchNorm and constants, so the advice is noise here.
+    root.setLevel(max(level, logging.ERROR))
     try:
         quantize_static(
             str(named),
@@ -93,6 +99,7 @@ def quantize_int8(
             },
         )
     finally:
+        root.setLevel(level)
         named.unlink(missing_ok=True)
     check_tensorrt_form(onnx.load(str(dst)))
     return {
