@@ -173,7 +173,8 @@ def keras_preprocessing(
     policy = resize or base.resize
     return Preprocessing(
         crop_size=size,
-        resize_size=(resize_size or base.resize_size) if policy == "shorter_side" else min(size),
+        # shorter_side without a size: the usual 256/224 ratio (resize 256, crop 224)
+        resize_size=(resize_size or round(min(size) * 256 / 224)) if policy == "shorter_side" else min(size),
         resize=policy,  # type: ignore[arg-type]
         mean=mean or base.mean,
         std=std or base.std,

@@ -334,11 +334,19 @@ def finetune(
 
 
 def predict_files(model: Any, paths: Sequence[str], prep: Preprocessing, batch_size: int = 32) -> np.ndarray:
-    """Keras' predictions for image files, through the same decode path as training."""
-    crops = [load_crop(p, prep) for p in paths]
-    if any(c is None for c in crops):
-        raise BuildError("some files could not be decoded; see the log")
-    return np.asarray(model.predict(caffe_normalize(np.stack(crops)), batch_size=batch_size, verbose=0))
+    """Keras' predictions for image files, through the same decode path as training.
+
+    Decoded a few batches at a time, so a large held-out set never sits in memory as float32.
+    """
+    chunk = max(1, batch_size) * 8
+    rows = []
+    for start in range(0, len(paths), chunk):
+        crops = [load_crop(p, prep) for p in paths[start : start + chunk]]
+        if any(c is None for c in crops):
+            raise BuildError("some files could not be decoded; see the log")
+        batch = caffe_normalize(np.stack(crops))
+        rows.append(np.asarray(model.predict(batch, batch_size=batch_size, verbose=0)))
+    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
 
 
 def _save(

@@ -24,6 +24,7 @@ CHANCE = 0.25  # four classes
 
 
 def test_trained_from_scratch_well_above_chance_on_held_out(shapes_model):
+    print(f"\nshapes model held-out accuracy {shapes_model.held_out_accuracy:.3f}")
     assert len(shapes_model.classes) == 4
     assert len(shapes_model.held_out_paths) >= 20
     assert shapes_model.held_out_accuracy >= 2 * CHANCE, shapes_model.held_out_accuracy
