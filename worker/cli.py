@@ -149,6 +149,14 @@ def run(
         )
     except (RunnerError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo(
+            f"interrupted: images in flight were finished and written to {out_path}; "
+            "run the same command with --resume to go on",
+            err=True,
+        )
+        sys.exit(130)
     finally:
         bar.close()
     for line in summary.lines():
