@@ -139,3 +139,17 @@ def test_redis_restart_mid_run_workers_reconnect_and_finish(own_redis, start_wor
     log = worker.log()
     assert "Connection to broker lost" in log and worker.alive()
     assert "Redis error during" in log  # jobs in flight retried their writes instead of dropping the chunk
+
+
+def test_redis_down_longer_than_jobs_retry_hands_jobs_back(own_redis, start_worker, small_jpegs) -> None:
+    """Jobs give up on Redis after LABELER_REDIS_RETRY_S; their chunks come back, none is dropped."""
+    paths = small_jpegs[:600]
+    client = own_redis.client()
+    worker = start_worker(own_redis.url, "g1", redis_retry_s=1)
+    enqueue_paths(client, "outage", paths, QUEUE, chunk_size=50)
+    wait_for(lambda: run_counts(client, "outage")["done"] >= 100, 120, "100 records")
+    own_redis.restart(down_s=4.0)
+    client = own_redis.client()
+    wait_run_done(client, "outage", 240)
+    assert_exactly_once(client, "outage", paths)
+    assert "handing the job back" in worker.log() and worker.alive()
