@@ -244,7 +244,11 @@ def _backbone_weights(weights: str) -> str | None:
 
 
 def _imagenet_backbone_file() -> str:
-    """Keras' own download of the no-top ResNet50 weights, with a clear message when offline."""
+    """Keras' own download of the no-top ResNet50 weights, with a clear message when offline.
+
+    The same file, URL and MD5 that ResNet50(weights="imagenet", include_top=False) fetches, and the
+    same cache ($KERAS_HOME/models), fetched here first so a failure can say what to do instead.
+    """
     keras = import_keras()
     name = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
     origin = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + name

@@ -20,14 +20,12 @@ from worker.sidecar import ModelSpec
 # Keras' torch backend calls np.array(tensor) in a way NumPy 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-CHANCE = 0.25  # four classes
-
 
 def test_trained_from_scratch_well_above_chance_on_held_out(shapes_model):
     print(f"\nshapes model held-out accuracy {shapes_model.held_out_accuracy:.3f}")
     assert len(shapes_model.classes) == 4
     assert len(shapes_model.held_out_paths) >= 20
-    assert shapes_model.held_out_accuracy >= 2 * CHANCE, shapes_model.held_out_accuracy
+    assert shapes_model.held_out_accuracy >= 0.6, shapes_model.held_out_accuracy  # chance: 0.25
 
 
 def test_unreadable_training_file_was_left_out(shapes_model):
