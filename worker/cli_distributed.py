@@ -249,7 +249,8 @@ def _follow(settings, run: str, interval: float, bar_wanted: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as one JSON object.")
 def status_command(run: str, broker: str | None, watch: bool, interval: float, as_json: bool) -> None:
-    """Show a run's total, done, failed, pending, images/s and ETA."""
+    """Show a run's total, done, failed, pending, images/s and ETA, and each worker's throughput."""
+    from worker.activity_store import worker_activity
     from worker.client.status import follow, format_status
 
     settings = _settings(broker_url=broker)
@@ -261,16 +262,21 @@ def status_command(run: str, broker: str | None, watch: bool, interval: float, a
         fields = dataclasses.asdict(status) | {
             "pending": status.pending,
             "images_per_s": status.average_rate(),
+            "workers": [
+                dataclasses.asdict(w) | {"images_per_s": w.rate}
+                for w in worker_activity(store.client, store.prefix, run)
+            ],
         }
         click.echo(json.dumps(fields))
         return
     if not watch:
-        click.echo(format_status(store.status(run, settings.queue)))
+        workers = worker_activity(store.client, store.prefix, run)
+        click.echo(format_status(store.status(run, settings.queue), workers=workers))
         return
 
     def show(status, rate) -> None:
         click.clear()
-        click.echo(format_status(status, rate))
+        click.echo(format_status(status, rate, worker_activity(store.client, store.prefix, run)))
 
     with contextlib.suppress(KeyboardInterrupt):
         follow(store, run, settings.queue, interval, show)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from worker.activity_store import WorkerActivity, format_workers
 from worker.run_store import RunStatus, RunStore
 
 
@@ -34,8 +35,10 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def format_status(status: RunStatus, rate: float | None = None) -> str:
-    """One block of text; `rate` (live) overrides the run-average rate."""
+def format_status(
+    status: RunStatus, rate: float | None = None, workers: Sequence[WorkerActivity] = ()
+) -> str:
+    """One block of text; `rate` (live) overrides the run-average rate; then one line per worker."""
     rate = status.average_rate() if rate is None else rate
     share = f"{100.0 * status.done / status.total:.1f}%" if status.total else "-"
     if status.pending == 0 and status.total:
@@ -52,6 +55,7 @@ def format_status(status: RunStatus, rate: float | None = None) -> str:
     ]
     if status.dead_jobs:
         lines.append(f"  dead-lettered jobs: {status.dead_jobs} (their images have internal_error records)")
+    lines += format_workers(workers)
     return "\n".join(lines)
 
 
