@@ -40,7 +40,9 @@ class WorkerMetrics:
         self.hostname = hostname or default_hostname()
         self.registry = registry or CollectorRegistry()
         labels = ["hostname"]
-        self.up = Gauge(f"{NAMESPACE}_worker_up", "1 while the worker process runs", labels, registry=self.registry)
+        self.up = Gauge(
+            f"{NAMESPACE}_worker_up", "1 while the worker process runs", labels, registry=self.registry
+        )
         self.labeled = Counter(
             f"{NAMESPACE}_images_labeled", "Images that got labels", labels, registry=self.registry
         )
@@ -51,7 +53,11 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.batch_size = Histogram(
-            f"{NAMESPACE}_batch_size", "Images per engine batch", labels, buckets=BATCH_BUCKETS, registry=self.registry
+            f"{NAMESPACE}_batch_size",
+            "Images per engine batch",
+            labels,
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.decode_seconds = Histogram(
             f"{NAMESPACE}_decode_seconds",
@@ -162,8 +168,12 @@ class NvmlCollector(Collector):
         if nvml is None:
             return
         labels = ["hostname", "gpu"]
-        used = GaugeMetricFamily(f"{NAMESPACE}_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=labels)
-        total = GaugeMetricFamily(f"{NAMESPACE}_gpu_memory_total_bytes", "GPU memory size (NVML)", labels=labels)
+        used = GaugeMetricFamily(
+            f"{NAMESPACE}_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=labels
+        )
+        total = GaugeMetricFamily(
+            f"{NAMESPACE}_gpu_memory_total_bytes", "GPU memory size (NVML)", labels=labels
+        )
         util = GaugeMetricFamily(
             f"{NAMESPACE}_gpu_utilization_ratio", "Share of time a kernel ran, 0-1 (NVML)", labels=labels
         )
