@@ -30,7 +30,9 @@ import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from common import cpu_name  # noqa: E402
 
 from worker.preprocess import decode_and_crop  # noqa: E402
 from worker.runners.torch_cuda_runner import TorchCudaRunner  # noqa: E402
@@ -41,14 +43,7 @@ from worker.sidecar import ModelInput, ModelSpec, Preprocessing  # noqa: E402
 def machine(device: str) -> str:
     import torch
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU (smoke mode)"
     return (
         f"{gpu}; {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
