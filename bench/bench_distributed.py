@@ -4,8 +4,8 @@
 
 Same bundle, same batch size (32), same max wait (20 ms), decode and ONNX Runtime threads one per
 core on both sides. Rounds alternate local and distributed so machine noise hits both.
-- local: `labeler run DIR` as a subprocess; its own summary line gives images/s (from service start,
-  model load included, to the last record written).
+- local: `labeler run DIR` as a subprocess; its own summary line gives images/s (from the loaded
+  model to the last record written; the load is reported apart).
 - warm in-process: the same pipeline (LabelingService + JSONL writer) with the model loaded before
   the clock starts: the strict baseline, since the distributed worker is warm too.
 - distributed: a `labeler worker` subprocess on a private redis-server (password, AOF everysec),
