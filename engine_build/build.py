@@ -108,7 +108,8 @@ def build_from_onnx(
         classifier.graph.output.append(
             onnx.helper.make_tensor_value_info(probabilities, onnx.TensorProto.FLOAT, None)
         )
-    num_classes = _output_width(classifier, onnx_path, prep, chosen)
+    original = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    num_classes = _output_width(original, onnx_path, prep, chosen)
     classes = (
         read_labels_file(labels_file, num_classes) if labels_file else class_names(num_classes, None, False)
     )
@@ -122,7 +123,6 @@ def build_from_onnx(
     }
     spec = write_bundle(out_dir, classifier, prep, classes, source)
     _require_dynamic_batch(out_dir, spec, onnx_path)
-    original = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     input_name = original.get_inputs()[0].name
 
     def reference(x: np.ndarray) -> np.ndarray:
@@ -162,10 +162,8 @@ def _make_batch_dynamic(model: onnx.ModelProto) -> None:
             dims[0].dim_param = "batch"
 
 
-def _output_width(model: onnx.ModelProto, path: Path, prep: Preprocessing, output: str) -> int:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _output_width(session, path: Path, prep: Preprocessing, output: str) -> int:
+    """Classes = width of the chosen output, found by running the original model once."""
     first = session.get_inputs()[0]
     shape = [1, 3, *prep.crop_size] if prep.model_layout == "NCHW" else [1, *prep.crop_size, 3]
     try:
