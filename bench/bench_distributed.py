@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests" / "distributed")]
-from common import machine_description, make_photo_set  # noqa: E402
+from common import bundle_or_default, machine_description, make_photo_set  # noqa: E402
 from distributed_helpers import QUEUE, CeleryWorker, RedisServer, run_counts, wait_run_done, worker_env  # noqa: E402
 
 from worker.client.enqueue import enqueue_paths  # noqa: E402
@@ -108,10 +108,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    if args.model is None:
-        from engine_build.default_bundle import ensure_default_bundle
-
-        args.model = ensure_default_bundle()
+    args.model = bundle_or_default(args.model)
     print(f"machine: {machine_description()}, load average {os.getloadavg()[0]:.1f}")
     print(f"model {args.model}, {args.images} images, chunk {args.chunk_size}, batch {args.batch_size}")
     with tempfile.TemporaryDirectory() as tmp:

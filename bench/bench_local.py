@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, make_photo_set  # noqa: E402
+from common import bundle_or_default, machine_description, make_photo_set  # noqa: E402
 
 from worker.local_run import run_local  # noqa: E402
 from worker.preprocess import decode_and_crop  # noqa: E402
@@ -78,10 +78,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    if args.model is None:
-        from engine_build.default_bundle import ensure_default_bundle
-
-        args.model = ensure_default_bundle()
+    args.model = bundle_or_default(args.model)
     spec = ModelSpec.load(args.model)
     print(f"machine: {machine_description()}")
     print(

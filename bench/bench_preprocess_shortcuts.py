@@ -28,7 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT), str(ROOT.parent / "tests")]
-from common import machine_description, make_photo_set  # noqa: E402
+from common import bundle_or_default, machine_description, make_photo_set  # noqa: E402
 from reference_transform import reference_crop  # noqa: E402
 
 from worker.image_header import read_header  # noqa: E402
@@ -77,10 +77,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--images", type=int, default=120)
     args = parser.parse_args()
-    if args.model is None:
-        from engine_build.default_bundle import ensure_default_bundle
-
-        args.model = ensure_default_bundle()
+    args.model = bundle_or_default(args.model)
     spec = ModelSpec.load(args.model)
     cv2.setNumThreads(1)
     print(f"machine: {machine_description()}")

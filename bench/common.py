@@ -61,3 +61,12 @@ def make_photo_set(folder: Path, count: int, seed: int = 0, large_every: int = 0
         cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         paths.append(path)
     return paths
+
+
+def bundle_or_default(model: Path | None) -> Path:
+    """The bundle a benchmark was given, else the embedded default (built once, as `labeler run` does)."""
+    if model is not None:
+        return model
+    from engine_build.default_bundle import ensure_default_bundle
+
+    return ensure_default_bundle()
