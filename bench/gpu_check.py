@@ -4,7 +4,8 @@
     python bench/gpu_check.py --smoke         # tiny model on the CPU, < 1 min: the script's own test
 
 1. Engine only: the PyTorch CUDA runner (FP16, channels_last) on uint8 crops already in host memory
-   (copy in, preprocess on the GPU, ResNet-50, probabilities back), at batch 64/128/256; plus the
+   (copy in, preprocess on the GPU, ResNet-50, probabilities back), at batch 64/128/256, fed as the
+   service feeds it (submit() with its pipeline depth in flight) and one batch at a time; plus the
    bare model on tensors already on the GPU, for reference against published figures.
 2. Decode only: read + decode_and_crop of every file on a thread pool with all cores (the worker's
    preprocessing, nothing else).
@@ -23,6 +24,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -115,16 +117,25 @@ def make_runner_factory(work: Path, classes: int, base_width: int, size: int, de
     return factory, how
 
 
-def engine_only(factory, crops: np.ndarray, batch: int, seconds: float) -> float:
-    """Runner.infer on host uint8 crops, repeated for at least `seconds`."""
+def engine_only(factory, crops: np.ndarray, batch: int, seconds: float, pipelined: bool = True) -> float:
+    """Batches of host uint8 crops through the runner for at least `seconds`. Pipelined: as the
+    labeling service feeds it, submit() with pipeline_depth batches in flight (copies overlap
+    compute); otherwise one infer() after another."""
     with factory() as runner:
+        depth = runner.pipeline_depth if pipelined else 1
         for _ in range(3):  # warm-up: cuDNN autotune, oneDNN primitives for this shape
             runner.infer(crops[:batch])
+        in_flight: deque = deque()
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds or done < 5 * batch:
             for i in range(0, len(crops) - batch + 1, batch):
-                runner.infer(crops[i : i + batch])
-                done += batch
+                if len(in_flight) == depth:
+                    in_flight.popleft().result()
+                    done += batch
+                in_flight.append(runner.submit(crops[i : i + batch]))
+        while in_flight:
+            in_flight.popleft().result()
+            done += batch
         return done / (time.perf_counter() - started)
 
 
@@ -210,6 +221,9 @@ def main() -> None:
         crops = np.stack([decode_and_crop(p.read_bytes(), prep) for p in paths[: max(batches) * 2]])
         figures: dict = {"machine": machine(device), "model": how, "images": count, "threads": args.threads}
         figures["engine_only"] = {str(b): engine_only(factory, crops, b, seconds) for b in batches}
+        figures["engine_sequential"] = {
+            str(b): engine_only(factory, crops, b, seconds, pipelined=False) for b in batches
+        }
         figures["model_on_device"] = {str(b): model_on_device(factory, b, seconds) for b in batches}
         e2e_batch = max(batches)
         for _ in range(2):  # best of two: the first pass also warms the page cache
@@ -226,6 +240,7 @@ def main() -> None:
         print(
             f"{'engine only, batch ' + str(b) + ' (host uint8 in)':<34} {figures['engine_only'][str(b)]:>10.0f}"
         )
+        print(f"{'  one batch at a time (no overlap)':<34} {figures['engine_sequential'][str(b)]:>10.0f}")
         on_device = figures["model_on_device"][str(b)]
         if on_device:
             print(f"{'  model only, tensors on GPU':<34} {on_device:>10.0f}")

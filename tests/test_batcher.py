@@ -78,3 +78,18 @@ def test_waits_without_deadline_for_the_first_item():
 def test_rejects_a_batch_size_below_one():
     with pytest.raises(ValueError):
         collect_batch(filled(1), 0, 1.0)
+
+
+def test_first_wait_returns_nothing_when_no_item_comes():
+    """The GPU pipeline's case: with a batch in flight, an empty queue means 'finish that one'."""
+    q: queue.Queue = queue.Queue()
+    assert collect_batch(q, 8, 5.0, first_wait_s=0.0) == ([], False)
+    started = time.monotonic()
+    assert collect_batch(q, 8, 5.0, first_wait_s=0.05) == ([], False)
+    assert time.monotonic() - started >= 0.05
+
+
+def test_first_wait_still_gathers_a_batch_and_sees_the_sentinel():
+    q = filled(1, 2, STOP)
+    assert collect_batch(q, 8, 1.0, first_wait_s=0.0) == ([1, 2], True)
+    assert collect_batch(filled(STOP), 8, 1.0, first_wait_s=0.0) == ([], True)

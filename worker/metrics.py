@@ -68,7 +68,7 @@ class WorkerMetrics:
         )
         self.inference_seconds = Histogram(
             f"{NAMESPACE}_inference_seconds",
-            "Engine time of one batch",
+            "Time from starting a batch on the engine to its outputs (GPU pipelining: includes the batch ahead)",
             labels,
             buckets=INFER_BUCKETS,
             registry=self.registry,

@@ -4,7 +4,9 @@ One service lives in each process that infers and is shared by every job in it, 
 concurrent jobs (or one long local run) share engine batches. Decoding overlaps inference, finished
 crops enter the queue in completion order (a slow file never holds up a batch), bad files become
 error records on the way, and `submit` blocks when too many images are in flight (backpressure).
-The runner is loaded and used on the inference thread only: CUDA contexts are per thread.
+The runner is loaded and used on the inference thread only: CUDA contexts are per thread. With a
+GPU runner the thread keeps `runner.pipeline_depth` batches started: it gathers and starts batch
+n+1 before it waits for batch n, so the GPU never idles while the host labels and emits records.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from worker.machine import usable_cores
 from worker.postprocess import error_record, label_record, top_k_labels
 from worker.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
 from worker.reading import ReadPolicy, read_image_bytes
-from worker.runners.base import Runner
+from worker.runners.base import PendingInference, Runner
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ class ServiceObserver(Protocol):
     """Told what the service did, for metrics (worker/metrics.py). Calls must be cheap and not raise."""
 
     def prepared(self, seconds: float) -> None: ...  # read + decode + crop of one image
-    def batch(self, size: int, seconds: float, waits: list[float]) -> None: ...  # waits: crop ready -> infer
+    # seconds: batch started -> outputs back; waits: each crop ready -> batch started
+    def batch(self, size: int, seconds: float, waits: list[float]) -> None: ...
     def emitted(self, record: dict[str, Any]) -> None: ...  # every record, labeled or error
 
 
@@ -61,6 +65,15 @@ class _Prepared:
     crop: np.ndarray | None = None
     error: ImageError | None = None
     ready_at: float = 0.0
+
+
+@dataclass
+class _Started:
+    """A batch the runner is working on (or failed to start)."""
+
+    items: list[_Prepared]
+    pending: PendingInference
+    started: float
 
 
 class LabelingService:
@@ -148,37 +161,67 @@ class LabelingService:
             return
         self._loaded.set()
         try:
-            stopped = False
-            while not stopped:
-                items, stopped = collect_batch(self._ready, self.batch_size, self.options.max_wait_s)
-                self._run_batch(items)
+            self._pipeline(max(1, self.runner.pipeline_depth))
         finally:
             self.runner.close()
 
-    def _run_batch(self, items: list[_Prepared]) -> None:
+    def _pipeline(self, depth: int) -> None:
+        """Gather, start, and finish batches, keeping up to `depth` started at once.
+
+        With batches in flight the batcher does not wait for a first crop: an idle moment is spent
+        finishing the oldest batch instead, so records never wait for images that are not coming."""
+        started: deque[_Started] = deque()
+        stopped = False
+        while not stopped:
+            first_wait = 0.0 if started else None
+            items, stopped = collect_batch(
+                self._ready, self.batch_size, self.options.max_wait_s, first_wait_s=first_wait
+            )
+            batch = self._start_batch(items)
+            if batch is not None:
+                started.append(batch)
+            while started and (stopped or batch is None or len(started) >= depth):
+                self._finish_batch(started.popleft())
+
+    def _start_batch(self, items: list[_Prepared]) -> _Started | None:
+        """Emit the error records, start inference on the good crops (None: nothing to run)."""
         good = [item for item in items if item.crop is not None]
         for item in items:
             if item.error is not None:
                 self._emit(item, error_record(item.path, str(item.error.code), item.error.message))
         if not good:
-            return
+            return None
         started = time.perf_counter()
         try:
-            output = self.runner.infer(np.stack([item.crop for item in good]), self.options.embeddings)
+            pending = self.runner.submit(np.stack([item.crop for item in good]), self.options.embeddings)
         except Exception as exc:  # noqa: BLE001 - the batch's images get error records instead
-            log.exception("inference failed for a batch of %d", len(good))
-            for item in good:
-                self._emit(item, error_record(item.path, str(ErrorCode.INFERENCE_FAILED), str(exc)))
+            self._fail_batch(good, exc)
+            return None
+        for item in good:
+            item.crop = None  # the runner holds its own copy now
+        return _Started(good, pending, started)
+
+    def _finish_batch(self, batch: _Started) -> None:
+        good = batch.items
+        try:
+            output = batch.pending.result()
+        except Exception as exc:  # noqa: BLE001 - the batch's images get error records instead
+            self._fail_batch(good, exc)
             return
         self.batches_run += 1
         self.batch_sizes.append(len(good))
         if self.options.observer is not None:
-            waits = [started - item.ready_at for item in good]
-            self.options.observer.batch(len(good), time.perf_counter() - started, waits)
+            waits = [batch.started - item.ready_at for item in good]
+            self.options.observer.batch(len(good), time.perf_counter() - batch.started, waits)
         labels = top_k_labels(output.probabilities, self.runner.spec.classes, self.options.top_k)
         for row, item in enumerate(good):
             embedding = output.features[row] if output.features is not None else None
             self._emit(item, label_record(item.path, labels[row], embedding))
+
+    def _fail_batch(self, good: list[_Prepared], exc: Exception) -> None:
+        log.error("inference failed for a batch of %d: %s", len(good), exc, exc_info=exc)
+        for item in good:
+            self._emit(item, error_record(item.path, str(ErrorCode.INFERENCE_FAILED), str(exc)))
 
     def _emit(self, item: _Prepared, record: dict[str, Any]) -> None:
         item.crop = None

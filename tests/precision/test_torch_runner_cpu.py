@@ -67,3 +67,25 @@ def test_torch_runner_serves_the_labeling_service_with_the_same_labels(trained_b
         labels[name] = {r["path"]: r["labels"][0]["label"] for r in records}
     assert len(labels["torch"]) == len(paths)
     assert labels["torch"] == labels["onnxruntime"]
+
+
+def test_torch_runner_submit_pipelines_slots_and_refuses_an_uncollected_one(trained_bundle, photo_dir):
+    """submit()/result() with two slots give the same outputs as infer(); a third batch in flight
+    is refused because its copy-out would overwrite outputs nobody has read."""
+    spec = ModelSpec.load(trained_bundle)
+    crops = np.stack(
+        [decode_and_crop(p.read_bytes(), spec.preprocessing) for p in sorted(photo_dir.glob("*.jpg"))]
+    )
+    runner = TorchCudaRunner(trained_bundle, device="cpu", dtype="float32", max_batch=8, slots=2)
+    with runner:
+        assert runner.pipeline_depth == 2
+        expected = runner.infer(crops[:8], want_features=True)
+        first = runner.submit(crops[:5], want_features=True)
+        second = runner.submit(crops[5:8])
+        with pytest.raises(RunnerError, match="uncollected"):
+            runner.submit(crops[8:])
+        got_first, got_second = first.result(), second.result()
+    np.testing.assert_allclose(got_first.probabilities, expected.probabilities[:5], atol=1e-5)
+    np.testing.assert_allclose(got_first.features, expected.features[:5], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_second.probabilities, expected.probabilities[5:8], atol=1e-5)
+    assert got_second.features is None

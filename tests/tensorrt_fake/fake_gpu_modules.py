@@ -31,6 +31,9 @@ class FakeGpuWorld:
     parse_ok: bool = True
     build_ok: bool = True
     execute_ok: bool = True
+    failing_executes: set[int] = field(default_factory=set)  # which execute_async_v3 calls (0, 1, ...) fail
+    failing_syncs: int = 0  # how many coming waits on a stream with work raise, as pycuda does after a fault
+    busy_streams: set[int] = field(default_factory=set)  # handles with work queued since their last sync
     output_dtype: str = "float32"  # "float16" for an engine with FP16 I/O
     num_classes: int = 4
     feature_size: int = 8
@@ -172,8 +175,10 @@ def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
             return True
 
         def execute_async_v3(self, stream_handle: int) -> bool:
+            index = len(world.named("execute_async_v3"))
             world.record("execute_async_v3", self.id, stream_handle)
-            if not world.execute_ok:
+            world.busy_streams.add(stream_handle)
+            if not world.execute_ok or index in world.failing_executes:
                 return False
             count = self.shape[0]
             crops = world.memory[self.addresses[world.input_name]][:count]
@@ -273,6 +278,11 @@ def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
 
         def synchronize(self) -> None:
             world.record("stream_synchronize", self.handle)
+            had_work = self.handle in world.busy_streams
+            world.busy_streams.discard(self.handle)
+            if had_work and world.failing_syncs > 0:
+                world.failing_syncs -= 1
+                raise RuntimeError("cuStreamSynchronize failed: an illegal memory access was encountered")
 
     def pagelocked_empty(shape: tuple, dtype: Any) -> np.ndarray:
         world.record("pagelocked_empty", tuple(shape), np.dtype(dtype))

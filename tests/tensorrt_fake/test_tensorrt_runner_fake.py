@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,93 @@ def test_fake_trt_runner_serves_the_labeling_service(fake_gpu, fake_bundle, phot
     assert len(records) == len(paths) + 1
     assert sum("labels" in r for r in records) == len(paths)
     assert [r["error"]["code"] for r in records if "error" in r] == ["not_found"]
+
+
+def test_fake_trt_runner_submit_keeps_one_batch_per_slot_and_refuses_a_third(fake_gpu, fake_bundle):
+    _engine(fake_bundle)
+    with TensorRTRunner(fake_bundle, precision="fp16", slots=2) as runner:
+        assert runner.pipeline_depth == 2
+        first, second = runner.submit(_crops([1, 2, 3])), runner.submit(_crops([5, 6]))
+        with pytest.raises(RunnerError, match="uncollected"):
+            runner.submit(_crops([7]))  # its outputs would overwrite the first batch's
+        np.testing.assert_array_equal(first.result().probabilities.argmax(1), [1, 2, 3])
+        third = runner.submit(_crops([7]))
+        np.testing.assert_array_equal(second.result().probabilities.argmax(1), [1, 2])
+        np.testing.assert_array_equal(third.result().probabilities.argmax(1), [3])
+    shapes = [c[3][0] for c in fake_gpu.named("set_input_shape")]
+    assert shapes == [3, 2, 1]  # a submitted batch is not split: the other slot holds the next one
+
+
+def test_fake_trt_runner_frees_the_slots_of_a_half_queued_batch(fake_gpu, fake_bundle):
+    _engine(fake_bundle)
+    with TensorRTRunner(fake_bundle, precision="fp16", slots=2, min_chunk=4) as runner:
+        fake_gpu.failing_executes = {1}  # the second chunk fails after the first was queued
+        with pytest.raises(RunnerError, match="execute_async_v3 failed"):
+            runner.infer(_crops(list(range(8))))
+        out = runner.infer(_crops(list(range(8))))  # no slot left busy by the failed batch
+    np.testing.assert_array_equal(out.probabilities.argmax(1), np.arange(8) % 4)
+
+
+def _decode_all_then_start(service, paths: list[str], records: list) -> None:
+    """Queue every crop before the inference thread starts, so batch formation is deterministic."""
+    import time
+
+    for path in paths:
+        service.submit(path, records.append)
+    deadline = time.monotonic() + 60
+    while service._ready.qsize() < len(paths) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    service.start()
+    service.drain()
+    service.close()
+
+
+def test_fake_trt_service_starts_the_next_batch_before_waiting_for_the_last(fake_gpu, fake_bundle, photo_dir):
+    """The labeling service keeps pipeline_depth batches on the GPU: batch n+1's copy-in is queued
+    before batch n is waited for, and every record still gets its own image's outputs."""
+    from worker.preprocess import decode_and_crop
+    from worker.service import LabelingService, ServiceOptions
+    from worker.sidecar import ModelSpec
+
+    _engine(fake_bundle)
+    paths = sorted(str(p) for p in photo_dir.glob("*.jpg"))
+    records: list[dict] = []
+    runner = TensorRTRunner(fake_bundle, precision="fp16", slots=2)
+    service = LabelingService(runner, ServiceOptions(max_batch_size=4, decode_threads=2, top_k=1))
+    _decode_all_then_start(service, paths, records)
+
+    assert service.batch_sizes == [4] * (len(paths) // 4)
+    prep = ModelSpec.load(fake_bundle).preprocessing
+    for record in records:
+        crop = decode_and_crop(Path(record["path"]).read_bytes(), prep)
+        assert record["labels"][0]["label"] == "abcd"[int(crop.mean()) % 4], record["path"]
+    open_streams: set[int] = set()
+    copies_while_another_batch_runs = 0
+    for call in fake_gpu.calls:
+        if call[0] == "memcpy_htod_async":
+            copies_while_another_batch_runs += bool(open_streams - {call[1]})
+            open_streams.add(call[1])
+        elif call[0] == "stream_synchronize":
+            open_streams.discard(call[1])
+    assert copies_while_another_batch_runs == len(service.batch_sizes) - 1
+
+
+def test_fake_trt_service_turns_a_failed_wait_into_error_records_and_goes_on(
+    fake_gpu, fake_bundle, photo_dir
+):
+    from worker.service import LabelingService, ServiceOptions
+
+    _engine(fake_bundle)
+    paths = sorted(str(p) for p in photo_dir.glob("*.jpg"))
+    records: list[dict] = []
+    runner = TensorRTRunner(fake_bundle, precision="fp16", slots=2)
+    service = LabelingService(runner, ServiceOptions(max_batch_size=4, decode_threads=2))
+    fake_gpu.failing_syncs = 1  # the first batch's wait fails
+    _decode_all_then_start(service, paths, records)
+
+    failed = [r for r in records if "error" in r]
+    assert len(records) == len(paths)
+    assert len(failed) == 4
+    assert {r["error"]["code"] for r in failed} == {"inference_failed"}
+    assert "illegal memory access" in failed[0]["error"]["message"]
+    assert service.batch_sizes == [4] * (len(paths) // 4 - 1)  # the later batches all ran

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -26,8 +27,43 @@ class InferenceOutput:
     features: np.ndarray | None = None  # (N, feature_size) float32, when asked for
 
 
+class PendingInference(Protocol):
+    """A batch the backend has started; result() waits for it and returns its outputs."""
+
+    def result(self) -> InferenceOutput: ...
+
+
+@dataclass(frozen=True)
+class FinishedInference:
+    """A batch computed synchronously (backends without a queue of their own)."""
+
+    output: InferenceOutput
+
+    def result(self) -> InferenceOutput:
+        return self.output
+
+
+@dataclass
+class _CheckedInference:
+    """Checks the backend's outputs when the caller collects them, as infer() does."""
+
+    runner: Runner
+    pending: PendingInference
+    count: int
+
+    def result(self) -> InferenceOutput:
+        output = self.pending.result()
+        self.runner._check_output(output, self.count)
+        return output
+
+
 class Runner(abc.ABC):
-    """load() once in the process that infers, infer() per batch, close() at the end."""
+    """load() once in the process that infers, infer() per batch, close() at the end.
+
+    Backends with a device queue (GPU streams) also accept submit(): up to `pipeline_depth` batches
+    may be started before the oldest one is collected with result(), so the copies of the next batch
+    and the host's work on the last one overlap the current batch's compute.
+    """
 
     name = "base"
 
@@ -47,7 +83,28 @@ class Runner(abc.ABC):
             self._loaded = True
         return self
 
+    @property
+    def pipeline_depth(self) -> int:
+        """How many submitted batches may be in flight before the oldest must be collected."""
+        return 1
+
     def infer(self, crops: np.ndarray, want_features: bool = False) -> InferenceOutput:
+        crops = self._check_input(crops, want_features)
+        output = self._infer(crops, want_features)
+        self._check_output(output, crops.shape[0])
+        return output
+
+    def submit(self, crops: np.ndarray, want_features: bool = False) -> PendingInference:
+        """Start a batch; result() on the returned object finishes it (at most pipeline_depth open).
+
+        The default computes it now: only GPU backends have something to overlap."""
+        crops = self._check_input(crops, want_features)
+        return _CheckedInference(self, self._submit(crops, want_features), crops.shape[0])
+
+    def _submit(self, crops: np.ndarray, want_features: bool) -> PendingInference:
+        return FinishedInference(self._infer(crops, want_features))
+
+    def _check_input(self, crops: np.ndarray, want_features: bool) -> np.ndarray:
         if not self._loaded:
             raise RunnerError(f"{self.name} runner: call load() before infer()")
         expected = (self.spec.input.height, self.spec.input.width, 3)
@@ -61,13 +118,14 @@ class Runner(abc.ABC):
         limit = self.max_batch_size
         if limit is not None and crops.shape[0] > limit:
             raise RunnerError(f"batch of {crops.shape[0]} exceeds the engine's maximum {limit}")
-        output = self._infer(np.ascontiguousarray(crops), want_features)
-        if output.probabilities.shape != (crops.shape[0], self.spec.num_classes):
+        return np.ascontiguousarray(crops)
+
+    def _check_output(self, output: InferenceOutput, count: int) -> None:
+        if output.probabilities.shape != (count, self.spec.num_classes):
             raise RunnerError(
-                f"{self.name} runner returned {output.probabilities.shape} for {crops.shape[0]} images "
+                f"{self.name} runner returned {output.probabilities.shape} for {count} images "
                 f"and {self.spec.num_classes} classes"
             )
-        return output
 
     def close(self) -> None:
         if self._loaded:

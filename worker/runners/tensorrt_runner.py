@@ -4,9 +4,10 @@ Life cycle (all on the inference thread, in the worker process, never before a f
 load() makes a CUDA context current on this thread, picks the engine built for this GPU and
 TensorRT version from the bundle (engine_records), deserializes it and allocates `slots` sets of
 pinned host and device buffers sized for the profile's maximum batch, each with its own execution
-context and stream. A batch is split into one chunk per slot and the chunks are queued on their own
-streams: the host-to-device copy of chunk k+1 runs while chunk k computes. `submit()` /
-`PendingBatch.wait()` expose the same pipelining across batches.
+context and stream. `infer()` splits a batch into one chunk per slot, each queued on its own stream,
+so the host-to-device copy of chunk k+1 runs while chunk k computes. `submit()` (what the labeling
+service uses) gives each whole batch its own slot instead, so batch n+1 is copied in while batch n
+computes and batch n-1's outputs are labeled on the host: `pipeline_depth` batches in flight.
 
 FP16 engine I/O is handled from the engine's own tensor dtypes (a HALF output is read into a float16
 pinned buffer and widened on return). Tested against a recording fake of tensorrt and pycuda only.
@@ -24,6 +25,7 @@ import numpy as np
 from worker.runners.base import InferenceOutput, Runner, RunnerError
 from worker.runners.engine_records import choose_engine, load_records, read_verified
 from worker.runners.gpu_info import GpuInfo
+from worker.runners.slots import SlotRing
 from worker.sidecar import ModelSpec
 
 
@@ -40,17 +42,34 @@ class _Slot:
 
 @dataclass
 class PendingBatch:
-    """A chunk queued on a slot's stream; wait() returns its outputs. At most `slots` chunks may be
-    in flight: the next submit on the same slot waits for (and overwrites) its buffers."""
+    """A chunk queued on a slot's stream; wait() returns its outputs. A slot holds one chunk at a
+    time: it is busy until wait() has read the outputs out of its pinned buffers."""
 
     slot: _Slot
     count: int
     outputs: list[str] = field(default_factory=list)
 
     def wait(self) -> dict[str, np.ndarray]:
-        self.slot.stream.synchronize()
-        self.slot.busy = False
-        return {name: self.slot.host[name][: self.count].astype(np.float32) for name in self.outputs}
+        try:
+            self.slot.stream.synchronize()
+            return {name: self.slot.host[name][: self.count].astype(np.float32) for name in self.outputs}
+        finally:
+            self.slot.busy = False
+
+
+@dataclass
+class PendingTensorRT:
+    """One batch queued as one or more chunks; result() waits for them in order and joins them."""
+
+    chunks: list[PendingBatch]
+    probabilities: str
+    features: str | None
+
+    def result(self) -> InferenceOutput:
+        waited = [chunk.wait() for chunk in self.chunks]
+        probabilities = np.concatenate([r[self.probabilities] for r in waited])
+        features = np.concatenate([r[self.features] for r in waited]) if self.features else None
+        return InferenceOutput(probabilities, features)
 
 
 class TensorRTRunner(Runner):
@@ -72,8 +91,7 @@ class TensorRTRunner(Runner):
         self.min_chunk = min_chunk
         self._cuda_context = None
         self._engine = None
-        self._slots: list[_Slot] = []
-        self._next_slot = 0
+        self._slots: SlotRing[_Slot] = SlotRing(self.name, [])
         self._max_batch: int | None = None
         self._inputs: list[str] = []
         self._outputs: list[str] = []
@@ -110,7 +128,7 @@ class TensorRTRunner(Runner):
                 )
             self._describe_io(trt)
             slots = min(self.slot_count, max(1, int(self._engine.num_optimization_profiles)))
-            self._slots = [self._make_slot(cuda, index) for index in range(slots)]
+            self._slots = SlotRing(self.name, [self._make_slot(cuda, index) for index in range(slots)])
         except BaseException:
             self._release()
             raise
@@ -146,14 +164,14 @@ class TensorRTRunner(Runner):
             context.set_tensor_address(name, int(device[name]))
         return _Slot(context, stream, host, device)
 
-    def submit(self, crops: np.ndarray, want_features: bool = False) -> PendingBatch:
-        """Queue copy-in, execute and copy-out on the next free slot's stream; returns at once."""
+    @property
+    def pipeline_depth(self) -> int:
+        return max(1, len(self._slots))
+
+    def _queue_chunk(self, slot: _Slot, crops: np.ndarray, outputs: list[str]) -> PendingBatch:
+        """Queue copy-in, execute and copy-out on the slot's stream; returns at once."""
         import pycuda.driver as cuda
 
-        slot = self._slots[self._next_slot]
-        self._next_slot = (self._next_slot + 1) % len(self._slots)
-        if slot.busy:
-            slot.stream.synchronize()  # its previous chunk's outputs are still being read
         count = len(crops)
         name = self.spec.input.name
         host_in = slot.host[name]
@@ -162,13 +180,10 @@ class TensorRTRunner(Runner):
         slot.context.set_input_shape(name, (count, *self._shapes[name][1:]))
         if not slot.context.execute_async_v3(slot.stream.handle):
             raise RunnerError(f"TensorRT execute_async_v3 failed for a batch of {count}")
-        wanted = [self.spec.probabilities_output]
-        if want_features and self.spec.features_output:
-            wanted.append(self.spec.features_output)
-        for out in wanted:
+        for out in outputs:
             cuda.memcpy_dtoh_async(slot.host[out][:count], slot.device[out], slot.stream)
         slot.busy = True
-        return PendingBatch(slot, count, wanted)
+        return PendingBatch(slot, count, outputs)
 
     def chunks(self, count: int) -> list[tuple[int, int]]:
         """Split a batch over the slots so copies overlap compute; small batches stay whole."""
@@ -176,14 +191,25 @@ class TensorRTRunner(Runner):
         size = math.ceil(count / parts)
         return [(start, min(count, start + size)) for start in range(0, count, size)]
 
+    def _queue_batch(self, crops: np.ndarray, want_features: bool, split: bool) -> PendingTensorRT:
+        features = self.spec.features_output if want_features else None
+        outputs = [self.spec.probabilities_output, *([features] if features else [])]
+        bounds = self.chunks(len(crops)) if split else [(0, len(crops))]
+        queued: list[PendingBatch] = []
+        try:
+            for start, stop in bounds:
+                queued.append(self._queue_chunk(self._slots.take(), crops[start:stop], outputs))
+        except BaseException:
+            for chunk in queued:  # a half-queued batch must not leave its slots busy
+                chunk.wait()
+            raise
+        return PendingTensorRT(queued, self.spec.probabilities_output, features)
+
+    def _submit(self, crops: np.ndarray, want_features: bool) -> PendingTensorRT:
+        return self._queue_batch(crops, want_features, split=False)
+
     def _infer(self, crops: np.ndarray, want_features: bool) -> InferenceOutput:
-        pending = [self.submit(crops[a:b], want_features) for a, b in self.chunks(len(crops))]
-        results = [p.wait() for p in pending]
-        probabilities = np.concatenate([r[self.spec.probabilities_output] for r in results])
-        features = None
-        if want_features:
-            features = np.concatenate([r[self.spec.features_output] for r in results])
-        return InferenceOutput(probabilities, features)
+        return self._queue_batch(crops, want_features, split=True).result()
 
     def _close(self) -> None:
         self._release()
@@ -193,7 +219,7 @@ class TensorRTRunner(Runner):
             slot.stream.synchronize()
             for buffer in slot.device.values():
                 buffer.free()
-        self._slots = []
+        self._slots = SlotRing(self.name, [])
         self._engine = None
         if self._cuda_context is not None:
             self._cuda_context.pop()

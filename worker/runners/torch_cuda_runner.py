@@ -3,18 +3,57 @@
 It runs the bundle's own weights (read back from its ONNX, see torch_weights) and does the
 preprocessing on the GPU like the graph does: uint8 NHWC crops are copied from a pinned buffer
 (a quarter of the bytes of float input), reordered, normalized and viewed as NCHW, which is already
-channels_last in memory. The device and dtype are parameters so the same code is checked against
-ONNX Runtime on the CPU in FP32 in the tests; FP16 on CUDA is only exercised on a GPU machine.
+channels_last in memory. Each of `slots` batches in flight has its own pinned input and output
+buffers, CUDA stream and completion event: submit() queues copy-in, compute and copy-out and
+returns, so the next batch's copy overlaps this one's compute (PyTorch's caching allocator keeps
+each stream's temporaries apart). The device and dtype are parameters so the same code is checked
+against ONNX Runtime on the CPU in FP32 in the tests (where a slot computes at once); FP16 and the
+streams on CUDA are only exercised on a GPU machine.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from worker.runners.base import InferenceOutput, Runner, RunnerError
+from worker.runners.slots import SlotRing
 from worker.sidecar import ModelSpec
+
+
+@dataclass
+class _Slot:
+    """Pinned host buffers, a stream and an event for one batch in flight."""
+
+    crops: Any  # uint8 (max_batch, H, W, 3)
+    probabilities: Any  # float32 (max_batch, classes)
+    features: Any  # float32 (max_batch, feature_size) or None
+    stream: Any = None  # None on the CPU: work is done when submit returns
+    done: Any = None
+    busy: bool = False
+
+
+@dataclass
+class PendingTorch:
+    """One batch queued on a slot's stream; result() waits for its event and copies the rows out."""
+
+    slot: _Slot
+    count: int
+    want_features: bool
+
+    def result(self) -> InferenceOutput:
+        try:
+            if self.slot.done is not None:
+                self.slot.done.synchronize()
+            probabilities = self.slot.probabilities[: self.count].numpy().copy()
+            features = self.slot.features[: self.count].numpy().copy() if self.want_features else None
+            return InferenceOutput(probabilities, features)
+        finally:
+            self.slot.busy = False
 
 
 class TorchCudaRunner(Runner):
@@ -28,17 +67,24 @@ class TorchCudaRunner(Runner):
         dtype: str = "float16",
         channels_last: bool = True,
         max_batch: int = 512,
+        slots: int = 2,
     ) -> None:
         super().__init__(bundle_dir, spec)
         self.device_name = device
         self.dtype_name = dtype
         self.channels_last = channels_last
         self.max_batch = max_batch
+        self.slot_count = max(1, slots)
         self._model = None
+        self._slots: SlotRing[_Slot] = SlotRing(self.name, [])
 
     @property
     def max_batch_size(self) -> int | None:
         return self.max_batch
+
+    @property
+    def pipeline_depth(self) -> int:
+        return self.slot_count
 
     def _load(self) -> None:
         import torch
@@ -60,9 +106,25 @@ class TorchCudaRunner(Runner):
             -np.asarray(prep.mean, np.float64) / std, dtype=torch.float32, device=self._device
         )
         self._scale, self._bias = scale.view(1, 3, 1, 1), bias.view(1, 3, 1, 1)
+        self._slots = SlotRing(self.name, [self._make_slot(torch) for _ in range(self.slot_count)])
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)  # weights and constants ready before side streams use them
+
+    def _make_slot(self, torch: Any) -> _Slot:
+        cuda = self._device.type == "cuda"
         height, width = self.spec.input.height, self.spec.input.width
-        pinned = self._device.type == "cuda"
-        self._host = torch.empty((self.max_batch, height, width, 3), dtype=torch.uint8, pin_memory=pinned)
+
+        def pinned(*shape: int, dtype: Any = torch.float32) -> Any:
+            return torch.empty(shape, dtype=dtype, pin_memory=cuda)
+
+        features = pinned(self.max_batch, self.spec.feature_size) if self.spec.features_output else None
+        return _Slot(
+            crops=pinned(self.max_batch, height, width, 3, dtype=torch.uint8),
+            probabilities=pinned(self.max_batch, self.spec.num_classes),
+            features=features,
+            stream=torch.cuda.Stream(self._device) if cuda else None,
+            done=torch.cuda.Event() if cuda else None,
+        )
 
     def _build_model(self):
         """The FP32 torch module on the CPU; the bench overrides this when it has no ONNX tools."""
@@ -70,14 +132,15 @@ class TorchCudaRunner(Runner):
 
         return resnet_from_bundle(self.bundle_dir, self.spec)
 
-    def _infer(self, crops: np.ndarray, want_features: bool) -> InferenceOutput:
+    def _submit(self, crops: np.ndarray, want_features: bool) -> PendingTorch:
         import torch
 
+        slot = self._slots.take()
         count = len(crops)
-        host = self._host[:count]
-        host.numpy()[...] = crops
-        with torch.inference_mode():
-            x = host.to(self._device, non_blocking=True)
+        slot.crops[:count].numpy()[...] = crops
+        streamed = torch.cuda.stream(slot.stream) if slot.stream is not None else contextlib.nullcontext()
+        with torch.inference_mode(), streamed:
+            x = slot.crops[:count].to(self._device, non_blocking=True)
             x = x.index_select(3, self._order).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
             if not self.channels_last:
                 x = x.contiguous()
@@ -85,10 +148,20 @@ class TorchCudaRunner(Runner):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits, features = self._model(x)
-            probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            feats = features.float().cpu().numpy() if want_features else None
-        return InferenceOutput(probabilities, feats)
+            slot.probabilities[:count].copy_(torch.softmax(logits.float(), dim=1), non_blocking=True)
+            if want_features:
+                slot.features[:count].copy_(features.float(), non_blocking=True)
+            if slot.done is not None:
+                slot.done.record(slot.stream)
+        slot.busy = True
+        return PendingTorch(slot, count, want_features)
+
+    def _infer(self, crops: np.ndarray, want_features: bool) -> InferenceOutput:
+        return self._submit(crops, want_features).result()
 
     def _close(self) -> None:
+        for slot in self._slots:
+            if slot.done is not None:
+                slot.done.synchronize()
+        self._slots = SlotRing(self.name, [])
         self._model = None
-        self._host = None
