@@ -101,6 +101,7 @@ def worker_command(
 ) -> None:
     """Run a Celery worker that labels jobs from the queue (the engine loads inside this process)."""
     from worker.runners import RunnerError, create_runner
+    from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
     from worker.sidecar import ModelSpec
 
     if backend is None and gpu is not None:
@@ -122,7 +123,10 @@ def worker_command(
     if settings.model:
         try:
             ModelSpec.load(Path(settings.model))
-            create_runner(Path(settings.model), settings.backend)  # fails now, not on the first job
+            # Fail now, not on every job: the backend and the precision's model must be there.
+            runner = create_runner(Path(settings.model), settings.backend, variant=settings.precision)
+            if isinstance(runner, OnnxRuntimeRunner):
+                runner.check_files()
         except (RunnerError, OSError, ValueError) as exc:
             raise click.ClickException(f"cannot serve {settings.model}: {exc}") from None
     os.environ.update(settings.env())  # pool children and the tasks module read the same values

@@ -40,12 +40,31 @@ class OnnxRuntimeRunner(Runner):
             raise RunnerError(f"bundle has no {self.variant!r} model (has: {known})")
         return self.bundle_dir / info["file"], info["sha256"]
 
+    def check_files(self) -> tuple[Path, str]:
+        """The variant's model file and checksum, or a RunnerError that says how to build it.
+
+        Cheap (no session, no checksum), so `labeler worker` can refuse a bundle at start instead of
+        failing every job later.
+        """
+        try:
+            path, expected = self.model_path()
+        except RunnerError as exc:
+            raise RunnerError(f"{exc}; {self._build_hint()}") from None
+        if not path.is_file():
+            raise RunnerError(f"model file missing: {path}; {self._build_hint()}")
+        return path, expected
+
+    def _build_hint(self) -> str:
+        if self.variant in ("fp16", "int8"):
+            return f"add it with: labeler build {self.bundle_dir} --precision {self.variant} --calib DIR"
+        if self.variant == "fp32":
+            return f"rebuild the bundle: labeler build --out {self.bundle_dir} --weights ... (or --onnx ...)"
+        return "precisions that can be built: fp32, fp16, int8"
+
     def _load(self) -> None:
         import onnxruntime as ort
 
-        path, expected = self.model_path()
-        if not path.is_file():
-            raise RunnerError(f"model file missing: {path}")
+        path, expected = self.check_files()
         if self.verify_checksum and expected and sha256_file(path) != expected:
             raise RunnerError(f"{path} does not match the checksum in the sidecar; rebuild the bundle")
         options = ort.SessionOptions()
