@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -11,7 +12,7 @@ import pytest
 import worker.service as service_module
 from worker.runners.base import InferenceOutput, Runner
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
-from worker.service import LabelingService, ServiceOptions
+from worker.service import LabelingService, ServiceFailed, ServiceOptions
 
 
 @pytest.fixture(scope="module")
@@ -54,29 +55,42 @@ def test_a_slow_file_does_not_hold_up_the_others(tiny_bundle, image_paths, monke
     assert max(others) < 1.9, "the other images must not wait for the slow one"
 
 
-class FlakyRunner(Runner):
-    """Fails every other batch: stands in for a backend error (e.g. a GPU out-of-memory)."""
+class FailingRunner(Runner):
+    """Fails the calls `fails(n)` picks (n = 1 is the warm-up at load) with `message`: stands in for
+    backend errors that cannot be caused on this machine (a GPU out of memory, a lost device)."""
 
-    name = "flaky"
+    name = "failing"
 
-    def __init__(self, bundle_dir):
+    def __init__(self, bundle_dir, fails, message="simulated backend failure"):
         super().__init__(bundle_dir)
-        self.calls = 0
+        self.fails, self.message, self.calls = fails, message, 0
 
     def _load(self):
         self.calls = 0
 
     def _infer(self, crops, want_features):
         self.calls += 1
-        if self.calls % 2 == 1:
-            raise RuntimeError("simulated backend failure")
+        if self.fails(self.calls):
+            raise RuntimeError(self.message)
         probabilities = np.full((len(crops), self.spec.num_classes), 1.0 / self.spec.num_classes, np.float32)
         return InferenceOutput(probabilities)
 
 
+def flaky_runner(bundle_dir) -> FailingRunner:
+    """Every other batch fails after the warm-up."""
+    return FailingRunner(bundle_dir, lambda n: n % 2 == 0)
+
+
+def lost_gpu_runner(bundle_dir, from_call: int = 2) -> FailingRunner:
+    """Every call from `from_call` on fails, as after a GPU fell off the bus."""
+    return FailingRunner(
+        bundle_dir, lambda n: n >= from_call, "CUDA error: an illegal memory access was encountered"
+    )
+
+
 def test_a_failed_batch_gives_error_records_and_the_service_goes_on(tiny_bundle, image_paths):
     options = ServiceOptions(max_batch_size=2, max_wait_s=0.0, decode_threads=1)
-    with LabelingService(FlakyRunner(tiny_bundle), options) as service:
+    with LabelingService(flaky_runner(tiny_bundle), options) as service:
         records = [rec for _, rec in collect(service, image_paths)]
     assert len(records) == len(image_paths)
     failed = [r for r in records if "error" in r]
@@ -110,3 +124,88 @@ def test_batches_are_shared_by_concurrent_submitters(tiny_bundle, image_paths):
             thread.join()
         assert sum(service.batch_sizes) == len(image_paths)
         assert service.batches_run < len(image_paths) / 2
+
+
+def test_batches_failing_in_a_row_make_the_service_give_up_and_answer_every_image(tiny_bundle, image_paths):
+    """Three failed batches in a row: the engine is broken, not the images. Every image submitted
+    still gets a record (nobody waits forever), later ones say the service stopped, and new
+    images are refused so a worker can hand its jobs back."""
+    options = ServiceOptions(
+        max_batch_size=2, max_wait_s=0.0, decode_threads=1, max_failed_batches=3, max_in_flight=64
+    )
+    records: list[dict] = []
+    service = LabelingService(lost_gpu_runner(tiny_bundle), options)
+    for path in image_paths:  # all queued before the engine starts: the batches are deterministic
+        service.submit(path, records.append)
+    with service:
+        assert service.drain(timeout=120)
+        assert service.failure is not None and "3 batches in a row failed" in service.failure
+        assert "illegal memory access" in service.failure
+        with pytest.raises(ServiceFailed, match="in a row"):
+            service.submit(image_paths[0], records.append)
+    assert len(records) == len(image_paths)
+    assert {r["error"]["code"] for r in records} == {"inference_failed"}
+    stopped = [r for r in records if r["error"]["message"].startswith("service stopped")]
+    tried = len(image_paths) - len(stopped)
+    assert 3 <= tried <= 3 * 2  # only three batches (of one or two crops) reached the engine
+    assert service.batches_run == 0
+
+
+def test_a_runner_that_loads_but_cannot_infer_fails_start(tiny_bundle):
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        LabelingService(lost_gpu_runner(tiny_bundle, from_call=1)).start()  # the warm-up fails
+
+
+class _ObserverThatRaises:
+    """Breaks the rule that observers never raise, to crash the inference thread between batches."""
+
+    def prepared(self, seconds):
+        pass
+
+    def batch(self, size, seconds, waits):
+        raise ValueError("observer bug")
+
+    def emitted(self, record):
+        pass
+
+
+def test_a_crashed_inference_thread_still_answers_every_image(tiny_bundle, image_paths):
+    options = ServiceOptions(
+        max_batch_size=4, max_wait_s=0.0, decode_threads=2, observer=_ObserverThatRaises()
+    )
+    service = LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), options).start()
+    try:
+        records = [rec for _, rec in collect(service, image_paths)]  # drain returns: nothing hangs
+        assert "inference thread failed: ValueError: observer bug" in (service.failure or "")
+        with pytest.raises(ServiceFailed):
+            service.submit(image_paths[0], lambda record: None)
+    finally:
+        service.close()
+    assert sorted(r["path"] for r in records) == image_paths  # each image answered exactly once
+    assert all(r["error"]["code"] == "inference_failed" for r in records)
+
+
+def test_local_run_keeps_no_record_for_engine_failures_and_resume_retries_them(
+    tiny_bundle, image_paths, tmp_path
+):
+    """`labeler run`'s loop: images whose batch failed in the engine get no record (it is not their
+    fault), the summary says so, and a --resume run labels exactly those, once."""
+    from worker.local_run import run_local
+    from worker.results import completed_paths
+
+    out = tmp_path / "labels.jsonl"
+    options = ServiceOptions(max_batch_size=2, max_wait_s=0.0, decode_threads=1)
+    first = run_local(image_paths, flaky_runner(tiny_bundle), out, options)
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert first.not_labeled > 0 and not first.complete
+    assert first.labeled == len(written) == len(image_paths) - first.not_labeled
+    assert not [r for r in written if "error" in r]
+    assert any("--resume" in line for line in first.lines())
+
+    second = run_local(
+        image_paths, OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), out, options, resume=True
+    )
+    assert second.complete and second.skipped == first.labeled and second.labeled == first.not_labeled
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["path"] for r in records) == image_paths  # each image once, none lost
+    assert completed_paths(out) == set(image_paths)

@@ -164,6 +164,8 @@ def run(
     click.echo(f"results in {os.path.abspath(out_path)}", err=True)
     for warning in spec.warnings:
         click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
+    if not summary.complete:
+        sys.exit(1)
 
 
 # Subcommands that live with the code they drive: each module defines one click command (or a

@@ -150,7 +150,15 @@ def worker_command(
     ]
     for module in includes:
         argv += ["--include", module]
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:
+        from worker.worker_health import EXIT_ENGINE_BROKEN, engine_failure
+
+        failure = engine_failure()
+        if failure is not None:  # overrides Celery's exit 0 after the warm shutdown it asked for
+            click.echo(f"labeler worker stopped: its engine is broken ({failure})", err=True)
+            raise SystemExit(EXIT_ENGINE_BROKEN)
 
 
 @click.command("enqueue")

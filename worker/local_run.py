@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from worker.inputs import unique
+from worker.postprocess import is_engine_failure
 from worker.results import JsonlWriter, completed_paths
 from worker.runners.base import Runner
-from worker.service import LabelingService, ServiceOptions
+from worker.service import LabelingService, ServiceFailed, ServiceOptions
 
 
 @dataclass
@@ -24,6 +25,14 @@ class RunSummary:
     seconds: float = 0.0  # labeling only, from a loaded model to the last record
     load_seconds: float = 0.0
     batches: int = 0
+    not_labeled: int = 0  # the engine failed on them, or gave up first: no record, --resume retries
+    never_submitted: int = 0  # left when the engine gave up (counted in not_labeled too)
+    engine_failure: str | None = None  # why the service gave up, if it did
+
+    @property
+    def complete(self) -> bool:
+        """Every input has its record (labels or an image error)."""
+        return not self.not_labeled and self.engine_failure is None
 
     @property
     def images_per_second(self) -> float:
@@ -31,12 +40,19 @@ class RunSummary:
 
     def lines(self) -> list[str]:
         out = [
-            f"inputs {self.submitted + self.skipped}: labeled {self.labeled}, "
+            f"inputs {self.submitted + self.never_submitted + self.skipped}: labeled {self.labeled}, "
             f"errors {sum(self.errors.values())}, skipped (already done) {self.skipped}",
             f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s, {self.batches} batches "
             f"(model load {self.load_seconds:.1f} s)",
         ]
         out += [f"  {code}: {count}" for code, count in sorted(self.errors.items())]
+        if self.engine_failure:
+            out.append(f"the engine gave up: {self.engine_failure}")
+        if not self.complete:
+            out.append(
+                f"{self.not_labeled} images met an engine failure and have no record "
+                "(engine failures are never an image's result); run the same command with --resume"
+            )
         return out
 
 
@@ -64,6 +80,9 @@ def run_local(
     with JsonlWriter(out_path, append=resume) as writer:
 
         def record(rec: dict[str, Any]) -> None:
+            if is_engine_failure(rec):
+                summary.not_labeled += 1
+                return
             writer.write(rec)
             if "error" in rec:
                 summary.errors[rec["error"]["code"]] += 1
@@ -76,9 +95,15 @@ def run_local(
             started = time.monotonic()
             summary.load_seconds = started - load_started
             for path in todo:
-                service.submit(path, record)
+                try:
+                    service.submit(path, record)
+                except ServiceFailed:
+                    summary.never_submitted = len(todo) - summary.submitted
+                    summary.not_labeled += summary.never_submitted
+                    break
                 summary.submitted += 1
             service.drain()
             summary.batches = service.batches_run
+            summary.engine_failure = service.failure
     summary.seconds = time.monotonic() - started
     return summary

@@ -31,3 +31,9 @@ def label_record(path: str, labels: list[dict[str, Any]], embedding: np.ndarray 
 
 def error_record(path: str, code: str, message: str) -> dict:
     return {"path": path, "error": {"code": code, "message": message}}
+
+
+def is_engine_failure(record: dict) -> bool:
+    """An `inference_failed` record says the engine failed, not the image: it is never kept as the
+    image's result (the image is retried: its job requeued, or `labeler run --resume`)."""
+    return record.get("error", {}).get("code") == "inference_failed"

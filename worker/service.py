@@ -7,6 +7,12 @@ error records on the way, and `submit` blocks when too many images are in flight
 The runner is loaded and used on the inference thread only: CUDA contexts are per thread. With a
 GPU runner the thread keeps `runner.pipeline_depth` batches started: it gathers and starts batch
 n+1 before it waits for batch n, so the GPU never idles while the host labels and emits records.
+
+A failed batch gives its images `inference_failed` records and the service goes on, but a run of
+`max_failed_batches` failures in a row, a failed warm-up or a crash of the inference thread means the
+engine itself is broken (a lost GPU, a sticky CUDA error): the service then gives up (`failure`),
+refuses new images and answers the ones it holds with records its callers know not to keep, so a
+distributed worker hands the jobs back instead of failing a whole run on one bad node.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ log = logging.getLogger(__name__)
 RecordCallback = Callable[[dict[str, Any]], None]
 
 
+class ServiceFailed(RuntimeError):
+    """The service gave up: its engine cannot infer any more. Hand the work back; restart the worker."""
+
+
 class ServiceObserver(Protocol):
     """Told what the service did, for metrics (worker/metrics.py). Calls must be cheap and not raise."""
 
@@ -56,6 +66,8 @@ class ServiceOptions:
     read_policy: ReadPolicy = field(default_factory=ReadPolicy)
     max_pixels: int = DEFAULT_MAX_PIXELS
     observer: ServiceObserver | None = None  # None (local runs): no metrics
+    warm_up: bool = True  # one batch of one blank crop at load: a broken engine fails start()
+    max_failed_batches: int = 3  # failed batches in a row after which the service gives up (0: never)
 
 
 @dataclass
@@ -65,6 +77,7 @@ class _Prepared:
     crop: np.ndarray | None = None
     error: ImageError | None = None
     ready_at: float = 0.0
+    answered: bool = False  # its record went out (never twice, even while failing after a crash)
 
 
 @dataclass
@@ -97,6 +110,11 @@ class LabelingService:
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         self._closed = False
+        self._started: deque[_Started] = deque()
+        self._holding: list[_Prepared] = []  # gathered by the loop, not yet in a started batch
+        self._stop_taken = False
+        self._failures_in_a_row = 0
+        self.failure: str | None = None  # why the service gave up; None while it works
         self.batches_run = 0
         self.batch_sizes: list[int] = []
 
@@ -109,8 +127,11 @@ class LabelingService:
         return self
 
     def submit(self, path: str, callback: RecordCallback) -> None:
+        """Queue one image; its record reaches `callback`. Blocks while too many are in flight."""
         if self._closed:
             raise RuntimeError("service is closed")
+        if self.failure is not None:
+            raise ServiceFailed(self.failure)
         self._slots.acquire()
         with self._idle:
             self._in_flight += 1
@@ -155,33 +176,65 @@ class LabelingService:
     def _inference_loop(self) -> None:
         try:
             self.runner.load()
+            if self.options.warm_up:
+                self._warm_up()
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._load_error = exc
             self._loaded.set()
+            self.runner.close()
             return
         self._loaded.set()
         try:
             self._pipeline(max(1, self.runner.pipeline_depth))
+        except BaseException as exc:  # noqa: BLE001 - a fault outside any one batch
+            log.critical("the inference thread failed", exc_info=exc)
+            self._give_up(f"inference thread failed: {type(exc).__name__}: {exc}")
+            self._answer_the_rest()
         finally:
             self.runner.close()
+
+    def _warm_up(self) -> None:
+        """Infer one blank crop: kernels get chosen now, and an engine that loads but cannot run
+        fails start() instead of failing every batch of the first jobs."""
+        shape = (1, self.runner.spec.input.height, self.runner.spec.input.width, 3)
+        self.runner.infer(np.zeros(shape, np.uint8))
 
     def _pipeline(self, depth: int) -> None:
         """Gather, start, and finish batches, keeping up to `depth` started at once.
 
         With batches in flight the batcher does not wait for a first crop: an idle moment is spent
         finishing the oldest batch instead, so records never wait for images that are not coming."""
-        started: deque[_Started] = deque()
+        started = self._started
         stopped = False
         while not stopped:
             first_wait = 0.0 if started else None
             items, stopped = collect_batch(
                 self._ready, self.batch_size, self.options.max_wait_s, first_wait_s=first_wait
             )
+            self._stop_taken = stopped
+            self._holding = items
             batch = self._start_batch(items)
             if batch is not None:
                 started.append(batch)
+            self._holding = []
             while started and (stopped or batch is None or len(started) >= depth):
-                self._finish_batch(started.popleft())
+                self._finish_batch(started[0])
+                started.popleft()
+
+    def _answer_the_rest(self) -> None:
+        """After a crash of the loop: every image still held gets a record, so no caller waits forever."""
+        reason = RuntimeError(self.failure)
+        self._fail_batch([item for item in self._holding if item.error is None], reason)
+        while self._started:
+            self._fail_batch(self._started.popleft().items, reason)
+        while not self._stop_taken:
+            item = self._ready.get()
+            if item is STOP:
+                return
+            if item.error is not None:
+                self._emit(item, error_record(item.path, str(item.error.code), item.error.message))
+            else:
+                self._fail_batch([item], reason)
 
     def _start_batch(self, items: list[_Prepared]) -> _Started | None:
         """Emit the error records, start inference on the good crops (None: nothing to run)."""
@@ -190,6 +243,9 @@ class LabelingService:
             if item.error is not None:
                 self._emit(item, error_record(item.path, str(item.error.code), item.error.message))
         if not good:
+            return None
+        if self.failure is not None:
+            self._fail_batch(good, RuntimeError(self.failure))
             return None
         started = time.perf_counter()
         try:
@@ -208,6 +264,7 @@ class LabelingService:
         except Exception as exc:  # noqa: BLE001 - the batch's images get error records instead
             self._fail_batch(good, exc)
             return
+        self._failures_in_a_row = 0
         self.batches_run += 1
         self.batch_sizes.append(len(good))
         if self.options.observer is not None:
@@ -218,12 +275,26 @@ class LabelingService:
             embedding = output.features[row] if output.features is not None else None
             self._emit(item, label_record(item.path, labels[row], embedding))
 
-    def _fail_batch(self, good: list[_Prepared], exc: Exception) -> None:
-        log.error("inference failed for a batch of %d: %s", len(good), exc, exc_info=exc)
+    def _fail_batch(self, good: list[_Prepared], exc: BaseException) -> None:
+        message = f"service stopped: {self.failure}" if self.failure else str(exc)
+        if self.failure is None:
+            log.error("inference failed for a batch of %d: %s", len(good), exc, exc_info=exc)
+            self._failures_in_a_row += 1
+            limit = self.options.max_failed_batches
+            if limit and self._failures_in_a_row >= limit:
+                self._give_up(f"{self._failures_in_a_row} batches in a row failed, the last with: {exc}")
         for item in good:
-            self._emit(item, error_record(item.path, str(ErrorCode.INFERENCE_FAILED), str(exc)))
+            self._emit(item, error_record(item.path, str(ErrorCode.INFERENCE_FAILED), message))
+
+    def _give_up(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            log.critical("labeling service gives up: %s", reason)
 
     def _emit(self, item: _Prepared, record: dict[str, Any]) -> None:
+        if item.answered:
+            return
+        item.answered = True
         item.crop = None
         try:
             item.callback(record)

@@ -6,6 +6,9 @@ without its records: it finishes (records written, then acked), or it hands the 
 queue (Reject with requeue) on a Redis outage, its own deadline or a warm shutdown; a redelivered
 job skips the paths that already have records. Deliveries are counted in Redis, and a job that
 keeps failing or killing its worker is dead-lettered after `max_deliveries`.
+
+An engine failure is never an image's fault, so `inference_failed` records are not kept: the job
+goes back to the queue for those images, and a broken engine stops its worker (worker_health).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import redis
 from celery import Task
@@ -26,10 +29,11 @@ from celery.signals import worker_shutdown, worker_shutting_down
 
 from worker.celery_app import TASK_NAME, app
 from worker.errors import ErrorCode
-from worker.postprocess import error_record
+from worker.postprocess import error_record, is_engine_failure
 from worker.run_store import RunNameError, RunStore, check_run_name
-from worker.service import LabelingService, ServiceOptions
+from worker.service import LabelingService, ServiceFailed, ServiceOptions
 from worker.settings import Settings
+from worker.worker_health import engine_failure, stop_worker
 from worker.worker_telemetry import note_records, process_metrics
 
 log = logging.getLogger(__name__)
@@ -224,39 +228,51 @@ def label_paths(job_id: str, run: str, paths: list[str], return_records: bool = 
     todo = list(
         dict.fromkeys(with_redis_retry(lambda: store.paths_without_record(run, paths), "resume check"))
     )
+    if engine_failure() is not None:  # this worker is stopping; do not reload a broken engine
+        _hand_back_from_broken_worker(store, run, job_id, engine_failure() or "")
     try:
         service = shared_service()
     except Exception as exc:
-        # A worker that cannot load its model must not burn the job's deliveries.
         log.critical("cannot load the model, handing job %s back: %s", job_id, exc)
-        with_redis_retry(lambda: store.uncount_delivery(run, job_id), "uncounting a delivery")
-        time.sleep(5)
-        raise Reject(f"model failed to load: {exc}", requeue=True) from exc
+        _hand_back_from_broken_worker(store, run, job_id, f"model failed to load: {exc}")
 
     sink = _RecordSink()
-    counts = {"labeled": 0, "failed": 0}
+    counts = {"labeled": 0, "failed": 0, "engine_failed": 0}
     deadline = time.monotonic() + config.task_deadline_s
 
     def flush(records: list[dict[str, Any]]) -> int:
-        if records:
-            with_redis_retry(lambda: store.write_records(run, records), "writing records")
-            note_records(store.client, store.prefix, run, records)
-            failed = sum(1 for r in records if "error" in r)
+        """Write the records worth keeping; returns how many images were answered."""
+        kept = [r for r in records if not is_engine_failure(r)]
+        counts["engine_failed"] += len(records) - len(kept)
+        if kept:
+            with_redis_retry(lambda: store.write_records(run, kept), "writing records")
+            note_records(store.client, store.prefix, run, kept)
+            failed = sum(1 for r in kept if "error" in r)
             counts["failed"] += failed
-            counts["labeled"] += len(records) - failed
+            counts["labeled"] += len(kept) - failed
         return len(records)
 
     submitted = written = 0
     for path in todo:
         if _shutting_down.is_set() or time.monotonic() > deadline:
             break
-        service.submit(path, sink.put)
+        try:
+            service.submit(path, sink.put)
+        except ServiceFailed:
+            break
         submitted += 1
         if sink.pending() >= config.flush_records:
             written += flush(sink.take(config.flush_records, 0))
     while written < submitted and time.monotonic() < deadline + config.deadline_grace_s:
         written += flush(sink.take(config.flush_records, 0.25))
 
+    if service.failure is not None:
+        _hand_back_from_broken_worker(store, run, job_id, f"labeling service gave up: {service.failure}")
+    if counts["engine_failed"]:
+        reason = f"{counts['engine_failed']} images met an engine failure; the job goes back for them"
+        log.warning("job %s: %s", job_id, reason)
+        with_redis_retry(lambda: store.note_error(run, job_id, reason), "noting an error")
+        raise Reject(reason, requeue=True)
     if written < len(todo):
         if _shutting_down.is_set():
             log.warning(
@@ -274,8 +290,16 @@ def label_paths(job_id: str, run: str, paths: list[str], return_records: bool = 
         "job_id": job_id,
         "images": len(paths),
         "skipped": len(paths) - len(todo),
-        **counts,
+        "labeled": counts["labeled"],
+        "failed": counts["failed"],
     }
     if return_records:
         result["records"] = with_redis_retry(lambda: store.get_records(run, paths), "reading records")
     return result
+
+
+def _hand_back_from_broken_worker(store: RunStore, run: str, job_id: str, reason: str) -> NoReturn:
+    """Requeue the job without spending a delivery (the worker failed, not the job); stop the worker."""
+    with_redis_retry(lambda: store.uncount_delivery(run, job_id), "uncounting a delivery")
+    stop_worker(reason)
+    raise Reject(reason, requeue=True)

@@ -32,7 +32,9 @@ class FakeGpuWorld:
     build_ok: bool = True
     execute_ok: bool = True
     failing_executes: set[int] = field(default_factory=set)  # which execute_async_v3 calls (0, 1, ...) fail
-    failing_syncs: int = 0  # how many coming waits on a stream with work raise, as pycuda does after a fault
+    # which waits on a stream with work (0, 1, ... in order) raise, as pycuda does after a fault
+    failing_waits: set[int] = field(default_factory=set)
+    waits_with_work: int = 0
     busy_streams: set[int] = field(default_factory=set)  # handles with work queued since their last sync
     output_dtype: str = "float32"  # "float16" for an engine with FP16 I/O
     num_classes: int = 4
@@ -278,10 +280,11 @@ def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
 
         def synchronize(self) -> None:
             world.record("stream_synchronize", self.handle)
-            had_work = self.handle in world.busy_streams
+            if self.handle not in world.busy_streams:
+                return
             world.busy_streams.discard(self.handle)
-            if had_work and world.failing_syncs > 0:
-                world.failing_syncs -= 1
+            world.waits_with_work += 1
+            if world.waits_with_work - 1 in world.failing_waits:
                 raise RuntimeError("cuStreamSynchronize failed: an illegal memory access was encountered")
 
     def pagelocked_empty(shape: tuple, dtype: Any) -> np.ndarray:

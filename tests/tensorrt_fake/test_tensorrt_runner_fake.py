@@ -269,7 +269,7 @@ def test_fake_trt_service_turns_a_failed_wait_into_error_records_and_goes_on(
     records: list[dict] = []
     runner = TensorRTRunner(fake_bundle, precision="fp16", slots=2)
     service = LabelingService(runner, ServiceOptions(max_batch_size=4, decode_threads=2))
-    fake_gpu.failing_syncs = 1  # the first batch's wait fails
+    fake_gpu.failing_waits = {1}  # wait 0 is the warm-up at load; the first batch's wait fails
     _decode_all_then_start(service, paths, records)
 
     failed = [r for r in records if "error" in r]

@@ -1,0 +1,35 @@
+"""Test-only FAKE GPU fault, loaded into a test worker with `--include faulty_gpu`.
+
+A GPU that falls off the bus or a sticky CUDA error cannot be produced on this CPU machine, so this
+module stands in for one: every runner the worker creates labels the warm-up and the first
+LABELER_TEST_GOOD_BATCHES batches, then raises on every batch as a lost device would. Everything
+else in the worker (Celery, the service, the task's hand-back, the warm shutdown, the exit code)
+is the production code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import worker.runners as runners
+
+GOOD_BATCHES = int(os.environ.get("LABELER_TEST_GOOD_BATCHES", "2"))
+_real_create_runner = runners.create_runner
+
+
+def _create_runner_that_loses_its_gpu(*args, **kwargs):
+    runner = _real_create_runner(*args, **kwargs)
+    real_infer = runner._infer
+    calls = {"n": 0}
+
+    def infer(crops, want_features):
+        calls["n"] += 1
+        if calls["n"] > 1 + GOOD_BATCHES:  # 1: the warm-up at load
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected fault)")
+        return real_infer(crops, want_features)
+
+    runner._infer = infer
+    return runner
+
+
+runners.create_runner = _create_runner_that_loses_its_gpu
