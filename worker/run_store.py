@@ -5,7 +5,8 @@ Keys (prefix `P`, default `labeler`; run name `R`):
 - `P:run:R:records`  hash, image path -> record JSON; "" marks a path that is queued but has no
   record yet. Writes are idempotent: a redelivered job rewrites the same field, so each image has
   exactly one record however often its job runs. HLEN is the run's total.
-- `P:run:R:meta`     hash: created_at, done, failed, first_record_at, last_record_at, jobs.
+- `P:run:R:meta`     hash: created_at, done, failed, first_record_at, last_record_at, jobs,
+                     enqueuing_until (while an enqueue runs: a lease it renews, removed when done).
   `done`/`failed` change only when a field goes from no record to a record (in Lua, atomically),
   so counters stay exact under redelivery.
 - `P:run:R:deliveries` hash, job id -> times delivered; `<job id>:error` -> last error seen.
@@ -104,6 +105,15 @@ class RunStatus:
     created_at: float | None
     first_record_at: float | None
     last_record_at: float | None
+    enqueuing_until: float | None = None
+
+    def enqueuing(self, now: float | None = None) -> bool:
+        """An enqueue of this run is still adding paths (its lease has not run out)."""
+        return self.enqueuing_until is not None and self.enqueuing_until > (now or time.time())
+
+    def finished(self, now: float | None = None) -> bool:
+        """Every path has a record and no enqueue is adding more (an empty run is finished too)."""
+        return self.pending == 0 and not self.enqueuing(now)
 
     @property
     def pending(self) -> int:
@@ -141,6 +151,14 @@ class RunStore:
         pipe.hsetnx(self.key(run, "meta"), "created_at", repr(now or time.time()))
         pipe.execute()
 
+    def renew_enqueue_lease(self, run: str, lease_s: float, now: float | None = None) -> None:
+        """Say an enqueue is adding paths for `lease_s` more seconds, so `status --watch` and
+        `enqueue --wait` do not take a run whose workers caught up between batches for finished."""
+        self.client.hset(self.key(run, "meta"), "enqueuing_until", repr((now or time.time()) + lease_s))
+
+    def end_enqueue_lease(self, run: str) -> None:
+        self.client.hdel(self.key(run, "meta"), "enqueuing_until")
+
     def claim_paths(self, pipe: redis.client.Pipeline, run: str, paths: Sequence[str]) -> None:
         """Queue, on `pipe`, the claim of `paths`; its reply is the flag string of _CLAIM_PATHS."""
         encoded = json.dumps(list(paths), ensure_ascii=False, separators=(",", ":"))
@@ -171,6 +189,7 @@ class RunStore:
             created_at=number("created_at"),
             first_record_at=number("first_record_at"),
             last_record_at=number("last_record_at"),
+            enqueuing_until=number("enqueuing_until"),
         )
 
     def exists(self, run: str) -> bool:

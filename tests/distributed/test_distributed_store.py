@@ -164,3 +164,47 @@ def test_app_is_json_only_with_late_acks_and_one_visibility_timeout() -> None:
     broker, backend = conf.broker_transport_options, conf.result_backend_transport_options
     assert broker["visibility_timeout"] == backend["visibility_timeout"] == 999
     assert conf.worker_pool == "threads"
+
+
+def test_a_run_is_not_finished_while_its_enqueue_is_still_adding_paths(redis_url: str) -> None:
+    """Workers can catch up between two claim batches of a long enqueue: pending is 0 then, but
+    the run is not finished while the enqueue's lease is live (status --watch, enqueue --wait)."""
+    from worker.client.status import follow
+
+    store = RunStore(redis.Redis.from_url(redis_url))
+    seen_during_enqueue = []
+
+    def paths_read_slowly():
+        for i in range(4):
+            seen_during_enqueue.append(store.status("lease", "q").enqueuing())
+            yield f"/lease/{i}"
+
+    enqueue_paths(store.client, "lease", paths_read_slowly(), "q", chunk_size=2, claim_batch=2)
+    assert seen_during_enqueue == [True] * 4
+    assert not store.status("lease", "q").enqueuing()  # released at the end
+
+    store.renew_enqueue_lease("lease", 60)  # a second enqueue of the run, still running
+    store.write_records("lease", [labels_record(f"/lease/{i}") for i in range(4)])
+    status = store.status("lease", "q")
+    assert status.pending == 0 and not status.finished()
+    assert "enqueue in progress" in format_status(status)
+    shown = []
+    final = follow(store, "lease", "q", 0.0, lambda s, _r: shown.append(s),
+                   sleep=lambda _s: store.end_enqueue_lease("lease"))  # fmt: skip
+    assert final.finished() and len(shown) == 2
+    assert "ETA finished" in format_status(final)
+
+    store.renew_enqueue_lease("lease", 60, now=time.time() - 120)  # an enqueue killed long ago
+    assert store.status("lease", "q").finished()
+
+
+def test_a_failed_enqueue_releases_its_lease(redis_url: str) -> None:
+    store = RunStore(redis.Redis.from_url(redis_url))
+
+    def paths_then_failure():
+        yield "/x/1"
+        raise OSError("the list file went away")
+
+    with pytest.raises(OSError):
+        enqueue_paths(store.client, "broken-list", paths_then_failure(), "q", claim_batch=1)
+    assert not store.status("broken-list", "q").enqueuing()

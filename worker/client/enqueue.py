@@ -21,6 +21,7 @@ from worker.client.protocol import job_message
 from worker.run_store import RunStore, check_run_name
 
 CLAIM_SCRIPT_PATHS = 5000  # paths per Lua call (each call blocks Redis for a few milliseconds)
+ENQUEUE_LEASE_S = 60.0  # renewed every claim batch and backpressure poll; a killed enqueue lapses
 
 
 @dataclass
@@ -56,10 +57,31 @@ def enqueue_paths(
     check_run_name(run)
     store = RunStore(client, prefix)
     store.register_run(run)
+    store.renew_enqueue_lease(run, ENQUEUE_LEASE_S)
+    try:
+        return _enqueue(client, store, run, paths, queue, chunk_size, max_queued_jobs, claim_batch,
+                        on_progress, poll_s)  # fmt: skip
+    finally:
+        store.end_enqueue_lease(run)
+
+
+def _enqueue(
+    client: redis.Redis,
+    store: RunStore,
+    run: str,
+    paths: Iterable[str],
+    queue: str,
+    chunk_size: int,
+    max_queued_jobs: int,
+    claim_batch: int,
+    on_progress: Callable[[EnqueueSummary], None] | None,
+    poll_s: float,
+) -> EnqueueSummary:
     summary = EnqueueSummary(run=run)
     started = time.monotonic()
     pending: list[str] = []
     for batch in _batches(paths, claim_batch):
+        store.renew_enqueue_lease(run, ENQUEUE_LEASE_S)
         batch = list(dict.fromkeys(batch))
         pipe = client.pipeline(transaction=False)
         for part in _batches(batch, CLAIM_SCRIPT_PATHS):
@@ -72,7 +94,10 @@ def enqueue_paths(
         summary.seen += len(batch)
         full = len(pending) - len(pending) % chunk_size
         if full:
-            summary.waited_s += _wait_for_room(client, queue, queue_length, max_queued_jobs, poll_s)
+            summary.waited_s += _wait_for_room(
+                client, queue, queue_length, max_queued_jobs, poll_s,
+                lambda: store.renew_enqueue_lease(run, ENQUEUE_LEASE_S),
+            )  # fmt: skip
             _publish(client, store, run, queue, pending[:full], chunk_size, summary)
             pending = pending[full:]
         if on_progress:
@@ -85,10 +110,13 @@ def enqueue_paths(
     return summary
 
 
-def _wait_for_room(client: redis.Redis, queue: str, length: int, limit: int, poll_s: float) -> float:
+def _wait_for_room(
+    client: redis.Redis, queue: str, length: int, limit: int, poll_s: float, still_here: Callable[[], None]
+) -> float:
     """Backpressure: Redis lists have no size limit, so wait while the queue is over `limit`."""
     waited = 0.0
     while length > limit:
+        still_here()
         time.sleep(poll_s)
         waited += poll_s
         length = client.llen(queue)

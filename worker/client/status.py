@@ -41,7 +41,7 @@ def format_status(
     """One block of text; `rate` (live) overrides the run-average rate; then one line per worker."""
     rate = status.average_rate() if rate is None else rate
     share = f"{100.0 * status.done / status.total:.1f}%" if status.total else "-"
-    if status.pending == 0 and status.total:
+    if status.finished() and status.total:
         eta = "finished"
     elif rate > 0:
         eta = format_duration(status.pending / rate)
@@ -53,6 +53,8 @@ def format_status(
         f"failed {status.failed}  pending {status.pending}",
         f"  {rate:.1f} images/s  ETA {eta}  queue {status.queued_jobs} jobs",
     ]
+    if status.enqueuing():
+        lines.append("  enqueue in progress: the total is still growing")
     if status.dead_jobs:
         lines.append(f"  dead-lettered jobs: {status.dead_jobs} (their images have internal_error records)")
     lines += format_workers(workers)
@@ -68,11 +70,12 @@ def follow(
     until_finished: bool = True,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RunStatus:
-    """Poll the run every `interval_s`, calling `show`; return once nothing is pending."""
+    """Poll the run every `interval_s`, calling `show`; return once it is finished (every path has
+    its record and no enqueue is still adding paths)."""
     meter = RateMeter()
     while True:
         status = store.status(run, queue)
         show(status, meter.sample(status.done))
-        if until_finished and status.total and status.pending == 0:
+        if until_finished and status.finished():
             return status
         sleep(interval_s)
