@@ -2,9 +2,10 @@
 
 A GPU that falls off the bus or a sticky CUDA error cannot be produced on this CPU machine, so this
 module stands in for one: every runner the worker creates labels the warm-up and the first
-LABELER_TEST_GOOD_BATCHES batches, then raises on every batch as a lost device would. Everything
-else in the worker (Celery, the service, the task's hand-back, the warm shutdown, the exit code)
-is the production code.
+LABELER_TEST_GOOD_BATCHES batches, then raises on every batch as a lost device would. With
+LABELER_TEST_FAILING_CALLS (e.g. "3") only those engine calls fail (call 1 is the warm-up): a
+transient fault such as an out-of-memory. Everything else in the worker (Celery, the service, the
+task's hand-back, the warm shutdown, the exit code) is the production code.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import worker.runners as runners
 
 GOOD_BATCHES = int(os.environ.get("LABELER_TEST_GOOD_BATCHES", "2"))
+FAILING_CALLS = {int(n) for n in os.environ.get("LABELER_TEST_FAILING_CALLS", "").split(",") if n}
 _real_create_runner = runners.create_runner
 
 
@@ -24,7 +26,8 @@ def _create_runner_that_loses_its_gpu(*args, **kwargs):
 
     def infer(crops, want_features):
         calls["n"] += 1
-        if calls["n"] > 1 + GOOD_BATCHES:  # 1: the warm-up at load
+        failing = calls["n"] in FAILING_CALLS if FAILING_CALLS else calls["n"] > 1 + GOOD_BATCHES
+        if failing:  # call 1 is the warm-up at load
             raise RuntimeError("CUDA error: an illegal memory access was encountered (injected fault)")
         return real_infer(crops, want_features)
 

@@ -6,6 +6,7 @@ worker then labels every image exactly once. Real redis-server and real Celery w
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import redis
@@ -70,3 +71,27 @@ def test_a_worker_whose_model_cannot_load_exits_70_and_leaves_the_job_queued(
     start_worker(redis_url, "healthy", batch_size=8)
     wait_run_done(client, "bad-bundle", 90)
     assert run_counts(client, "bad-bundle") == {"total": 10, "done": 10, "failed": 0}
+
+
+def test_one_failed_batch_sends_its_job_back_and_the_retry_labels_it(redis_url, start_worker, small_jpegs):
+    """A transient engine fault (FAKE: the second batch fails once): no record for its images, the
+    job goes back with one delivery spent, the same worker labels them on redelivery, and the
+    worker stays up."""
+    client = redis.Redis.from_url(redis_url)
+    paths = small_jpegs[300:340]
+    worker = start_worker(
+        redis_url, "hiccup", ["--include", "faulty_gpu"], batch_size=8, concurrency=1, test_failing_calls="3"
+    )
+    enqueue_paths(client, "hiccup", paths, QUEUE, chunk_size=20)
+    wait_run_done(client, "hiccup", 120)
+    records = [json.loads(v) for v in client.hvals("labeler:run:hiccup:records")]
+    assert sorted(r["path"] for r in records) == sorted(paths) and all("labels" in r for r in records)
+    assert run_counts(client, "hiccup") == {"total": 40, "done": 40, "failed": 0}
+    log = worker.log()
+    [requeued] = [line for line in log.splitlines() if "reject requeue=True" in line]
+    failed_batch = int(re.search(r"(\d+) images met an engine failure; the job goes back", requeued)[1])
+    assert 1 <= failed_batch <= 8
+    assert log.count("] received") == 3  # two jobs, one of them delivered twice
+    # the redelivery redid only the failed batch's images
+    assert f"'skipped': {20 - failed_batch}, 'labeled': {failed_batch}" in log
+    assert worker.alive()
