@@ -56,7 +56,11 @@ def inspect(bundle: Path) -> None:
 @click.option("--resume", is_flag=True, help="Skip inputs that already have a record in --out.")
 @click.option("--top-k", type=int, default=5, show_default=True)
 @click.option("--embeddings", is_flag=True, help="Add the 2048-d pooled features to each record.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    help="Largest engine batch [32 on the CPU; 128 on a GPU backend, capped by the engine].",
+)
 @click.option(
     "--max-wait-ms", type=float, default=20.0, show_default=True, help="Longest wait to fill a batch."
 )
@@ -87,7 +91,7 @@ def run(
     resume: bool,
     top_k: int,
     embeddings: bool,
-    batch_size: int,
+    batch_size: int | None,
     max_wait_ms: float,
     decode_threads: int,
     threads: int,
@@ -117,8 +121,12 @@ def run(
     spec = ModelSpec.load(model_dir)
     for warning in spec.warnings:
         click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
+    try:
+        runner = create_runner(model_dir, backend, variant=precision, intra_op_threads=threads or None)
+    except RunnerError as exc:
+        raise click.ClickException(str(exc)) from None
     options = ServiceOptions(
-        max_batch_size=batch_size,
+        max_batch_size=batch_size or runner.default_batch_size,
         max_wait_s=max_wait_ms / 1000.0,
         decode_threads=decode_threads,
         top_k=top_k,
@@ -126,10 +134,6 @@ def run(
         read_policy=ReadPolicy.create([str(r) for r in allowed_roots], max_bytes),
         max_pixels=max_pixels,
     )
-    try:
-        runner = create_runner(model_dir, backend, variant=precision, intra_op_threads=threads or None)
-    except RunnerError as exc:
-        raise click.ClickException(str(exc)) from None
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=0, unit="img", disable=not show, dynamic_ncols=True, smoothing=0.1)
 

@@ -73,7 +73,9 @@ def _run_exists(store, run: str) -> bool:
 @click.option(
     "--concurrency", type=int, help="Jobs in flight per worker; they share engine batches (default 4)."
 )
-@click.option("--batch-size", type=int, help="Largest engine batch.")
+@click.option(
+    "--batch-size", type=int, help="Largest engine batch (default: 32 on the CPU, 128 on a GPU backend)."
+)
 @click.option("--max-wait-ms", type=float, help="Longest wait to fill a batch.")
 @click.option("--hostname", "-n", help="Celery node name (default labeler[-gpuN]@HOST).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)

@@ -42,7 +42,7 @@ class Settings:
     allowed_roots: tuple[str, ...] = ()
     concurrency: int = 4  # jobs in flight per worker process; they share engine batches
     pool: str = "threads"  # threads: one engine per process shared by all its jobs
-    batch_size: int = 32
+    batch_size: int = 0  # 0: the backend's default (32 on the CPU, 128 on a GPU backend)
     max_wait_ms: float = 20.0
     decode_threads: int = 0
     intra_op_threads: int = 0

@@ -86,7 +86,7 @@ def _create_service(config: Settings) -> LabelingService:
         runner_options["intra_op_threads"] = config.intra_op_threads or None
     runner = create_runner(bundle, config.backend, **runner_options)
     options = ServiceOptions(
-        max_batch_size=config.batch_size,
+        max_batch_size=config.batch_size or runner.default_batch_size,
         max_wait_s=config.max_wait_ms / 1000.0,
         decode_threads=config.decode_threads,
         top_k=config.top_k,

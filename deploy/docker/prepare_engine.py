@@ -97,7 +97,10 @@ def main(argv: list[str]) -> int:
         log("no NVIDIA GPU visible; serving the bundle as is (the worker will say what is missing)")
         print(source)
         return 0
-    settings = EngineSettings(precision, 1, config.batch_size, config.batch_size)
+    from worker.runners.tensorrt_runner import TensorRTRunner
+
+    batch = config.batch_size or TensorRTRunner.default_batch_size  # the worker's batch, as it will run
+    settings = EngineSettings(precision, 1, batch, batch)
 
     def build(target: Path) -> None:
         build_engine(target, settings, gpu=gpu, echo=log)

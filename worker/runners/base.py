@@ -66,6 +66,9 @@ class Runner(abc.ABC):
     """
 
     name = "base"
+    # The batch a caller uses when the user sets none: enough to amortize per-batch costs on a CPU;
+    # GPU backends ask for more, since a GPU needs large batches to be busy.
+    default_batch_size = 32
 
     def __init__(self, bundle_dir: Path, spec: ModelSpec | None = None) -> None:
         self.bundle_dir = Path(bundle_dir)

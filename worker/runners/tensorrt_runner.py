@@ -74,6 +74,7 @@ class PendingTensorRT:
 
 class TensorRTRunner(Runner):
     name = "tensorrt"
+    default_batch_size = 128  # capped by the engine profile's maximum
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ class PendingTorch:
 
 class TorchCudaRunner(Runner):
     name = "torch-cuda"
+    default_batch_size = 128
 
     def __init__(
         self,
