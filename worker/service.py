@@ -249,7 +249,8 @@ class LabelingService:
             return None
         started = time.perf_counter()
         try:
-            pending = self.runner.submit(np.stack([item.crop for item in good]), self.options.embeddings)
+            crops = np.stack([item.crop for item in good], out=self.runner.staging(len(good)))
+            pending = self.runner.submit(crops, self.options.embeddings)
         except Exception as exc:  # noqa: BLE001 - the batch's images get error records instead
             self._fail_batch(good, exc)
             return None

@@ -89,3 +89,17 @@ def test_torch_runner_submit_pipelines_slots_and_refuses_an_uncollected_one(trai
     np.testing.assert_allclose(got_first.features, expected.features[:5], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got_second.probabilities, expected.probabilities[5:8], atol=1e-5)
     assert got_second.features is None
+
+
+def test_torch_runner_reads_a_staged_batch_in_place(trained_bundle, photo_dir):
+    spec = ModelSpec.load(trained_bundle)
+    crops = np.stack(
+        [decode_and_crop(p.read_bytes(), spec.preprocessing) for p in sorted(photo_dir.glob("*.jpg"))[:6]]
+    )
+    with TorchCudaRunner(trained_bundle, device="cpu", dtype="float32", max_batch=8, slots=2) as runner:
+        expected = runner.infer(crops)
+        staged = runner.staging(len(crops))
+        staged[...] = crops
+        got = runner.submit(staged).result()
+        assert runner.staging(9) is None  # over max_batch
+    np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-5)

@@ -278,3 +278,22 @@ def test_fake_trt_service_turns_a_failed_wait_into_error_records_and_goes_on(
     assert {r["error"]["code"] for r in failed} == {"inference_failed"}
     assert "illegal memory access" in failed[0]["error"]["message"]
     assert service.batch_sizes == [4] * (len(paths) // 4 - 1)  # the later batches all ran
+
+
+def test_fake_trt_runner_stages_a_batch_in_the_next_free_slot(fake_gpu, fake_bundle):
+    """staging() is the pinned input buffer of the slot submit() will take next: a batch stacked
+    into it is sent from there; while that slot still holds an uncollected batch there is none."""
+    _engine(fake_bundle)
+    with TensorRTRunner(fake_bundle, precision="fp16", slots=2) as runner:
+        first_buffer = runner.staging(3)
+        np.stack(list(_crops([1, 2, 3])), out=first_buffer)
+        first = runner.submit(first_buffer)
+        second_buffer = runner.staging(2)
+        assert not np.shares_memory(first_buffer, second_buffer)  # the other slot's buffer
+        second = runner.submit(np.stack(list(_crops([5, 6])), out=second_buffer))
+        assert runner.staging(1) is None  # both slots hold batches nobody has collected
+        np.testing.assert_array_equal(first.result().probabilities.argmax(1), [1, 2, 3])
+        np.testing.assert_array_equal(second.result().probabilities.argmax(1), [1, 2])
+        assert runner.staging(65) is None  # over the profile's maximum batch
+    copies = fake_gpu.named("memcpy_htod_async")
+    assert [c[3] for c in copies[-2:]] == [(3, 32, 32, 3), (2, 32, 32, 3)]

@@ -104,6 +104,12 @@ class Runner(abc.ABC):
         crops = self._check_input(crops, want_features)
         return _CheckedInference(self, self._submit(crops, want_features), crops.shape[0])
 
+    def staging(self, count: int) -> np.ndarray | None:
+        """A uint8 (count, H, W, 3) host buffer the next submit() reads from in place (pinned memory
+        on a GPU backend), or None. Stacking a batch straight into it saves allocating and copying
+        the batch once more on the inference thread (about 10 ms for 256 crops of 224x224)."""
+        return None
+
     def _submit(self, crops: np.ndarray, want_features: bool) -> PendingInference:
         return FinishedInference(self._infer(crops, want_features))
 

@@ -38,6 +38,13 @@ class SlotRing(Generic[SlotT]):
         self._next = (self._next + 1) % len(self.slots)
         return slot
 
+    def peek(self) -> SlotT | None:
+        """The slot take() would return, or None when it is still busy."""
+        if not self.slots:
+            return None
+        slot = self.slots[self._next]
+        return None if slot.busy else slot
+
     def __len__(self) -> int:
         return len(self.slots)
 

@@ -169,6 +169,13 @@ class TensorRTRunner(Runner):
     def pipeline_depth(self) -> int:
         return max(1, len(self._slots))
 
+    def staging(self, count: int) -> np.ndarray | None:
+        slot = self._slots.peek()
+        host_in = slot.host[self.spec.input.name] if slot is not None else None
+        if host_in is None or host_in.dtype != np.uint8 or count > len(host_in):
+            return None
+        return host_in[:count]
+
     def _queue_chunk(self, slot: _Slot, crops: np.ndarray, outputs: list[str]) -> PendingBatch:
         """Queue copy-in, execute and copy-out on the slot's stream; returns at once."""
         import pycuda.driver as cuda
@@ -176,7 +183,8 @@ class TensorRTRunner(Runner):
         count = len(crops)
         name = self.spec.input.name
         host_in = slot.host[name]
-        host_in[:count] = crops if host_in.dtype == crops.dtype else crops.astype(host_in.dtype)
+        if not _is_start_of(crops, host_in):  # unless the batch was stacked into it (staging)
+            host_in[:count] = crops if host_in.dtype == crops.dtype else crops.astype(host_in.dtype)
         cuda.memcpy_htod_async(slot.device[name], host_in[:count], slot.stream)
         slot.context.set_input_shape(name, (count, *self._shapes[name][1:]))
         if not slot.context.execute_async_v3(slot.stream.handle):
@@ -225,3 +233,8 @@ class TensorRTRunner(Runner):
         if self._cuda_context is not None:
             self._cuda_context.pop()
             self._cuda_context = None
+
+
+def _is_start_of(view: np.ndarray, buffer: np.ndarray) -> bool:
+    """`view` is buffer[:n]: the same memory, nothing to copy."""
+    return view.dtype == buffer.dtype and view.ctypes.data == buffer.ctypes.data

@@ -133,12 +133,18 @@ class TorchCudaRunner(Runner):
 
         return resnet_from_bundle(self.bundle_dir, self.spec)
 
+    def staging(self, count: int) -> np.ndarray | None:
+        slot = self._slots.peek()
+        return slot.crops[:count].numpy() if slot is not None and count <= len(slot.crops) else None
+
     def _submit(self, crops: np.ndarray, want_features: bool) -> PendingTorch:
         import torch
 
         slot = self._slots.take()
         count = len(crops)
-        slot.crops[:count].numpy()[...] = crops
+        host = slot.crops[:count].numpy()
+        if host.ctypes.data != crops.ctypes.data:  # unless the batch was stacked into it (staging)
+            host[...] = crops
         streamed = torch.cuda.stream(slot.stream) if slot.stream is not None else contextlib.nullcontext()
         with torch.inference_mode(), streamed:
             x = slot.crops[:count].to(self._device, non_blocking=True)
