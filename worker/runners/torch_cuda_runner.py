@@ -94,6 +94,10 @@ class TorchCudaRunner(Runner):
             raise RunnerError("backend torch-cuda: PyTorch sees no CUDA device (CPU-only build or no driver)")
         self._device = torch.device(self.device_name)
         self._dtype = getattr(torch, self.dtype_name)
+        if self._device.type == "cuda":
+            # Few distinct shapes (the batch size, a short last batch): let cuDNN time its kernels
+            # once per shape. The worker process serves this one model, so the global is ours.
+            torch.backends.cudnn.benchmark = True
         model = self._build_model().to(self._device, self._dtype)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
