@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+from worker.errors import ErrorCode
+
 BROKER_HELP = "Redis URL (broker and results); default: $LABELER_BROKER_URL."
 
 
@@ -326,4 +328,50 @@ def results_command(run: str, out_path: Path, broker: str | None) -> None:
     click.echo(f"{count} records written to {out_path} ({status.pending} images still pending)", err=True)
 
 
-COMMANDS = [worker_command, enqueue_command, status_command, results_command]
+@click.command("retry")
+@click.argument("run")
+@click.option(
+    "--code",
+    "codes",
+    multiple=True,
+    type=click.Choice(sorted(str(code) for code in ErrorCode if code != ErrorCode.INFERENCE_FAILED)),
+    help="Retry only images with this error code (repeatable; default: every failed image).",
+)
+@click.option("--broker", help=BROKER_HELP)
+@click.option("--queue", help="Queue to publish to (default: $LABELER_QUEUE or 'labeler').")
+@click.option("--wait", is_flag=True, help="Follow the run until every image has a record.")
+@click.option(
+    "--interval", type=float, default=2.0, show_default=True, help="Seconds between --wait updates."
+)
+def retry_command(
+    run: str, codes: tuple[str, ...], broker: str | None, queue: str | None, wait: bool, interval: float
+) -> None:
+    """Label RUN's failed images again (after fixing a mount, restoring files): each still ends
+    with exactly one record, and the run's counts stay exact."""
+    import redis
+
+    from worker.client.retry import retry_failed
+
+    settings = _settings(broker_url=broker, queue=queue)
+    store = _store(settings)
+    if not _run_exists(store, run):
+        raise click.ClickException(f"no run named {run!r} in {settings.key_prefix}:run:*")
+    try:
+        summary = retry_failed(
+            store.client, run, settings.queue, codes, settings.chunk_size, settings.max_queued_jobs,
+            settings.key_prefix,
+        )  # fmt: skip
+    except redis.exceptions.RedisError as exc:
+        raise click.ClickException(
+            f"Redis: {exc}. Images reopened before it are pending now: enqueue the run's inputs "
+            f"again with --run {run} to publish them"
+        ) from None
+    which = ", ".join(codes) if codes else "any error"
+    click.echo(
+        f"run {run}: {summary.queued} failed images ({which}) queued again in {summary.jobs} jobs", err=True
+    )
+    if wait and summary.queued:
+        _follow(settings, run, interval, sys.stderr.isatty())
+
+
+COMMANDS = [worker_command, enqueue_command, status_command, results_command, retry_command]

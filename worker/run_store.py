@@ -82,6 +82,25 @@ return table.concat(flags)
 """
 
 
+# KEYS: records, meta. ARGV: (path, record JSON as read) pairs. Puts each path whose record is still
+# the one read back to the queued placeholder and takes it out of the done and failed counts, so a
+# retry publishes it again and its new record counts once; a record rewritten meanwhile is left.
+_REOPEN_RECORDS = """
+local reopened = {}
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], '')
+    reopened[#reopened + 1] = ARGV[i]
+  end
+end
+if #reopened > 0 then
+  redis.call('HINCRBY', KEYS[2], 'done', -#reopened)
+  redis.call('HINCRBY', KEYS[2], 'failed', -#reopened)
+end
+return reopened
+"""
+
+
 class RunNameError(ValueError):
     """A run name that cannot be used as part of a Redis key."""
 
@@ -139,6 +158,7 @@ class RunStore:
         self.prefix = prefix
         self._write = client.register_script(_WRITE_RECORDS)
         self._claim = client.register_script(_CLAIM_PATHS)
+        self._reopen = client.register_script(_REOPEN_RECORDS)
 
     def key(self, run: str, part: str) -> str:
         return f"{self.prefix}:run:{run}:{part}"
@@ -200,6 +220,29 @@ class RunStore:
         for _path, value in self.client.hscan_iter(self.key(run, "records"), count=batch):
             if value:
                 yield json.loads(value)
+
+    def iter_failed(
+        self, run: str, codes: frozenset[str] = frozenset(), batch: int = 1000
+    ) -> Iterator[list[str]]:
+        """Batches of paths whose record is an error (with one of `codes`, or any), reopened: each
+        is back to the queued placeholder and out of the counts, ready to be published again."""
+        found: list[tuple[str, bytes]] = []
+        for path, value in self.client.hscan_iter(self.key(run, "records"), count=batch):
+            if not value:
+                continue
+            error = json.loads(value).get("error")
+            if error is not None and (not codes or error.get("code") in codes):
+                found.append((path.decode(), value))
+            if len(found) >= batch:
+                yield self._reopen_records(run, found)
+                found = []
+        if found:
+            yield self._reopen_records(run, found)
+
+    def _reopen_records(self, run: str, found: Sequence[tuple[str, bytes]]) -> list[str]:
+        args = [item for pair in found for item in pair]
+        reopened = self._reopen(keys=[self.key(run, "records"), self.key(run, "meta")], args=args)
+        return [path.decode() if isinstance(path, bytes) else path for path in reopened]
 
     def dead_letters(self, run: str) -> list[dict[str, Any]]:
         return [json.loads(item) for item in self.client.lrange(self.key(run, "dead"), 0, -1)]

@@ -208,3 +208,33 @@ def test_a_failed_enqueue_releases_its_lease(redis_url: str) -> None:
     with pytest.raises(OSError):
         enqueue_paths(store.client, "broken-list", paths_then_failure(), "q", claim_batch=1)
     assert not store.status("broken-list", "q").enqueuing()
+
+
+def test_retry_reopens_only_the_chosen_errors_and_keeps_the_counts_exact(redis_url: str) -> None:
+    from worker.client.retry import retry_failed
+
+    store = RunStore(redis.Redis.from_url(redis_url))
+    gone = {"path": "/gone", "error": {"code": "not_found", "message": "no such file"}}
+    store.write_records("retry", [labels_record("/ok"), gone, error_rec("/bad")])
+    assert (store.status("retry", "rq").done, store.status("retry", "rq").failed) == (3, 2)
+
+    summary = retry_failed(store.client, "retry", "rq", codes=["not_found"])
+    assert (summary.queued, summary.jobs) == (1, 1)
+    [job] = [json.loads(m) for m in store.client.lrange("rq", 0, -1)]
+    assert json.loads(base64.b64decode(job["body"]))[1]["paths"] == ["/gone"]
+    status = store.status("retry", "rq")
+    assert (status.total, status.done, status.failed, status.pending) == (3, 2, 1, 1)
+    assert store.get_records("retry", ["/gone", "/bad"])[1]["error"]["code"] == "decode_failed"
+
+    # The retried image is labeled: one record, counted once, the run finished.
+    store.write_records("retry", [labels_record("/gone")])
+    status = store.status("retry", "rq")
+    assert (status.total, status.done, status.failed, status.finished()) == (3, 3, 1, True)
+
+    # A record rewritten between the scan and the reopen is left alone.
+    [(path, stale)] = [
+        (p, v) for p, v in store.client.hscan_iter("labeler:run:retry:records") if p == b"/bad"
+    ]
+    store.write_records("retry", [labels_record("/bad")])
+    assert store._reopen_records("retry", [("/bad", stale)]) == []
+    assert store.status("retry", "rq").failed == 0
