@@ -147,3 +147,37 @@ def test_python_dash_m_reaches_every_subcommand():
             env={**os.environ, "COLUMNS": "120"},
         )
         assert result.returncode == 0 and expected in result.stdout, result.stderr
+
+
+def test_retry_errors_labels_images_fixed_since_and_keeps_one_record_each(photo_dir, tiny_bundle, tmp_path):
+    """A file missing during the run, then restored: --retry-errors drops the error records (a
+    line cut by a kill too) and labels those images again; every path ends with one record."""
+    import shutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for photo in sorted(photo_dir.glob("*.jpg"))[:4]:
+        shutil.copy(photo, images / photo.name)
+    late = images / "late.jpg"  # named in the list, restored only after the first run
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 still broken")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([*(str(p) for p in sorted(images.glob("*.jpg"))), str(late)]) + "\n")
+    out = tmp_path / "labels.jsonl"
+    command = ["run", f"@{listing}", "--model", str(tiny_bundle), "--out", str(out), "--no-progress"]
+    first = CliRunner().invoke(main, command)
+    assert first.exit_code == 0, first.output
+    codes = {r["path"]: r.get("error", {}).get("code") for r in read_records(out)}
+    assert codes[str(late)] == "not_found" and codes[str(images / "broken.jpg")] == "decode_failed"
+
+    shutil.copy(sorted(photo_dir.glob("*.jpg"))[0], late)
+    with open(out, "a") as handle:
+        handle.write('{"path": "/cut/by/a/kill')
+    second = CliRunner().invoke(main, [*command, "--retry-errors"])
+    assert second.exit_code == 0, second.output
+    assert "2 error records dropped" in second.output
+    assert "skipped (already done) 4" in second.output
+    records = read_records(out)
+    assert sorted(r["path"] for r in records) == sorted(codes)  # one record per path, none lost
+    by_path = {r["path"]: r for r in records}
+    assert "labels" in by_path[str(late)]
+    assert by_path[str(images / "broken.jpg")]["error"]["code"] == "decode_failed"  # tried again

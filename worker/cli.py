@@ -54,6 +54,11 @@ def inspect(bundle: Path) -> None:
     help="Only read files under this directory (repeatable).",
 )
 @click.option("--resume", is_flag=True, help="Skip inputs that already have a record in --out.")
+@click.option(
+    "--retry-errors",
+    is_flag=True,
+    help="With --resume: drop the error records from --out first, so those images are tried again.",
+)
 @click.option("--top-k", type=int, default=5, show_default=True)
 @click.option("--embeddings", is_flag=True, help="Add the 2048-d pooled features to each record.")
 @click.option(
@@ -89,6 +94,7 @@ def run(
     out_path: Path,
     allowed_roots: tuple[Path, ...],
     resume: bool,
+    retry_errors: bool,
     top_k: int,
     embeddings: bool,
     batch_size: int | None,
@@ -134,6 +140,11 @@ def run(
         read_policy=ReadPolicy.create([str(r) for r in allowed_roots], max_bytes),
         max_pixels=max_pixels,
     )
+    if retry_errors:
+        from worker.results import drop_error_records
+
+        resume = True
+        click.echo(f"{drop_error_records(out_path)} error records dropped from {out_path} to retry", err=True)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=0, unit="img", disable=not show, dynamic_ncols=True, smoothing=0.1)
 

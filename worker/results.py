@@ -22,6 +22,32 @@ def completed_paths(path: Path) -> set[str]:
     return done
 
 
+def drop_error_records(path: Path) -> int:
+    """Rewrite a results file without its error records (and any line cut short by a kill), so a
+    resumed run labels those images again and each still has one record. Returns how many went.
+
+    Written to a temporary file beside it and renamed over it: a kill leaves the old file whole."""
+    if not path.exists():
+        return 0
+    dropped = 0
+    temporary = path.with_name(path.name + ".retry-tmp")
+    with open(path, encoding="utf-8") as source, open(temporary, "w", encoding="utf-8") as kept:
+        for line in source:
+            try:
+                record = json.loads(line)
+                complete = line.endswith("\n") and "path" in record
+            except ValueError:
+                complete = False
+            if complete and "error" not in record:
+                kept.write(line)
+            elif complete:
+                dropped += 1
+        kept.flush()
+        os.fsync(kept.fileno())
+    os.replace(temporary, path)
+    return dropped
+
+
 def _drop_partial_last_line(path: Path) -> None:
     """A killed writer can leave half a line; cut it so appended records start on a fresh line."""
     with open(path, "rb+") as handle:
