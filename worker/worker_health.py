@@ -6,8 +6,9 @@ worker drains the whole queue. So the job in hand goes back to the queue without
 its deliveries, the worker warm-shuts itself down (SIGTERM to its own process: Celery stops
 consuming and running jobs hand their work back), and `labeler worker` exits with EXIT_ENGINE_BROKEN,
 so systemd (Restart=on-failure), Kubernetes or Compose restarts it on a fresh CUDA context while the
-other workers take the jobs. With the prefork pool the signal reaches the pool child only, which
-the parent replaces.
+other workers take the jobs. With the prefork pool, where the engine lives in a pool child, the
+child signals the main worker process instead (a replaced child would only break again); that
+process then exits 0, since the reason stayed in the child.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ EXIT_ENGINE_BROKEN = 70  # EX_SOFTWARE: not a clean stop, restart me
 
 _lock = threading.Lock()
 _failure: str | None = None
+_WORKER_PID = os.getpid()  # imported by the main worker process; prefork children inherit it
 
 
 def engine_failure() -> str | None:
@@ -38,4 +40,4 @@ def stop_worker(reason: str) -> None:
             return
         _failure = reason
     log.critical("stopping this worker, its engine is broken: %s", reason)
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(_WORKER_PID, signal.SIGTERM)

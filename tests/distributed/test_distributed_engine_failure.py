@@ -45,11 +45,13 @@ def test_fake_gpu_fault_stops_the_worker_and_hands_the_jobs_back(redis_url, star
     assert client.llen("labeler:run:gpu-lost:dead") == 0  # the worker's fault spent no deliveries
 
 
-def test_a_worker_whose_model_cannot_load_exits_70_and_leaves_the_job_queued(
-    redis_url, start_worker, small_jpegs, tiny_bundle, tmp_path
+@pytest.mark.parametrize(("pool", "expected_status"), [("threads", EXIT_ENGINE_BROKEN), ("prefork", 0)])
+def test_a_worker_whose_model_cannot_load_stops_and_leaves_the_job_queued(
+    redis_url, start_worker, small_jpegs, tiny_bundle, tmp_path, pool, expected_status
 ):
     """A bundle corrupted after the start check (checksum mismatch at load): the first job goes back
-    untouched, without a delivery spent, and the worker exits 70 instead of spinning on the queue."""
+    untouched, without a delivery spent, and the worker stops instead of spinning on the queue
+    (status 70; with prefork the pool child stops the main process, which exits 0)."""
     import shutil
 
     corrupted = tmp_path / "corrupted"
@@ -58,11 +60,12 @@ def test_a_worker_whose_model_cannot_load_exits_70_and_leaves_the_job_queued(
         model.write(b"\0")
     client = redis.Redis.from_url(redis_url)
     paths = small_jpegs[200:210]
-    broken = start_worker(redis_url, "cannot-load", model=corrupted)
+    broken = start_worker(redis_url, "cannot-load", ["--pool", pool], model=corrupted)
     enqueue_paths(client, "bad-bundle", paths, QUEUE, chunk_size=10)
 
-    status = wait_for(lambda: broken.process.poll(), 90, "the worker to stop itself")
-    assert status == EXIT_ENGINE_BROKEN, broken.log()[-3000:]
+    wait_for(lambda: broken.process.poll() is not None, 90, "the worker to stop itself")
+    status = broken.process.returncode
+    assert status == expected_status, broken.log()[-3000:]
     assert "does not match the checksum" in broken.log()
     assert not [v for v in client.hvals("labeler:run:bad-bundle:records") if v]
     deliveries = client.hgetall("labeler:run:bad-bundle:deliveries")
