@@ -267,7 +267,10 @@ def label_paths(job_id: str, run: str, paths: list[str], return_records: bool = 
         written += flush(sink.take(config.flush_records, 0.25))
 
     if service.failure is not None:
-        _hand_back_from_broken_worker(store, run, job_id, f"labeling service gave up: {service.failure}")
+        reason = f"labeling service gave up: {service.failure}"
+        if counts["engine_failed"] or written < len(todo):
+            _hand_back_from_broken_worker(store, run, job_id, reason)
+        stop_worker(reason)  # this job got all its records first; the worker still stops
     if counts["engine_failed"]:
         reason = f"{counts['engine_failed']} images met an engine failure; the job goes back for them"
         log.warning("job %s: %s", job_id, reason)
