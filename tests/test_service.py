@@ -209,3 +209,21 @@ def test_local_run_keeps_no_record_for_engine_failures_and_resume_retries_them(
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["path"] for r in records) == image_paths  # each image once, none lost
     assert completed_paths(out) == set(image_paths)
+
+
+def test_local_run_stops_when_the_engine_gives_up_and_resume_finishes(tiny_bundle, image_paths, tmp_path):
+    from worker.local_run import run_local
+
+    out = tmp_path / "labels.jsonl"
+    options = ServiceOptions(max_batch_size=2, max_wait_s=0.0, decode_threads=1, max_in_flight=4)
+    broken = run_local(image_paths, lost_gpu_runner(tiny_bundle, from_call=3), out, options)
+    assert broken.engine_failure is not None and "in a row" in broken.engine_failure
+    assert not broken.complete and broken.labeled + broken.not_labeled == len(image_paths)
+    assert broken.never_submitted > 0  # it stopped taking images instead of failing them all
+    assert any("the engine gave up" in line for line in broken.lines())
+    assert len(out.read_text().splitlines()) == broken.labeled
+
+    healthy = OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1)
+    resumed = run_local(image_paths, healthy, out, options, resume=True)
+    assert resumed.complete and resumed.labeled == broken.not_labeled
+    assert sorted(json.loads(line)["path"] for line in out.read_text().splitlines()) == image_paths
