@@ -82,7 +82,7 @@ class _Prepared:
 
 @dataclass
 class _Started:
-    """A batch the runner is working on (or failed to start)."""
+    """A batch started on the runner; its records go out when it is finished."""
 
     items: list[_Prepared]
     pending: PendingInference
