@@ -228,8 +228,9 @@ def label_paths(job_id: str, run: str, paths: list[str], return_records: bool = 
     todo = list(
         dict.fromkeys(with_redis_retry(lambda: store.paths_without_record(run, paths), "resume check"))
     )
-    if engine_failure() is not None:  # this worker is stopping; do not reload a broken engine
-        _hand_back_from_broken_worker(store, run, job_id, engine_failure() or "")
+    broken = engine_failure()
+    if broken is not None and todo:  # this worker is stopping; do not reload a broken engine
+        _hand_back_from_broken_worker(store, run, job_id, broken)
     try:
         service = shared_service()
     except Exception as exc:
