@@ -228,8 +228,11 @@ def label_paths(job_id: str, run: str, paths: list[str], return_records: bool = 
     todo = list(
         dict.fromkeys(with_redis_retry(lambda: store.paths_without_record(run, paths), "resume check"))
     )
+    counts = {"labeled": 0, "failed": 0, "engine_failed": 0}
+    if not todo:  # a redelivered job whose images all have records: no engine needed
+        return _finish_job(store, job_id, run, paths, len(paths), counts, return_records)
     broken = engine_failure()
-    if broken is not None and todo:  # this worker is stopping; do not reload a broken engine
+    if broken is not None:  # this worker is stopping; do not reload a broken engine
         _hand_back_from_broken_worker(store, run, job_id, broken)
     try:
         service = shared_service()
@@ -238,7 +241,6 @@ def label_paths(job_id: str, run: str, paths: list[str], return_records: bool = 
         _hand_back_from_broken_worker(store, run, job_id, f"model failed to load: {exc}")
 
     sink = _RecordSink()
-    counts = {"labeled": 0, "failed": 0, "engine_failed": 0}
     deadline = time.monotonic() + config.task_deadline_s
 
     def flush(records: list[dict[str, Any]]) -> int:
@@ -288,12 +290,25 @@ def label_paths(job_id: str, run: str, paths: list[str], return_records: bool = 
         with_redis_retry(lambda: store.note_error(run, job_id, reason), "noting an error")
         raise Reject(reason, requeue=True)
 
+    return _finish_job(store, job_id, run, paths, len(paths) - len(todo), counts, return_records)
+
+
+def _finish_job(
+    store: RunStore,
+    job_id: str,
+    run: str,
+    paths: list[str],
+    skipped: int,
+    counts: dict[str, int],
+    return_records: bool,
+) -> dict[str, Any]:
+    """Every path has its record: clear the delivery count and say what the job did."""
     with_redis_retry(lambda: store.finish_job(run, job_id), "finishing a job")
     result: dict[str, Any] = {
         "run": run,
         "job_id": job_id,
         "images": len(paths),
-        "skipped": len(paths) - len(todo),
+        "skipped": skipped,
         "labeled": counts["labeled"],
         "failed": counts["failed"],
     }
