@@ -308,7 +308,8 @@ def status_command(run: str, broker: str | None, watch: bool, interval: float, a
     help="FILE.jsonl, FILE.csv or FILE.parquet.",
 )
 @click.option("--broker", help=BROKER_HELP)
-def results_command(run: str, out_path: Path, broker: str | None) -> None:
+@click.option("--errors-only", is_flag=True, help="Only the error records: which images failed, and why.")
+def results_command(run: str, out_path: Path, broker: str | None, errors_only: bool) -> None:
     """Stream every record of RUN to a file (format by extension), in constant memory."""
     from worker.client.export import ExportError, export_records, format_for
 
@@ -321,7 +322,10 @@ def results_command(run: str, out_path: Path, broker: str | None) -> None:
     if not _run_exists(store, run):
         raise click.ClickException(f"no run named {run!r}")
     try:
-        count = export_records(store.iter_records(run), out_path)
+        records = store.iter_records(run)
+        if errors_only:
+            records = (record for record in records if "error" in record)
+        count = export_records(records, out_path)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     status = store.status(run, settings.queue)

@@ -3,6 +3,7 @@ redis-server and a real Celery worker; every image still ends with exactly one r
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -29,6 +30,13 @@ def test_retry_labels_an_image_restored_after_the_run(redis_url, start_worker, s
     enqueue_paths(client, "retry-run", paths, QUEUE, chunk_size=4)
     wait_run_done(client, "retry-run", 90)
     assert run_counts(client, "retry-run") == {"total": 7, "done": 7, "failed": 2}
+
+    failures = tmp_path / "failures.csv"  # triage first: which images failed, and why
+    listed = CliRunner().invoke(main, ["results", "retry-run", "--out", str(failures), "--errors-only",
+                                       "--broker", redis_url])  # fmt: skip
+    assert listed.exit_code == 0, listed.output
+    rows = {row["path"]: row["error_code"] for row in csv.DictReader(failures.open())}
+    assert rows == {str(restored): "not_found", str(corrupt): "decode_failed"}
 
     shutil.copy(small_jpegs[0], restored)
     result = CliRunner().invoke(main, ["retry", "retry-run", "--code", "not_found", "--broker", redis_url,
