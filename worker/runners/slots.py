@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
+import numpy as np
+
 from worker.runners.base import RunnerError
 
 
@@ -50,3 +52,12 @@ class SlotRing(Generic[SlotT]):
 
     def __iter__(self) -> Iterator[SlotT]:
         return iter(self.slots)
+
+
+def copy_into_slot(crops: np.ndarray, buffer: np.ndarray) -> None:
+    """Write a batch into the start of a slot's input buffer, unless it was stacked there already
+    (Runner.staging): then it is the same memory and there is nothing to copy."""
+    count = len(crops)
+    if crops.dtype == buffer.dtype and crops.ctypes.data == buffer.ctypes.data:
+        return
+    buffer[:count] = crops if buffer.dtype == crops.dtype else crops.astype(buffer.dtype)

@@ -25,7 +25,7 @@ import numpy as np
 from worker.runners.base import InferenceOutput, Runner, RunnerError
 from worker.runners.engine_records import choose_engine, load_records, read_verified
 from worker.runners.gpu_info import GpuInfo
-from worker.runners.slots import SlotRing
+from worker.runners.slots import SlotRing, copy_into_slot
 from worker.sidecar import ModelSpec
 
 
@@ -183,8 +183,7 @@ class TensorRTRunner(Runner):
         count = len(crops)
         name = self.spec.input.name
         host_in = slot.host[name]
-        if not _is_start_of(crops, host_in):  # unless the batch was stacked into it (staging)
-            host_in[:count] = crops if host_in.dtype == crops.dtype else crops.astype(host_in.dtype)
+        copy_into_slot(crops, host_in)
         cuda.memcpy_htod_async(slot.device[name], host_in[:count], slot.stream)
         slot.context.set_input_shape(name, (count, *self._shapes[name][1:]))
         if not slot.context.execute_async_v3(slot.stream.handle):
@@ -233,8 +232,3 @@ class TensorRTRunner(Runner):
         if self._cuda_context is not None:
             self._cuda_context.pop()
             self._cuda_context = None
-
-
-def _is_start_of(view: np.ndarray, buffer: np.ndarray) -> bool:
-    """`view` is buffer[:n]: the same memory, nothing to copy."""
-    return view.dtype == buffer.dtype and view.ctypes.data == buffer.ctypes.data

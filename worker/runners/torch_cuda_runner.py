@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from worker.runners.base import InferenceOutput, Runner, RunnerError
-from worker.runners.slots import SlotRing
+from worker.runners.slots import SlotRing, copy_into_slot
 from worker.sidecar import ModelSpec
 
 
@@ -146,9 +146,7 @@ class TorchCudaRunner(Runner):
 
         slot = self._slots.take()
         count = len(crops)
-        host = slot.crops[:count].numpy()
-        if host.ctypes.data != crops.ctypes.data:  # unless the batch was stacked into it (staging)
-            host[...] = crops
+        copy_into_slot(crops, slot.crops.numpy())
         streamed = torch.cuda.stream(slot.stream) if slot.stream is not None else contextlib.nullcontext()
         with torch.inference_mode(), streamed:
             x = slot.crops[:count].to(self._device, non_blocking=True)
