@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from worker.errors import ErrorCode
+
 
 def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[list[dict[str, Any]]]:
     """For each row, the k best classes, best first."""
@@ -36,4 +38,4 @@ def error_record(path: str, code: str, message: str) -> dict:
 def is_engine_failure(record: dict) -> bool:
     """An `inference_failed` record says the engine failed, not the image: it is never kept as the
     image's result (the image is retried: its job requeued, or `labeler run --resume`)."""
-    return record.get("error", {}).get("code") == "inference_failed"
+    return record.get("error", {}).get("code") == ErrorCode.INFERENCE_FAILED

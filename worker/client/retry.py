@@ -9,7 +9,8 @@ enqueue, so every image still ends with exactly one record and the counts stay e
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from itertools import chain
 
 import redis
 
@@ -27,10 +28,5 @@ def retry_failed(
     prefix: str = "labeler",
 ) -> EnqueueSummary:
     """Reopen and publish every failed image of `run` (only those with `codes`, if given)."""
-    store = RunStore(client, prefix)
-
-    def reopened() -> Iterator[str]:
-        for batch in store.iter_failed(run, frozenset(codes)):
-            yield from batch
-
-    return enqueue_paths(client, run, reopened(), queue, chunk_size, max_queued_jobs, prefix)
+    reopened = chain.from_iterable(RunStore(client, prefix).iter_failed(run, frozenset(codes)))
+    return enqueue_paths(client, run, reopened, queue, chunk_size, max_queued_jobs, prefix)
