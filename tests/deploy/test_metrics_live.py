@@ -63,9 +63,10 @@ def test_worker_activity_is_recorded_per_worker(labeled_run, redis_server) -> No
     assert sum(images for _, images in timeline(client, "labeler", labeled_run["run"])) == GOOD_IMAGES + 3
 
 
-def test_status_json_reports_workers(labeled_run) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "worker", "status", labeled_run["run"], "--json"],
+def labeler(labeled_run: dict, *args: str) -> str:
+    """Run `labeler ARGS` against the labeled run's Redis, as an operator would; its stdout."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
         env=labeled_run["env"],
         cwd=REPO,
         check=True,
@@ -73,6 +74,10 @@ def test_status_json_reports_workers(labeled_run) -> None:
         text=True,
         timeout=60,
     ).stdout
+
+
+def test_status_json_reports_workers(labeled_run) -> None:
+    out = labeler(labeled_run, "status", labeled_run["run"], "--json")
     status = json.loads(out)
     assert status["done"] == GOOD_IMAGES + 3
     [worker] = status["workers"]
@@ -80,15 +85,7 @@ def test_status_json_reports_workers(labeled_run) -> None:
 
 
 def test_status_text_shows_per_worker_throughput(labeled_run) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "worker", "status", labeled_run["run"]],
-        env=labeled_run["env"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    out = labeler(labeled_run, "status", labeled_run["run"])
     assert "workers" in out
     line = next(line for line in out.splitlines() if "metrics1@" in line)
     assert f"{GOOD_IMAGES + 3} images" in line and "images/s" in line
@@ -96,14 +93,7 @@ def test_status_text_shows_per_worker_throughput(labeled_run) -> None:
 
 def test_report_renders_in_headless_chromium(labeled_run, browser, tmp_path) -> None:
     out = tmp_path / "report.html"
-    subprocess.run(
-        [sys.executable, "-m", "worker", "report", labeled_run["run"], "--out", str(out)],
-        env=labeled_run["env"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    labeler(labeled_run, "report", labeled_run["run"], "--out", str(out))
     html = out.read_text()
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
     assert "<script" not in html
