@@ -63,9 +63,9 @@ def local_rate(bundle: Path, folder: Path, out: Path, batch: int) -> tuple[float
 
 def warm_local_rate(bundle: Path, paths: list[str], out: Path, batch: int) -> tuple[float, float]:
     """`labeler run`'s pipeline in this process, model loaded before the clock: (images/s, CPU s/image)."""
-    from worker.results import JsonlWriter
+    from worker.local.results import JsonlWriter
+    from worker.pipeline.service import LabelingService, ServiceOptions
     from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
-    from worker.service import LabelingService, ServiceOptions
 
     options = ServiceOptions(max_batch_size=batch, max_wait_s=0.02)
     with LabelingService(OnnxRuntimeRunner(bundle), options) as service, JsonlWriter(out) as writer:

@@ -28,7 +28,7 @@ from common import machine_description  # noqa: E402
 from distributed_helpers import RedisServer  # noqa: E402
 
 from worker.client.enqueue import enqueue_paths  # noqa: E402
-from worker.run_store import RunStore  # noqa: E402
+from worker.runs.store import RunStore  # noqa: E402
 
 
 def used_memory(client) -> int:
@@ -95,7 +95,7 @@ def main() -> None:
             )
             store = RunStore(client)
             queue_bytes = int(client.memory_usage("labeler") or 0)
-            hash_bytes = int(client.memory_usage(store.key("bench", "records")) or 0)
+            hash_bytes = int(client.memory_usage(store.keys("bench").records) or 0)
             print(
                 f"Redis memory per queued image: {(after - before) / args.paths:.0f} B "
                 f"(queue {queue_bytes / args.paths:.0f} B, run hash {hash_bytes / args.paths:.0f} B)"

@@ -24,10 +24,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bundle_or_default, machine_description, make_photo_set  # noqa: E402
 
-from worker.local_run import run_local  # noqa: E402
-from worker.preprocess import decode_and_crop  # noqa: E402
+from worker.local.run import run_local  # noqa: E402
+from worker.pipeline.preprocess import decode_and_crop  # noqa: E402
+from worker.pipeline.service import LabelingService, ServiceOptions  # noqa: E402
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
-from worker.service import ServiceOptions  # noqa: E402
 from worker.sidecar import ModelSpec  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def end_to_end(bundle: Path, paths: list[Path], batch: int, out: Path, repeats: 
     best = 0.0
     for _ in range(repeats):
         options = ServiceOptions(max_batch_size=batch, max_wait_s=0.02)
-        summary = run_local([str(p) for p in paths], OnnxRuntimeRunner(bundle), out, options)
+        summary = run_local([str(p) for p in paths], LabelingService(OnnxRuntimeRunner(bundle), options), out)
         assert summary.labeled == len(paths), summary.lines()
         best = max(best, len(paths) / summary.seconds)  # model load excluded, as for the bare runner
     return best

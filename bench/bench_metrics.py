@@ -27,14 +27,14 @@ sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests" / "distributed")]
 from common import machine_description, make_photo_set  # noqa: E402
 from distributed_helpers import RedisServer  # noqa: E402
 
-from worker import activity_store  # noqa: E402
-from worker.metrics import WorkerMetrics  # noqa: E402
-from worker.run_store import RunStore  # noqa: E402
+from worker.celery_worker.metrics import WorkerMetrics  # noqa: E402
+from worker.runs import activity as activity_store  # noqa: E402
+from worker.runs.store import RunStore  # noqa: E402
 
 
 def label_all(bundle: Path, paths: list[str], observer: WorkerMetrics | None) -> float:
+    from worker.pipeline.service import LabelingService, ServiceOptions
     from worker.runners import create_runner
-    from worker.service import LabelingService, ServiceOptions
 
     runner = create_runner(bundle, "onnxruntime", intra_op_threads=1)
     options = ServiceOptions(max_batch_size=32, decode_threads=1, observer=observer)

@@ -30,9 +30,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from common import machine_description, make_photo_set  # noqa: E402
 
 from worker.machine import usable_cores  # noqa: E402
-from worker.preprocess import decode_and_crop  # noqa: E402
+from worker.pipeline.preprocess import decode_and_crop  # noqa: E402
+from worker.pipeline.service import LabelingService, ServiceOptions  # noqa: E402
 from worker.runners.base import InferenceOutput, Runner  # noqa: E402
-from worker.service import LabelingService, ServiceOptions  # noqa: E402
 from worker.sidecar import ModelInput, ModelSpec, Preprocessing  # noqa: E402
 
 

@@ -31,8 +31,8 @@ sys.path[:0] = [str(ROOT), str(ROOT.parent / "tests")]
 from common import bundle_or_default, machine_description, make_photo_set  # noqa: E402
 from reference_transform import reference_crop  # noqa: E402
 
-from worker.image_header import read_header  # noqa: E402
-from worker.preprocess import crop_resize, decode_and_crop, plan_crop  # noqa: E402
+from worker.pipeline.image_header import read_header  # noqa: E402
+from worker.pipeline.preprocess import crop_resize, decode_and_crop, plan_crop  # noqa: E402
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
 from worker.sidecar import ModelSpec  # noqa: E402
 

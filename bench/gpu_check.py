@@ -36,9 +36,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import cpu_name  # noqa: E402
 
-from worker.preprocess import decode_and_crop  # noqa: E402
+from worker.pipeline.preprocess import decode_and_crop  # noqa: E402
+from worker.pipeline.service import LabelingService, ServiceOptions  # noqa: E402
 from worker.runners.torch_cuda_runner import TorchCudaRunner  # noqa: E402
-from worker.service import LabelingService, ServiceOptions  # noqa: E402
 from worker.sidecar import ModelInput, ModelSpec, Preprocessing  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
 
 
 class RandomResNetRunner(TorchCudaRunner):
-    """The runner with a seeded random ResNet-50 straight from engine_build.resnet: used when the
+    """The runner with a seeded random ResNet-50 straight from worker.resnet: used when the
     node cannot export ONNX (no onnx/onnxscript); the speed is the same, the labels mean nothing."""
 
     def __init__(self, bundle_dir: Path, spec: ModelSpec, base_width: int, **kwargs) -> None:
@@ -82,13 +82,13 @@ class RandomResNetRunner(TorchCudaRunner):
     def _build_model(self):
         import torch
 
-        from engine_build.resnet import build_resnet, resnet50_spec
+        from worker.resnet import build_resnet, resnet50_spec
 
         torch.manual_seed(0)
         return build_resnet(resnet50_spec(self.spec.num_classes, self.base_width)).eval()
 
 
-def make_runner_factory(work: Path, classes: int, base_width: int, size: int, device: str, dtype: str):
+def make_runner_factory(work: Path, classes: int, base_width: int, size: int, device: str, precision: str):
     """A bundle built by the real build path if this node can export, else the random module."""
     prep = Preprocessing(crop_size=(size, size), resize_size=int(size * 256 / 224))
     try:
@@ -100,7 +100,7 @@ def make_runner_factory(work: Path, classes: int, base_width: int, size: int, de
         how = "bundle built by labeler's build path (random weights), weights read back from its ONNX"
 
         def factory() -> TorchCudaRunner:
-            return TorchCudaRunner(bundle, device=device, dtype=dtype, max_batch=256)
+            return TorchCudaRunner(bundle, device=device, precision=precision, max_batch=256)
 
     except Exception as exc:  # noqa: BLE001 - no onnx/onnxscript there, or the export fails: one shot
         bundle = work / "spec-only"
@@ -112,7 +112,7 @@ def make_runner_factory(work: Path, classes: int, base_width: int, size: int, de
         how = f"no ONNX export here ({type(exc).__name__}: {str(exc)[:120]}): seeded random ResNet-50 module"
 
         def factory() -> TorchCudaRunner:
-            return RandomResNetRunner(bundle, spec, base_width, device=device, dtype=dtype, max_batch=256)
+            return RandomResNetRunner(bundle, spec, base_width, device=device, precision=precision, max_batch=256)
 
     return factory, how
 
@@ -202,20 +202,20 @@ def main() -> None:
     import torch
 
     if args.smoke:
-        device, dtype, classes, width, size, batches = "cpu", "float32", 10, 8, 64, (8, 16, 32)
+        device, precision, classes, width, size, batches = "cpu", "fp32", 10, 8, 64, (8, 16, 32)
         count, seconds = args.images or 96, args.seconds or 1.0
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --smoke on a CPU machine")
         torch.backends.cudnn.benchmark = True
-        device, dtype, classes, width, size, batches = "cuda", "float16", 1000, 64, 224, (64, 128, 256)
+        device, precision, classes, width, size, batches = "cuda", "fp16", 1000, 64, 224, (64, 128, 256)
         count, seconds = args.images or 12000, args.seconds or 4.0
     print(f"machine: {machine(device)}", flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        factory, how = make_runner_factory(work, classes, width, size, device, dtype)
-        print(f"model:   ResNet-50 base width {width}, {classes} classes, {size}x{size}, {dtype}; {how}")
+        factory, how = make_runner_factory(work, classes, width, size, device, precision)
+        print(f"model:   ResNet-50 base width {width}, {classes} classes, {size}x{size}, {precision}; {how}")
         paths = make_images(work / "images", count)
         prep = factory().spec.preprocessing
         crops = np.stack([decode_and_crop(p.read_bytes(), prep) for p in paths[: max(batches) * 2]])

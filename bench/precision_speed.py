@@ -52,7 +52,7 @@ def main() -> None:
         )
         add_precision_variants(bundle, request, echo=lambda _m: None)
         crops = CropSet.load(bundle / "heldout.npz").crops[: args.batch * 2]
-        runners = {v: OnnxRuntimeRunner(bundle, variant=v).load() for v in ("fp32", "fp16", "int8")}
+        runners = {v: OnnxRuntimeRunner(bundle, precision=v).load() for v in ("fp32", "fp16", "int8")}
         best = dict.fromkeys(runners, 0.0)
         for runner in runners.values():
             runner.infer(crops[: args.batch])  # warm-up

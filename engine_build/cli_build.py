@@ -99,7 +99,7 @@ def build(
 ) -> None:
     """Build a model bundle (model.onnx + model.json) from PyTorch weights, ONNX or a Keras model."""
     from engine_build.errors import BuildError
-    from worker.inputs import iter_input_paths
+    from worker.pipeline.inputs import iter_input_paths
     from worker.sidecar import Preprocessing
 
     if [weights, onnx_file, keras_file].count(None) != 2:

@@ -35,9 +35,9 @@ from engine_build.keras_export import (
     labels_path_for,
     training_report_path_for,
 )
-from worker.errors import ImageError
-from worker.inputs import iter_input_paths
-from worker.preprocess import decode_and_crop
+from worker.pipeline.errors import ImageError
+from worker.pipeline.inputs import iter_input_paths
+from worker.pipeline.preprocess import decode_and_crop
 from worker.sidecar import Preprocessing
 
 log = logging.getLogger(__name__)

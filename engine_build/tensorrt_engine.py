@@ -52,14 +52,13 @@ class EngineSettings:
 
 def onnx_for_precision(spec: ModelSpec, bundle_dir: Path, precision: str) -> tuple[Path, str]:
     """The bundle's ONNX file for this precision and its recorded checksum."""
-    if precision in ("fp32", spec.precision):
-        return Path(bundle_dir) / spec.model_file, spec.checksum_sha256
-    info = spec.variants.get(precision)
-    if info is None:
+    try:
+        name, sha256 = spec.model_for(precision)
+    except KeyError:
         raise BuildError(
             f"bundle has no {precision} model; add it first: labeler build {bundle_dir} --precision {precision}"
-        )
-    return Path(bundle_dir) / info["file"], info["sha256"]
+        ) from None
+    return Path(bundle_dir) / name, sha256
 
 
 def engine_stem(precision: str, gpu: GpuInfo, trt_version: str, max_batch: int) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 import onnx
 
 from engine_build.errors import BuildError
-from engine_build.resnet import build_resnet, resnet50_spec
 from engine_build.weights import LoadedWeights, infer_base_width
+from worker.resnet import build_resnet, resnet50_spec
 
 OPSET = 18
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from engine_build.errors import BuildError
-from worker.preprocess import decode_and_crop
+from worker.pipeline.preprocess import decode_and_crop
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
 from worker.sidecar import ModelSpec, Preprocessing
 

@@ -6,9 +6,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from engine_build.resnet import build_resnet, count_parameters, resnet50_spec  # noqa: E402
 from engine_build.torch_export import model_from_weights  # noqa: E402
 from engine_build.weights import LoadedWeights, _unwrap  # noqa: E402
+from worker.resnet import build_resnet, count_parameters, resnet50_spec  # noqa: E402
 
 
 def test_resnet50_has_the_published_parameter_count():

@@ -20,8 +20,9 @@ import cv2
 import numpy as np
 import pytest
 
-from worker.errors import ErrorCode, ImageError
-from worker.reading import ReadPolicy, read_image_bytes
+from worker.pipeline.errors import ImageError
+from worker.pipeline.reading import ReadPolicy, read_image_bytes
+from worker.records import ErrorCode
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -167,8 +168,8 @@ def test_unreadable_file_is_permission_denied():
             pytest.skip(f"{parent} is not traversable by an unprivileged user")
     code = (
         f"import sys; sys.path[:0] = {sys.path!r}\n"
-        "from worker.reading import read_image_bytes, ReadPolicy\n"
-        "from worker.errors import ImageError\n"
+        "from worker.pipeline.reading import read_image_bytes, ReadPolicy\n"
+        "from worker.pipeline.errors import ImageError\n"
         f"try:\n    read_image_bytes({str(target)!r}, ReadPolicy())\nexcept ImageError as e:\n    print(e.code)\n"
     )
     result = subprocess.run(

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from worker.batcher import STOP, collect_batch
+from worker.pipeline.batcher import STOP, collect_batch
 
 
 def filled(*items) -> queue.Queue:

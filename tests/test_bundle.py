@@ -16,11 +16,11 @@ from click.testing import CliRunner  # noqa: E402
 from engine_build import weights as weights_module  # noqa: E402
 from engine_build.build import build_from_onnx, build_from_weights  # noqa: E402
 from engine_build.errors import BuildError  # noqa: E402
-from engine_build.resnet import build_resnet, resnet50_spec  # noqa: E402
 from engine_build.torch_export import model_from_weights  # noqa: E402
 from engine_build.verify import load_crops, normalize_reference, sample_images  # noqa: E402
 from engine_build.weights import LoadedWeights, load_weights_file, random_weights  # noqa: E402
 from worker.cli import main  # noqa: E402
+from worker.resnet import build_resnet, resnet50_spec  # noqa: E402
 from worker.runners import RunnerError  # noqa: E402
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
 from worker.sidecar import ModelSpec, Preprocessing  # noqa: E402

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.preprocess import decode_and_crop
+from worker.pipeline.preprocess import decode_and_crop
 from worker.sidecar import Preprocessing
 
 PREP = Preprocessing()

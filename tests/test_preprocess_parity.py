@@ -17,8 +17,8 @@ import pytest
 from reference_transform import reference_crop, reference_tensor
 
 from engine_build.preprocess_graph import preprocessing_graph
-from worker.image_header import read_header
-from worker.preprocess import decode_and_crop, plan_crop
+from worker.pipeline.image_header import read_header
+from worker.pipeline.preprocess import decode_and_crop, plan_crop
 from worker.sidecar import ModelInput, Preprocessing
 
 PREP = Preprocessing()

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from worker.cli import main
-from worker.results import completed_paths
+from worker.local.results import completed_paths
 
 IMAGE_COUNT = 1200
 

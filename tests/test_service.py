@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-import worker.service as service_module
+import worker.pipeline.service as service_module
+from worker.pipeline.service import LabelingService, ServiceFailed, ServiceOptions
 from worker.runners.base import InferenceOutput, Runner
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
-from worker.service import LabelingService, ServiceFailed, ServiceOptions
 
 
 @pytest.fixture(scope="module")
@@ -190,21 +190,20 @@ def test_local_run_keeps_no_record_for_engine_failures_and_resume_retries_them(
 ):
     """`labeler run`'s loop: images whose batch failed in the engine get no record (it is not their
     fault), the summary says so, and a --resume run labels exactly those, once."""
-    from worker.local_run import run_local
-    from worker.results import completed_paths
+    from worker.local.results import completed_paths
+    from worker.local.run import run_local
 
     out = tmp_path / "labels.jsonl"
     options = ServiceOptions(max_batch_size=2, max_wait_s=0.0, decode_threads=1)
-    first = run_local(image_paths, flaky_runner(tiny_bundle), out, options)
+    first = run_local(image_paths, LabelingService(flaky_runner(tiny_bundle), options), out)
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert first.not_labeled > 0 and not first.complete
     assert first.labeled == len(written) == len(image_paths) - first.not_labeled
     assert not [r for r in written if "error" in r]
     assert any("--resume" in line for line in first.lines())
 
-    second = run_local(
-        image_paths, OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), out, options, resume=True
-    )
+    healthy = LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), options)
+    second = run_local(image_paths, healthy, out, resume=True)
     assert second.complete and second.skipped == first.labeled and second.labeled == first.not_labeled
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["path"] for r in records) == image_paths  # each image once, none lost
@@ -212,18 +211,18 @@ def test_local_run_keeps_no_record_for_engine_failures_and_resume_retries_them(
 
 
 def test_local_run_stops_when_the_engine_gives_up_and_resume_finishes(tiny_bundle, image_paths, tmp_path):
-    from worker.local_run import run_local
+    from worker.local.run import run_local
 
     out = tmp_path / "labels.jsonl"
     options = ServiceOptions(max_batch_size=2, max_wait_s=0.0, decode_threads=1, max_in_flight=4)
-    broken = run_local(image_paths, lost_gpu_runner(tiny_bundle, from_call=3), out, options)
+    broken = run_local(image_paths, LabelingService(lost_gpu_runner(tiny_bundle, from_call=3), options), out)
     assert broken.engine_failure is not None and "in a row" in broken.engine_failure
     assert not broken.complete and broken.labeled + broken.not_labeled == len(image_paths)
     assert broken.never_submitted > 0  # it stopped taking images instead of failing them all
     assert any("the engine gave up" in line for line in broken.lines())
     assert len(out.read_text().splitlines()) == broken.labeled
 
-    healthy = OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1)
-    resumed = run_local(image_paths, healthy, out, options, resume=True)
+    healthy = LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), options)
+    resumed = run_local(image_paths, healthy, out, resume=True)
     assert resumed.complete and resumed.labeled == broken.not_labeled
     assert sorted(json.loads(line)["path"] for line in out.read_text().splitlines()) == image_paths

@@ -96,6 +96,21 @@ class ModelSpec:
     warnings: tuple[str, ...] = ()
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def precisions(self) -> list[str]:
+        """The precisions this bundle has a model for: its own (fp32 unless imported otherwise)
+        and every variant built into it."""
+        return sorted({"fp32", self.precision, *self.variants})
+
+    def model_for(self, precision: str) -> tuple[str, str]:
+        """(file name inside the bundle, expected sha256) of the model for `precision`; the one
+        place every runner and the engine builder ask. KeyError names what the bundle has."""
+        if precision in ("fp32", self.precision):
+            return self.model_file, self.checksum_sha256
+        info = self.variants.get(precision)
+        if info is None:
+            raise KeyError(f"bundle has no {precision!r} model (has: {', '.join(self.precisions())})")
+        return info["file"], info["sha256"]
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)

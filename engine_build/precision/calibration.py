@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.errors import ImageError
-from worker.inputs import iter_input_paths
-from worker.preprocess import decode_and_crop
+from worker.pipeline.errors import ImageError
+from worker.pipeline.inputs import iter_input_paths
+from worker.pipeline.preprocess import decode_and_crop
 from worker.sidecar import Preprocessing
 
 log = logging.getLogger(__name__)

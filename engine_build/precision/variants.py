@@ -2,7 +2,7 @@
 
 Each variant is written beside model.onnx as model.<precision>.onnx, checked against FP32 on the
 held-out crops, and only then recorded in the sidecar's `variants` dict (which the ONNX Runtime
-runner reads with `variant=`). A variant below the gate is not written and the build fails.
+runner reads with `precision=`). A variant below the gate is not written and the build fails.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from worker.metrics import NvmlCollector, WorkerMetrics
+from worker.celery_worker.metrics import NvmlCollector, WorkerMetrics
 
 
 def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float | None:
@@ -17,8 +17,8 @@ def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float | None:
 
 
 def test_observer_counts_a_real_local_run(tiny_bundle, photo_dir: Path, tmp_path: Path) -> None:
+    from worker.pipeline.service import LabelingService, ServiceOptions
     from worker.runners import create_runner
-    from worker.service import LabelingService, ServiceOptions
 
     metrics = WorkerMetrics("local-test")
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
@@ -114,7 +114,7 @@ def test_metrics_endpoint_reports_a_taken_port() -> None:
 
 
 def test_worker_lines_show_rate_and_last_record() -> None:
-    from worker.activity_store import WorkerActivity, format_workers
+    from worker.runs.activity import WorkerActivity, format_workers
 
     workers = [
         WorkerActivity("labeler-gpu0@node1", 1000, 3, 100.0, 110.0),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from worker.activity_store import WorkerActivity
-from worker.report.data import ReportData, rebucket
-from worker.report.page import render_report
-from worker.run_store import RunStatus
+from worker.client.report.data import ReportData, rebucket
+from worker.client.report.page import render_report
+from worker.runs.activity import WorkerActivity
+from worker.runs.store import RunStatus
 
 
 def test_rebucket_fills_gaps_and_converts_to_rates() -> None:

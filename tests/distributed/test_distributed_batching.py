@@ -1,6 +1,6 @@
 """Images of concurrent jobs share engine batches.
 
-Batch sizes are not visible from outside a worker, so this runs the task body (`label_paths`) of
+Batch sizes are not visible from outside a worker, so this runs the job (`LabelJob.label`) of
 several jobs in threads of this process, exactly as the threads pool does, against the real
 private Redis and the real labeling service, and reads the service's batch sizes.
 """
@@ -11,24 +11,26 @@ import threading
 
 import redis
 
-from worker import tasks
-from worker.celery_app import app, configure
-from worker.run_store import RunStore
-from worker.settings import Settings
+from worker.celery_worker.app import app, configure
+from worker.celery_worker.job import LabelJob
+from worker.celery_worker.tasks import LabelerTask
+from worker.runs.settings import Settings
+from worker.runs.store import RunStore
 
 
 def test_concurrent_jobs_share_engine_batches(redis_url, tiny_bundle, small_jpegs) -> None:
     original = app.labeler_settings
     configure(app, Settings(broker_url=redis_url, model=str(tiny_bundle), batch_size=32, max_wait_ms=400,
                             decode_threads=2, intra_op_threads=1))  # fmt: skip
-    tasks._store = None
+    process = LabelerTask.process
+    process.forget_store()
     try:
-        service = tasks.shared_service()
+        service = process.service()
         jobs = [small_jpegs[i * 3 : (i + 1) * 3] for i in range(6)]
         results: list[dict] = []
         threads = [
             threading.Thread(
-                target=lambda i=i, paths=paths: results.append(tasks.label_paths(f"j{i}", "mix", paths))
+                target=lambda i=i, paths=paths: results.append(LabelJob(process, f"j{i}", "mix", paths).label())
             )
             for i, paths in enumerate(jobs)
         ]
@@ -42,6 +44,6 @@ def test_concurrent_jobs_share_engine_batches(redis_url, tiny_bundle, small_jpeg
         status = RunStore(redis.Redis.from_url(redis_url)).status("mix", "q")
         assert (status.total, status.done) == (18, 18)
     finally:
-        tasks._on_worker_shutdown()
-        tasks._store = None
+        process.close()
+        process.forget_store()
         configure(app, original)

@@ -20,7 +20,7 @@ from distributed_helpers import PASSWORD, QUEUE, CeleryWorker, run_counts, wait_
 
 from worker.cli import main
 from worker.client.enqueue import enqueue_paths
-from worker.client.protocol import TASK_NAME, job_message
+from worker.runs.protocol import TASK_NAME, job_message
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +86,8 @@ def test_foreign_producer_with_plain_redis_py(contract_worker, redis_server, sma
 
 
 def test_celery_caller_waits_on_its_own_result(contract_worker, redis_server, small_jpegs) -> None:
-    from worker.celery_app import create_app
-    from worker.settings import Settings
+    from worker.celery_worker.app import create_app
+    from worker.runs.settings import Settings
 
     app = create_app(Settings(broker_url=redis_server.url, queue=QUEUE))
     result = app.send_task(
@@ -141,8 +141,8 @@ def test_pickled_message_is_rejected_and_never_runs(
 
 
 def test_malformed_job_fails_without_harming_the_worker(contract_worker, redis_server, small_jpegs) -> None:
-    from worker.celery_app import create_app
-    from worker.settings import Settings
+    from worker.celery_worker.app import create_app
+    from worker.runs.settings import Settings
 
     app = create_app(Settings(broker_url=redis_server.url, queue=QUEUE))
     bad = app.send_task(TASK_NAME, kwargs={"run": "bad run name!", "paths": "not-a-list"})

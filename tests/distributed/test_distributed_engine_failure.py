@@ -12,8 +12,8 @@ import pytest
 import redis
 from distributed_helpers import QUEUE, run_counts, wait_for, wait_run_done
 
+from worker.celery_worker.health import EXIT_ENGINE_BROKEN
 from worker.client.enqueue import enqueue_paths
-from worker.worker_health import EXIT_ENGINE_BROKEN
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from distributed_helpers import QUEUE, run_counts, wait_for, wait_run_done
 
 from worker.cli import main
 from worker.client.enqueue import enqueue_paths
-from worker.run_store import RunStore
+from worker.runs.store import RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +63,8 @@ def test_thousands_of_images_over_two_workers(
     assert {r["result"]["worker"].split("@")[0] for r in results} == {"w1", "w2"}
 
     # Same labels as the local pipeline (same preprocessing and runner code).
+    from worker.pipeline.service import LabelingService
     from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
-    from worker.service import LabelingService
 
     local = {}
     with LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1)) as service:

@@ -13,10 +13,11 @@ import redis
 
 from worker.client.enqueue import enqueue_paths
 from worker.client.export import ExportError, export_records
-from worker.client.protocol import TASK_NAME, job_message
 from worker.client.status import RateMeter, format_status
-from worker.run_store import RunNameError, RunStore, check_run_name
-from worker.settings import Settings, SettingsError
+from worker.runs.keys import RunNameError, check_run_name
+from worker.runs.protocol import TASK_NAME, job_message
+from worker.runs.settings import Settings, SettingsError
+from worker.runs.store import RunStore
 
 
 def labels_record(path: str, index: int = 1) -> dict:
@@ -147,7 +148,7 @@ def test_status_text_and_rate() -> None:
     meter = RateMeter(smoothing=1.0)
     assert meter.sample(0, now=0.0) is None
     assert meter.sample(100, now=2.0) == pytest.approx(50.0)
-    from worker.run_store import RunStatus
+    from worker.runs.store import RunStatus
 
     status = RunStatus("r", 1000, 400, 10, 0, 3, 0.0, 0.0, 8.0)
     text = format_status(status, rate=50.0)
@@ -155,7 +156,7 @@ def test_status_text_and_rate() -> None:
 
 
 def test_app_is_json_only_with_late_acks_and_one_visibility_timeout() -> None:
-    from worker.celery_app import create_app
+    from worker.celery_worker.app import create_app
 
     conf = create_app(Settings(broker_url="redis://:pw@127.0.0.1:1/0", visibility_timeout_s=999)).conf
     assert conf.accept_content == conf.result_accept_content == ["json"]

@@ -26,7 +26,7 @@ from engine_build.keras_finetune import (
 )
 from engine_build.shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
 from worker.cli import main
-from worker.preprocess import decode_and_crop
+from worker.pipeline.preprocess import decode_and_crop
 
 # Keras' torch backend calls np.array(tensor) in a way NumPy 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -62,7 +62,7 @@ def train_tiny_resnet(crops_nchw: np.ndarray, labels: np.ndarray, base_width: in
     """Train the project's ResNet-50 at 1/`64/base_width` width; returns the state_dict."""
     import torch
 
-    from engine_build.resnet import build_resnet, resnet50_spec
+    from worker.resnet import build_resnet, resnet50_spec
 
     torch.manual_seed(0)
     model = build_resnet(resnet50_spec(len(CLASSES), base_width))

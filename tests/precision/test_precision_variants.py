@@ -16,7 +16,7 @@ from engine_build.errors import BuildError
 from engine_build.precision.calibration import CALIBRATION_FILE, CropSet, image_paths, split_images
 from engine_build.precision.gate import REPORT_FILE
 from engine_build.precision.variants import PrecisionRequest, add_precision_variants
-from worker.preprocess import decode_and_crop
+from worker.pipeline.preprocess import decode_and_crop
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
 from worker.sidecar import ModelSpec, sha256_file
 
@@ -79,7 +79,7 @@ def test_variants_run_through_the_onnxruntime_runner(gated_bundle, photo_dir):
     )
     outputs = {}
     for variant in ("fp32", "fp16", "int8"):
-        with OnnxRuntimeRunner(bundle, variant=variant) as runner:
+        with OnnxRuntimeRunner(bundle, precision=variant) as runner:
             out = runner.infer(crops, want_features=True)
         assert out.probabilities.dtype == np.float32 and out.features.dtype == np.float32
         np.testing.assert_allclose(out.probabilities.sum(1), 1.0, atol=1e-3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.preprocess import decode_and_crop
+from worker.pipeline.preprocess import decode_and_crop
 from worker.runners.base import RunnerError
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
 from worker.runners.torch_cuda_runner import TorchCudaRunner
@@ -22,7 +22,7 @@ def test_torch_runner_matches_onnxruntime_on_the_trained_bundle(trained_bundle, 
         expected = runner.infer(crops, want_features=True)
     for channels_last in (True, False):
         with TorchCudaRunner(
-            trained_bundle, device="cpu", dtype="float32", channels_last=channels_last
+            trained_bundle, device="cpu", precision="fp32", channels_last=channels_last
         ) as runner:
             got = runner.infer(crops, want_features=True)
         np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-4)
@@ -47,17 +47,17 @@ def test_torch_runner_needs_a_pytorch_built_bundle(tmp_path, trained_bundle):
     spec = ModelSpec.load(bundle)
     imported = ModelSpec.from_dict({**spec.to_dict(), "source": {"kind": "onnx"}})
     with pytest.raises(RunnerError, match="built from PyTorch weights"):
-        TorchCudaRunner(bundle, imported, device="cpu", dtype="float32").load()
+        TorchCudaRunner(bundle, imported, device="cpu", precision="fp32").load()
 
 
 def test_torch_runner_serves_the_labeling_service_with_the_same_labels(trained_bundle, photo_dir):
-    from worker.service import LabelingService, ServiceOptions
+    from worker.pipeline.service import LabelingService, ServiceOptions
 
     paths = sorted(str(p) for p in photo_dir.glob("*.jpg"))
     labels = {}
     for name, runner in (
         ("onnxruntime", OnnxRuntimeRunner(trained_bundle, intra_op_threads=1)),
-        ("torch", TorchCudaRunner(trained_bundle, device="cpu", dtype="float32")),
+        ("torch", TorchCudaRunner(trained_bundle, device="cpu", precision="fp32")),
     ):
         records: list[dict] = []
         with LabelingService(runner, ServiceOptions(max_batch_size=8, decode_threads=2)) as service:
@@ -76,7 +76,7 @@ def test_torch_runner_submit_pipelines_slots_and_refuses_an_uncollected_one(trai
     crops = np.stack(
         [decode_and_crop(p.read_bytes(), spec.preprocessing) for p in sorted(photo_dir.glob("*.jpg"))]
     )
-    runner = TorchCudaRunner(trained_bundle, device="cpu", dtype="float32", max_batch=8, slots=2)
+    runner = TorchCudaRunner(trained_bundle, device="cpu", precision="fp32", max_batch=8, slots=2)
     with runner:
         assert runner.pipeline_depth == 2
         expected = runner.infer(crops[:8], want_features=True)
@@ -96,7 +96,7 @@ def test_torch_runner_reads_a_staged_batch_in_place(trained_bundle, photo_dir):
     crops = np.stack(
         [decode_and_crop(p.read_bytes(), spec.preprocessing) for p in sorted(photo_dir.glob("*.jpg"))[:6]]
     )
-    with TorchCudaRunner(trained_bundle, device="cpu", dtype="float32", max_batch=8, slots=2) as runner:
+    with TorchCudaRunner(trained_bundle, device="cpu", precision="fp32", max_batch=8, slots=2) as runner:
         expected = runner.infer(crops)
         staged = runner.staging(len(crops))
         staged[...] = crops

@@ -55,7 +55,7 @@ def test_fake_auto_prefers_a_matching_tensorrt_engine(fake_gpu, fake_nvidia_smi,
     _engine(fake_bundle, GpuInfo("NVIDIA H100 80GB HBM3", "9.0"))
     backend, reason = choose_backend(fake_bundle, ModelSpec.load(fake_bundle), "fp16")
     assert backend == "tensorrt" and "fits NVIDIA H100" in reason
-    assert isinstance(create_runner(fake_bundle, "auto", variant="fp16"), TensorRTRunner)
+    assert isinstance(create_runner(fake_bundle, "auto", precision="fp16"), TensorRTRunner)
     # an fp32 request has no fp32 engine: not TensorRT
     assert choose_backend(fake_bundle, ModelSpec.load(fake_bundle), "fp32")[0] != "tensorrt"
 
@@ -87,12 +87,12 @@ def test_forced_tensorrt_without_the_packages_says_what_to_install(no_gpu, fake_
     with pytest.raises(
         RunnerError, match=r"needs tensorrt and pycuda: pip install 'resnet-labeler\[tensorrt\]'"
     ):
-        create_runner(fake_bundle, "tensorrt", variant="fp16")
+        create_runner(fake_bundle, "tensorrt", precision="fp16")
 
 
 def test_forced_torch_cuda_without_a_gpu_fails_clearly(no_gpu, fake_bundle):
     with pytest.raises(RunnerError, match="backend torch-cuda"):
-        create_runner(fake_bundle, "torch-cuda", variant="fp16")
+        create_runner(fake_bundle, "torch-cuda", precision="fp16")
 
 
 def test_unknown_backend_lists_the_choices(fake_bundle):

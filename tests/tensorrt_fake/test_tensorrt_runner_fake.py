@@ -174,7 +174,7 @@ def test_fake_trt_runner_reports_failed_execution(fake_gpu, fake_bundle):
 
 def test_fake_trt_runner_serves_the_labeling_service(fake_gpu, fake_bundle, photo_dir):
     """Real files, real decode threads and batcher; only the engine is fake."""
-    from worker.service import LabelingService, ServiceOptions
+    from worker.pipeline.service import LabelingService, ServiceOptions
 
     _engine(fake_bundle)
     records = []
@@ -232,8 +232,8 @@ def _decode_all_then_start(service, paths: list[str], records: list) -> None:
 def test_fake_trt_service_starts_the_next_batch_before_waiting_for_the_last(fake_gpu, fake_bundle, photo_dir):
     """The labeling service keeps pipeline_depth batches on the GPU: batch n+1's copy-in is queued
     before batch n is waited for, and every record still gets its own image's outputs."""
-    from worker.preprocess import decode_and_crop
-    from worker.service import LabelingService, ServiceOptions
+    from worker.pipeline.preprocess import decode_and_crop
+    from worker.pipeline.service import LabelingService, ServiceOptions
     from worker.sidecar import ModelSpec
 
     _engine(fake_bundle)
@@ -262,7 +262,7 @@ def test_fake_trt_service_starts_the_next_batch_before_waiting_for_the_last(fake
 def test_fake_trt_service_turns_a_failed_wait_into_error_records_and_goes_on(
     fake_gpu, fake_bundle, photo_dir
 ):
-    from worker.service import LabelingService, ServiceOptions
+    from worker.pipeline.service import LabelingService, ServiceOptions
 
     _engine(fake_bundle)
     paths = sorted(str(p) for p in photo_dir.glob("*.jpg"))

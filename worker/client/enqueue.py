@@ -17,8 +17,9 @@ from itertools import islice
 
 import redis
 
-from worker.client.protocol import job_message
-from worker.run_store import RunStore, check_run_name
+from worker.runs.keys import check_run_name
+from worker.runs.protocol import job_message
+from worker.runs.store import RunStore
 
 CLAIM_SCRIPT_PATHS = 5000  # paths per Lua call (each call blocks Redis for a few milliseconds)
 ENQUEUE_LEASE_S = 60.0  # renewed every claim batch and backpressure poll; a killed enqueue lapses
@@ -135,7 +136,7 @@ def _publish(
     messages = [job_message(run, chunk, queue)[1] for chunk in _batches(paths, chunk_size)]
     pipe = client.pipeline(transaction=False)
     pipe.lpush(queue, *messages)
-    pipe.hincrby(store.key(run, "meta"), "jobs", len(messages))
+    pipe.hincrby(store.keys(run).meta, "jobs", len(messages))
     pipe.execute()
     summary.jobs += len(messages)
     summary.queued += len(paths)

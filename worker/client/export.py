@@ -7,10 +7,11 @@ groups of `rows_per_group`). Order is Redis's hash order, not input order.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from worker.records import compact_json
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 CSV_COLUMNS = ["path", "top1_index", "top1_label", "top1_score", "labels", "error_code", "error_message"]
@@ -41,7 +42,7 @@ def _write_jsonl(records: Iterable[dict[str, Any]], out_path: Path) -> int:
     count = 0
     with open(out_path, "w", encoding="utf-8") as handle:
         for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+            handle.write(compact_json(record) + "\n")
             count += 1
     return count
 
@@ -55,7 +56,7 @@ def _flat_row(record: dict[str, Any]) -> dict[str, Any]:
         "top1_index": top.get("index"),
         "top1_label": top.get("label"),
         "top1_score": top.get("score"),
-        "labels": json.dumps(labels, ensure_ascii=False, separators=(",", ":")) if labels else None,
+        "labels": compact_json(labels) if labels else None,
         "error_code": error.get("code"),
         "error_message": error.get("message"),
     }

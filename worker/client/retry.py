@@ -15,7 +15,7 @@ from itertools import chain
 import redis
 
 from worker.client.enqueue import EnqueueSummary, enqueue_paths
-from worker.run_store import RunStore
+from worker.runs.store import RunStore
 
 
 def retry_failed(

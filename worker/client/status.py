@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from worker.activity_store import WorkerActivity, format_workers
-from worker.run_store import RunStatus, RunStore
+from worker.runs.activity import WorkerActivity, format_workers
+from worker.runs.store import RunStatus, RunStore
 
 
 class RateMeter:

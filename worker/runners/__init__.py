@@ -20,25 +20,30 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch-cuda")
 _TENSORRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")
 
 
-def create_runner(bundle_dir: Path, backend: str = "onnxruntime", **options: object) -> Runner:
+def create_runner(
+    bundle_dir: Path,
+    backend: str = "onnxruntime",
+    *,
+    precision: str = "fp32",
+    intra_op_threads: int | None = None,
+) -> Runner:
     """Build (not load) the runner for `backend`; `load()` happens in the process that infers.
 
-    `variant` names the bundle precision (fp32, fp16, int8) for every backend; other options are
-    the ONNX Runtime runner's (e.g. intra_op_threads) and are ignored by the GPU backends. A forced
-    backend that cannot run here fails now, with what to install or build.
+    `precision` names the bundle's model (fp32, fp16, int8) for every backend; `intra_op_threads`
+    is ONNX Runtime's thread count (None: one per core), which the GPU backends do not need. A
+    forced backend that cannot run here fails now, with what to install or build.
     """
     from worker.sidecar import ModelSpec
 
     bundle_dir = Path(bundle_dir)
     spec = ModelSpec.load(bundle_dir)
-    precision = str(options.pop("variant", None) or "fp32")
     if backend == "auto":
         backend, reason = choose_backend(bundle_dir, spec, precision)
         log.info("backend auto: %s (%s)", backend, reason)
     if backend == "onnxruntime":
         from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(bundle_dir, spec, variant=precision, **options)
+        return OnnxRuntimeRunner(bundle_dir, spec, precision=precision, intra_op_threads=intra_op_threads)
     if backend == "tensorrt":
         missing = [m for m in ("tensorrt", "pycuda") if importlib.util.find_spec(m) is None]
         if missing:
@@ -55,7 +60,7 @@ def create_runner(bundle_dir: Path, backend: str = "onnxruntime", **options: obj
             raise RunnerError(f"backend torch-cuda: {problem}")
         from worker.runners.torch_cuda_runner import TorchCudaRunner
 
-        return TorchCudaRunner(bundle_dir, spec, dtype="float16" if precision == "fp16" else "float32")
+        return TorchCudaRunner(bundle_dir, spec, precision=precision)
     raise RunnerError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

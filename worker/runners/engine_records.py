@@ -29,10 +29,11 @@ class EngineChoice:
 
 
 def expected_onnx_sha(spec: ModelSpec, precision: str) -> str | None:
-    if precision in ("fp32", spec.precision):
-        return spec.checksum_sha256
-    info = spec.variants.get(precision)
-    return info.get("sha256") if info else None
+    """The checksum an engine's record must carry for `precision` (None: no such model)."""
+    try:
+        return spec.model_for(precision)[1]
+    except KeyError:
+        return None
 
 
 def load_records(bundle_dir: Path) -> list[dict[str, Any]]:

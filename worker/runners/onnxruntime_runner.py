@@ -18,27 +18,25 @@ class OnnxRuntimeRunner(Runner):
         self,
         bundle_dir: Path,
         spec: ModelSpec | None = None,
-        variant: str = "fp32",
+        precision: str = "fp32",
         intra_op_threads: int | None = None,
         inter_op_threads: int = 1,
         verify_checksum: bool = True,
     ) -> None:
         super().__init__(bundle_dir, spec)
-        self.variant = variant
+        self.precision = precision
         self.intra_op_threads = intra_op_threads or usable_cores()
         self.inter_op_threads = inter_op_threads
         self.verify_checksum = verify_checksum
         self._session = None
 
     def model_path(self) -> tuple[Path, str]:
-        """The ONNX file of the chosen precision variant and its expected checksum."""
-        if self.variant in ("fp32", self.spec.precision):
-            return self.bundle_dir / self.spec.model_file, self.spec.checksum_sha256
-        info = self.spec.variants.get(self.variant)
-        if info is None:
-            known = ", ".join(["fp32", *sorted(self.spec.variants)])
-            raise RunnerError(f"bundle has no {self.variant!r} model (has: {known})")
-        return self.bundle_dir / info["file"], info["sha256"]
+        """The ONNX file of the chosen precision and its expected checksum."""
+        try:
+            name, sha256 = self.spec.model_for(self.precision)
+        except KeyError as exc:
+            raise RunnerError(exc.args[0]) from None
+        return self.bundle_dir / name, sha256
 
     def check_files(self) -> tuple[Path, str]:
         """The variant's model file and checksum, or a RunnerError that says how to build it.
@@ -55,9 +53,9 @@ class OnnxRuntimeRunner(Runner):
         return path, expected
 
     def _build_hint(self) -> str:
-        if self.variant in ("fp16", "int8"):
-            return f"add it with: labeler build {self.bundle_dir} --precision {self.variant} --calib DIR"
-        if self.variant == "fp32":
+        if self.precision in ("fp16", "int8"):
+            return f"add it with: labeler build {self.bundle_dir} --precision {self.precision} --calib DIR"
+        if self.precision == "fp32":
             return f"rebuild the bundle: labeler build --out {self.bundle_dir} --weights ... (or --onnx ...)"
         return "precisions that can be built: fp32, fp16, int8"
 

@@ -6,7 +6,7 @@ preprocessing on the GPU like the graph does: uint8 NHWC crops are copied from a
 channels_last in memory. Each of `slots` batches in flight has its own pinned input and output
 buffers, CUDA stream and completion event: submit() queues copy-in, compute and copy-out and
 returns, so the next batch's copy overlaps this one's compute (PyTorch's caching allocator keeps
-each stream's temporaries apart). The device and dtype are parameters so the same code is checked
+each stream's temporaries apart). The device and precision are parameters so the same code is checked
 against ONNX Runtime on the CPU in FP32 in the tests (where a slot computes at once); FP16 and the
 streams on CUDA are only exercised on a GPU machine.
 """
@@ -23,6 +23,8 @@ import numpy as np
 from worker.runners.base import InferenceOutput, Runner, RunnerError
 from worker.runners.slots import SlotRing, copy_into_slot
 from worker.sidecar import ModelSpec
+
+TORCH_DTYPES = {"fp16": "float16", "fp32": "float32"}  # bundle precision -> torch dtype
 
 
 @dataclass
@@ -65,14 +67,16 @@ class TorchCudaRunner(Runner):
         bundle_dir: Path,
         spec: ModelSpec | None = None,
         device: str = "cuda",
-        dtype: str = "float16",
+        precision: str = "fp16",
         channels_last: bool = True,
         max_batch: int = 512,
         slots: int = 2,
     ) -> None:
         super().__init__(bundle_dir, spec)
         self.device_name = device
-        self.dtype_name = dtype
+        if precision not in TORCH_DTYPES:
+            raise RunnerError(f"torch-cuda computes in {' or '.join(TORCH_DTYPES)}, not {precision}")
+        self.precision = precision
         self.channels_last = channels_last
         self.max_batch = max_batch
         self.slot_count = max(1, slots)
@@ -93,7 +97,7 @@ class TorchCudaRunner(Runner):
         if self.device_name.startswith("cuda") and not torch.cuda.is_available():
             raise RunnerError("backend torch-cuda: PyTorch sees no CUDA device (CPU-only build or no driver)")
         self._device = torch.device(self.device_name)
-        self._dtype = getattr(torch, self.dtype_name)
+        self._dtype = getattr(torch, TORCH_DTYPES[self.precision])
         if self._device.type == "cuda":
             # Few distinct shapes (the batch size, a short last batch): let cuDNN time its kernels
             # once per shape. The worker process serves this one model, so the global is ours.

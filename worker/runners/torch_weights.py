@@ -4,7 +4,7 @@ The bundle holds ONNX only, and that is the model the sidecar checksums, the gat
 engines are built from; so the weights are taken from it rather than from a second copy that could
 drift. The build's exporter folds each BatchNorm into the convolution before it (weight scaled,
 bias added) and keeps torchvision's parameter names on the initializers, so the ResNet from
-engine_build.resnet is rebuilt with BatchNorm replaced by identity and biased convolutions.
+worker.resnet is rebuilt with BatchNorm replaced by identity and biased convolutions.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def resnet_from_bundle(bundle_dir: Path, spec: ModelSpec) -> Any:
     import torch
     from torch import nn
 
-    from engine_build.resnet import build_resnet, resnet50_spec
+    from worker.resnet import build_resnet, resnet50_spec
 
     if spec.source.get("kind") != "pytorch":
         raise RunnerError("the torch-cuda backend needs a bundle built from PyTorch weights (--weights)")

@@ -1,7 +1,7 @@
-"""`labeler worker | enqueue | status | results`: the distributed labeler from the command line.
+"""`labeler enqueue | status | results | retry`: a distributed run from the client's side.
 
 Every command that talks to Redis takes `--broker URL` and otherwise reads LABELER_BROKER_URL
-(see worker/settings.py for every setting).
+(see worker/runs/settings.py for every setting).
 """
 
 from __future__ import annotations
@@ -16,153 +16,8 @@ from pathlib import Path
 
 import click
 
-from worker.errors import ErrorCode
-
-BROKER_HELP = "Redis URL (broker and results); default: $LABELER_BROKER_URL."
-
-
-def _settings(**overrides: object):
-    from worker.settings import Settings, SettingsError
-
-    try:
-        base = Settings.from_env()
-        given = {k: v for k, v in overrides.items() if v not in (None, ())}
-        return dataclasses.replace(base, **given).validated()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _client(url: str):
-    import redis
-
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
-
-
-def _store(settings):
-    from worker.run_store import RunStore
-
-    return RunStore(_client(settings.broker_url), settings.key_prefix)
-
-
-def _run_exists(store, run: str) -> bool:
-    """Whether the run exists; Redis errors (auth, connection, TLS) become a one-line message."""
-    import redis
-
-    try:
-        return store.exists(run)
-    except redis.exceptions.RedisError as exc:
-        raise click.ClickException(f"Redis: {exc}") from None
-
-
-@click.command("worker")
-@click.option(
-    "--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Model bundle to serve."
-)
-@click.option(
-    "--gpu", type=int, help="Pin this worker to GPU N (CUDA_VISIBLE_DEVICES); default backend tensorrt."
-)
-@click.option(
-    "--allowed-root",
-    "allowed_roots",
-    multiple=True,
-    type=click.Path(),
-    help="Only read files under DIR (repeatable).",
-)
-@click.option("--broker", help=BROKER_HELP)
-@click.option("--queue", help="Queue to consume (default: $LABELER_QUEUE or 'labeler').")
-@click.option("--backend", help="Runner backend (default: onnxruntime, or tensorrt with --gpu).")
-@click.option("--precision", help="Which model of the bundle to run (fp32, fp16, int8).")
-@click.option(
-    "--concurrency", type=int, help="Jobs in flight per worker; they share engine batches (default 4)."
-)
-@click.option(
-    "--batch-size", type=int, help="Largest engine batch (default: 32 on the CPU, 128 on a GPU backend)."
-)
-@click.option("--max-wait-ms", type=float, help="Longest wait to fill a batch.")
-@click.option("--hostname", "-n", help="Celery node name (default labeler[-gpuN]@HOST).")
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
-@click.option(
-    "--pool",
-    type=click.Choice(["threads", "solo", "prefork"]),
-    help="threads: one engine shared by all jobs of the process (the design); prefork: one engine per child.",
-)
-@click.option("--include", "includes", multiple=True, help="Extra task modules to import (repeatable).")
-def worker_command(
-    model_dir: str | None,
-    gpu: int | None,
-    allowed_roots: tuple[str, ...],
-    broker: str | None,
-    queue: str | None,
-    backend: str | None,
-    precision: str | None,
-    concurrency: int | None,
-    batch_size: int | None,
-    max_wait_ms: float | None,
-    hostname: str | None,
-    loglevel: str,
-    pool: str | None,
-    includes: tuple[str, ...],
-) -> None:
-    """Run a Celery worker that labels jobs from the queue (the engine loads inside this process)."""
-    from worker.runners import RunnerError, create_runner
-    from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
-    from worker.sidecar import ModelSpec
-
-    if backend is None and gpu is not None:
-        backend = "tensorrt"
-    settings = _settings(
-        model=os.path.abspath(model_dir) if model_dir else None,
-        allowed_roots=tuple(os.path.abspath(r) for r in allowed_roots),
-        broker_url=broker,
-        queue=queue,
-        backend=backend,
-        precision=precision,
-        concurrency=concurrency,
-        batch_size=batch_size,
-        max_wait_ms=max_wait_ms,
-        pool=pool,
-    )
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    if settings.model:
-        try:
-            ModelSpec.load(Path(settings.model))
-            # Fail now, not on every job: the backend and the precision's model must be there.
-            runner = create_runner(Path(settings.model), settings.backend, variant=settings.precision)
-            if isinstance(runner, OnnxRuntimeRunner):
-                runner.check_files()
-        except (RunnerError, OSError, ValueError) as exc:
-            raise click.ClickException(f"cannot serve {settings.model}: {exc}") from None
-    os.environ.update(settings.env())  # pool children and the tasks module read the same values
-
-    from worker.celery_app import app, configure
-
-    configure(app, settings)
-    name = hostname or (f"labeler-gpu{gpu}@%h" if gpu is not None else "labeler@%h")
-    argv = [
-        "worker",
-        "-l",
-        loglevel,
-        "-Q",
-        settings.queue,
-        "-c",
-        str(settings.concurrency),
-        "-P",
-        settings.pool,
-        "-n",
-        name,
-    ]
-    for module in includes:
-        argv += ["--include", module]
-    try:
-        app.worker_main(argv)
-    finally:
-        from worker.worker_health import EXIT_ENGINE_BROKEN, engine_failure
-
-        failure = engine_failure()
-        if failure is not None:  # overrides Celery's exit 0 after the warm shutdown it asked for
-            click.echo(f"labeler worker stopped: its engine is broken ({failure})", err=True)
-            raise SystemExit(EXIT_ENGINE_BROKEN)
+from worker.cli.common import BROKER_HELP, load_settings, open_run, open_store
+from worker.records import ErrorCode, is_error
 
 
 @click.command("enqueue")
@@ -193,10 +48,10 @@ def enqueue_command(
     from tqdm import tqdm
 
     from worker.client.enqueue import enqueue_paths
-    from worker.inputs import iter_input_paths
-    from worker.run_store import RunNameError
+    from worker.pipeline.inputs import iter_input_paths
+    from worker.runs.keys import RunNameError
 
-    settings = _settings(broker_url=broker, queue=queue, chunk_size=chunk_size, max_queued_jobs=max_queued)
+    settings = load_settings(broker_url=broker, queue=queue, chunk_size=chunk_size, max_queued_jobs=max_queued)
     run = run_name or time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(3).hex()
     click.echo(run)
     show = sys.stderr.isatty() if progress is None else progress
@@ -205,7 +60,7 @@ def enqueue_command(
     def on_progress(summary) -> None:
         bar.update(summary.seen - bar.n)
 
-    client = _client(settings.broker_url)
+    client = open_store(settings).client
     try:
         summary = enqueue_paths(
             client,
@@ -250,7 +105,7 @@ def _follow(settings, run: str, interval: float, bar_wanted: bool) -> None:
             click.echo(format_status(status, rate), err=True)
 
     try:
-        final = follow(_store(settings), run, settings.queue, interval, show)
+        final = follow(open_store(settings), run, settings.queue, interval, show)
     finally:
         bar.close()
     click.echo(format_status(final), err=True)
@@ -266,13 +121,11 @@ def _follow(settings, run: str, interval: float, bar_wanted: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as one JSON object.")
 def status_command(run: str, broker: str | None, watch: bool, interval: float, as_json: bool) -> None:
     """Show a run's total, done, failed, pending, images/s and ETA, and each worker's throughput."""
-    from worker.activity_store import worker_activity
     from worker.client.status import follow, format_status
+    from worker.runs.activity import worker_activity
 
-    settings = _settings(broker_url=broker)
-    store = _store(settings)
-    if not _run_exists(store, run):
-        raise click.ClickException(f"no run named {run!r} in {settings.key_prefix}:run:*")
+    settings = load_settings(broker_url=broker)
+    store = open_run(settings, run)
     if as_json:
         status = store.status(run, settings.queue)
         fields = dataclasses.asdict(status) | {
@@ -313,18 +166,16 @@ def results_command(run: str, out_path: Path, broker: str | None, errors_only: b
     """Stream every record of RUN to a file (format by extension), in constant memory."""
     from worker.client.export import ExportError, export_records, format_for
 
-    settings = _settings(broker_url=broker)
+    settings = load_settings(broker_url=broker)
     try:
         format_for(out_path)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
-    store = _store(settings)
-    if not _run_exists(store, run):
-        raise click.ClickException(f"no run named {run!r}")
+    store = open_run(settings, run)
     try:
         records = store.iter_records(run)
         if errors_only:
-            records = (record for record in records if "error" in record)
+            records = (record for record in records if is_error(record))
         count = export_records(records, out_path)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
@@ -356,10 +207,8 @@ def retry_command(
 
     from worker.client.retry import retry_failed
 
-    settings = _settings(broker_url=broker, queue=queue)
-    store = _store(settings)
-    if not _run_exists(store, run):
-        raise click.ClickException(f"no run named {run!r} in {settings.key_prefix}:run:*")
+    settings = load_settings(broker_url=broker, queue=queue)
+    store = open_run(settings, run)
     try:
         summary = retry_failed(
             store.client, run, settings.queue, codes, settings.chunk_size, settings.max_queued_jobs,
@@ -378,4 +227,4 @@ def retry_command(
         _follow(settings, run, interval, sys.stderr.isatty())
 
 
-COMMANDS = [worker_command, enqueue_command, status_command, results_command, retry_command]
+COMMANDS = [enqueue_command, status_command, results_command, retry_command]

@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.inputs import unique
-from worker.postprocess import is_engine_failure
-from worker.results import JsonlWriter, completed_paths
-from worker.runners.base import Runner
-from worker.service import LabelingService, ServiceFailed, ServiceOptions
+from worker.local.results import JsonlWriter, completed_paths
+from worker.pipeline.inputs import unique
+from worker.pipeline.service import LabelingService, ServiceFailed
+from worker.records import error_code, is_engine_failure, is_error
 
 
 @dataclass
@@ -58,14 +57,14 @@ class RunSummary:
 
 def run_local(
     paths: Iterable[str],
-    runner: Runner,
+    service: LabelingService,
     out_path: Path,
-    options: ServiceOptions,
     resume: bool = False,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> RunSummary:
-    """Label every path once into `out_path`; with resume, skip paths already in it."""
+    """Label every path once into `out_path`; with resume, skip paths already in it. `service` is
+    started here (its engine loads on its own thread) and closed at the end."""
     summary = RunSummary()
     done = completed_paths(out_path) if resume else set()
     todo = []
@@ -84,14 +83,14 @@ def run_local(
                 summary.not_labeled += 1
                 return
             writer.write(rec)
-            if "error" in rec:
-                summary.errors[rec["error"]["code"]] += 1
+            if is_error(rec):
+                summary.errors[error_code(rec)] += 1
             else:
                 summary.labeled += 1
             if on_record:
                 on_record(rec)
 
-        with LabelingService(runner, options) as service:
+        with service:
             started = time.monotonic()
             summary.load_seconds = started - load_started
             for path in todo:

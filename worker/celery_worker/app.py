@@ -1,6 +1,6 @@
-"""The Celery app: `celery -A worker.celery_app worker` (or `-A worker.app`), or `labeler worker`.
+"""The Celery app: `celery -A worker.celery_worker.app worker` (or `-A worker.app`), or `labeler worker`.
 
-Configured from `worker.settings` only. The choices that make "every image labeled exactly once"
+Configured from `worker.runs.settings` only. The choices that make "every image labeled exactly once"
 hold are here: JSON only (a pickled message is rejected unread), late acks with a prefetch of one,
 requeue when a worker is lost, one visibility timeout for broker and result backend, and a threads
 pool so every job of a process shares one engine (and no CUDA context ever meets a fork).
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker.client.protocol import TASK_NAME
-from worker.settings import Settings
+from worker.runs.protocol import TASK_NAME
+from worker.runs.settings import Settings
 
 __all__ = ["TASK_NAME", "app", "create_app"]
 
@@ -26,7 +26,7 @@ def transport_options(settings: Settings) -> dict[str, object]:
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    app = Celery("labeler", include=["worker.tasks"])
+    app = Celery("labeler", include=["worker.celery_worker.tasks"])
     return configure(app, settings or Settings.from_env())
 
 

@@ -8,9 +8,10 @@ thousands of jobs per round trip, and documents the contract other languages fol
 from __future__ import annotations
 
 import base64
-import json
 import uuid
 from collections.abc import Sequence
+
+from worker.records import compact_json
 
 TASK_NAME = "labeler.label_chunk"  # stable: part of the queue contract
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -29,7 +30,7 @@ def job_message(
     kwargs: dict[str, object] = {"run": run, "paths": list(paths)}
     if return_records:
         kwargs["return_records"] = True
-    body = json.dumps([[], kwargs, _EMBED], ensure_ascii=False, separators=(",", ":"))
+    body = compact_json([[], kwargs, _EMBED])
     envelope = {
         "body": base64.b64encode(body.encode("utf-8")).decode("ascii"),
         "content-encoding": "utf-8",
@@ -62,4 +63,4 @@ def job_message(
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    return task_id, json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
+    return task_id, compact_json(envelope)

@@ -1,16 +1,9 @@
-"""Who labeled how much of a run, and when: the Redis keys behind per-worker throughput and the
-report's throughput chart.
+"""Who labeled how much of a run, and when: per-worker throughput and the report's timeline.
 
 Records carry no timestamps and the run's meta hash only counts totals, so workers add, with each
-flush of records (one extra round trip per `LABELER_FLUSH_RECORDS` records):
-
-- `P:run:R:workers`   hash, `<worker>|images`, `<worker>|failed`, `<worker>|first_at`,
-  `<worker>|last_at` (worker = Celery node name, e.g. `labeler-gpu0@node7`);
-- `P:run:R:timeline`  hash, bucket start (epoch seconds, multiple of BUCKET_S) -> images written.
-
-These count work done, so a job redelivered after a crash counts its rewritten records again;
-the run's own `done`/`failed` stay exact. The keys share the run's prefix, so deleting
-`P:run:R:*` removes them with the run.
+flush of records (one extra round trip per `LABELER_FLUSH_RECORDS` records), to the run's
+`workers` and `timeline` hashes (runs/keys.py). These count work done, so a job redelivered after
+a crash counts its rewritten records again; the run's own `done`/`failed` stay exact.
 """
 
 from __future__ import annotations
@@ -21,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+
+from worker.records import is_error
+from worker.runs.keys import RunKeys
 
 BUCKET_S = 10
 
@@ -40,10 +36,6 @@ class WorkerActivity:
         return self.images / span if span > 0 else 0.0
 
 
-def _keys(prefix: str, run: str) -> tuple[str, str]:
-    return f"{prefix}:run:{run}:workers", f"{prefix}:run:{run}:timeline"
-
-
 def note_records(
     client: redis.Redis,
     prefix: str,
@@ -56,8 +48,9 @@ def note_records(
     if not records:
         return
     now = time.time() if now is None else now
-    failed = sum(1 for record in records if "error" in record)
-    workers, timeline = _keys(prefix, run)
+    failed = sum(1 for record in records if is_error(record))
+    keys = RunKeys(prefix, run)
+    workers, timeline = keys.workers, keys.timeline
     pipe = client.pipeline(transaction=False)
     pipe.hincrby(workers, f"{worker}|images", len(records))
     if failed:
@@ -71,7 +64,7 @@ def note_records(
 def worker_activity(client: redis.Redis, prefix: str, run: str) -> list[WorkerActivity]:
     """Every worker that wrote records for `run`, busiest first."""
     fields: dict[str, dict[str, str]] = {}
-    for key, value in client.hgetall(_keys(prefix, run)[0]).items():
+    for key, value in client.hgetall(RunKeys(prefix, run).workers).items():
         worker, _, name = key.decode().rpartition("|")
         fields.setdefault(worker, {})[name] = value.decode()
     out = [
@@ -89,7 +82,7 @@ def worker_activity(client: redis.Redis, prefix: str, run: str) -> list[WorkerAc
 
 def timeline(client: redis.Redis, prefix: str, run: str) -> list[tuple[int, int]]:
     """(bucket start, images) pairs in time order; buckets with no records are absent."""
-    items = client.hgetall(_keys(prefix, run)[1])
+    items = client.hgetall(RunKeys(prefix, run).timeline)
     return sorted((int(k), int(v)) for k, v in items.items())
 
 

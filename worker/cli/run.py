@@ -1,36 +1,25 @@
-"""The `labeler` command line. Each subcommand is also `python -m worker SUBCOMMAND`."""
+"""`labeler run` and `labeler inspect`: the one-process labeler and a look inside a bundle."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
 
 import click
 
+from worker.cli.bundle import resolve_bundle
 from worker.sidecar import ModelSpec, summarize
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", is_flag=True, help="Log debug detail to stderr.")
-@click.version_option(package_name="resnet-labeler")
-def main(verbose: bool) -> None:
-    """Label images with a trained ResNet-50: locally, or over Celery and Redis on many GPUs."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-@main.command()
+@click.command("inspect")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def inspect(bundle: Path) -> None:
     """Print a bundle's sidecar in a readable form."""
     click.echo(summarize(ModelSpec.load(bundle), bundle))
 
 
-@main.command()
+@click.command("run")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
     "--model",
@@ -110,38 +99,34 @@ def run(
     """Label INPUTS (files, directories, @list files, - for stdin) into a JSONL file."""
     from tqdm import tqdm
 
-    from worker.inputs import iter_input_paths
-    from worker.local_run import run_local
-    from worker.reading import ReadPolicy
-    from worker.runners import RunnerError, create_runner
-    from worker.service import ServiceOptions
+    from worker.local.run import run_local
+    from worker.pipeline.build import ServiceConfig, build_service
+    from worker.pipeline.inputs import iter_input_paths
+    from worker.runners import RunnerError
 
-    if model_dir is None:
-        from engine_build.default_bundle import ensure_default_bundle
-        from engine_build.errors import BuildError
-
-        try:
-            model_dir = ensure_default_bundle(echo=lambda m: click.echo(m, err=True))
-        except BuildError as exc:
-            raise click.ClickException(str(exc)) from None
-    spec = ModelSpec.load(model_dir)
+    bundle = resolve_bundle(model_dir)
+    spec = ModelSpec.load(bundle)
     for warning in spec.warnings:
         click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
-    try:
-        runner = create_runner(model_dir, backend, variant=precision, intra_op_threads=threads or None)
-    except RunnerError as exc:
-        raise click.ClickException(str(exc)) from None
-    options = ServiceOptions(
-        max_batch_size=batch_size or runner.default_batch_size,
-        max_wait_s=max_wait_ms / 1000.0,
+    config = ServiceConfig(
+        backend=backend,
+        precision=precision,
+        batch_size=batch_size or 0,
+        max_wait_ms=max_wait_ms,
         decode_threads=decode_threads,
+        intra_op_threads=threads,
         top_k=top_k,
         embeddings=embeddings,
-        read_policy=ReadPolicy.create([str(r) for r in allowed_roots], max_bytes),
+        allowed_roots=tuple(str(r) for r in allowed_roots),
+        max_bytes=max_bytes,
         max_pixels=max_pixels,
     )
+    try:
+        service = build_service(bundle, config)
+    except RunnerError as exc:
+        raise click.ClickException(str(exc)) from None
     if retry_errors:
-        from worker.results import drop_error_records
+        from worker.local.results import drop_error_records
 
         resume = True
         click.echo(f"{drop_error_records(out_path)} error records dropped from {out_path} to retry", err=True)
@@ -155,9 +140,8 @@ def run(
     try:
         summary = run_local(
             iter_input_paths(inputs),
-            runner,
+            service,
             out_path,
-            options,
             resume,
             on_record=lambda _rec: bar.update(1),
             on_total=on_total,
@@ -183,26 +167,4 @@ def run(
         sys.exit(1)
 
 
-# Subcommands that live with the code they drive: each module defines one click command (or a
-# list of them) and is registered here, so `labeler --help` shows them all.
-_COMMAND_MODULES = (
-    "engine_build.cli_build",
-    "worker.cli_distributed",
-    "worker.cli_report",
-    "engine_build.cli_finetune",
-)
-
-
-def _register_commands() -> None:
-    import importlib
-
-    for module_name in _COMMAND_MODULES:
-        module = importlib.import_module(module_name)
-        for command in module.COMMANDS:
-            main.add_command(command)
-
-
-_register_commands()
-
-if __name__ == "__main__":
-    main()
+COMMANDS = [inspect, run]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from html import escape
 
+from worker.client.report.data import ReportData
+from worker.client.report.svg import bar_chart, line_chart
 from worker.client.status import format_duration
-from worker.report.data import ReportData
-from worker.report.svg import bar_chart, line_chart
 
 TOP_LABELS = 20
 

@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from worker.records import error_code
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "labeler"
@@ -33,7 +35,7 @@ WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 class WorkerMetrics:
     """The metrics of one worker process, in their own registry (tests build as many as they like).
 
-    Implements worker.service.ServiceObserver: hand it to `ServiceOptions(observer=...)`.
+    Implements worker.pipeline.service.ServiceObserver: hand it to `ServiceOptions(observer=...)`.
     """
 
     def __init__(self, hostname: str | None = None, registry: CollectorRegistry | None = None) -> None:
@@ -101,12 +103,11 @@ class WorkerMetrics:
             self._wait.observe(max(wait, 0.0))
 
     def emitted(self, record: dict[str, Any]) -> None:
-        error = record.get("error")
-        if error is None:
+        code = error_code(record)
+        if code is None:
             self._labeled.inc()
         else:
-            code = error.get("code", "unknown") if isinstance(error, dict) else "unknown"
-            self.errors.labels(self.hostname, str(code)).inc()
+            self.errors.labels(self.hostname, code).inc()
 
     # -- exposition --------------------------------------------------------------------------
 

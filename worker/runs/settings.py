@@ -47,7 +47,9 @@ class Settings:
     decode_threads: int = 0
     intra_op_threads: int = 0
     top_k: int = 5
+    embeddings: bool = False  # records carry the 2048-d pooled features (needs a PyTorch-built bundle)
     max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 128 * 1024 * 1024  # decompression-bomb guard: largest image decoded
     flush_records: int = 256  # records per Redis round trip from a job
     metrics_port: int = 0  # the worker's Prometheus /metrics port; 0: no endpoint
     # Client.

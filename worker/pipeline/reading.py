@@ -13,7 +13,8 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from worker.errors import ErrorCode, ImageError
+from worker.pipeline.errors import ImageError
+from worker.records import ErrorCode
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 

@@ -10,9 +10,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from worker import activity_store
-from worker.activity_store import WorkerActivity
-from worker.run_store import RunStatus, RunStore
+from worker.records import error_code
+from worker.runs import activity as activity_store
+from worker.runs.activity import WorkerActivity
+from worker.runs.store import RunStatus, RunStore
 
 MAX_POINTS = 240  # throughput chart resolution; longer runs are put into wider buckets
 
@@ -39,9 +40,9 @@ def collect_report(store: RunStore, run: str, queue: str) -> ReportData:
         bucket_s=bucket_s,
     )
     for record in store.iter_records(run):
-        error = record.get("error")
-        if error is not None:
-            data.errors[str(error.get("code", "unknown")) if isinstance(error, dict) else "unknown"] += 1
+        code = error_code(record)
+        if code is not None:
+            data.errors[code] += 1
         elif record.get("labels"):
             data.top_labels[str(record["labels"][0].get("label", "?"))] += 1
     return data

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from worker.cli_distributed import BROKER_HELP, _run_exists, _settings, _store
+from worker.cli.common import BROKER_HELP, load_settings, open_run
 
 
 @click.command("report")
@@ -24,12 +24,10 @@ def report_command(run: str, out_path: Path, broker: str | None) -> None:
     """Write RUN's throughput over time, error breakdown and top labels as charts in one HTML page."""
     import redis
 
-    from worker.report import collect_report, render_report
+    from worker.client.report import collect_report, render_report
 
-    settings = _settings(broker_url=broker)
-    store = _store(settings)
-    if not _run_exists(store, run):
-        raise click.ClickException(f"no run named {run!r} in {settings.key_prefix}:run:*")
+    settings = load_settings(broker_url=broker)
+    store = open_run(settings, run)
     try:
         data = collect_report(store, run, settings.queue)
     except redis.exceptions.RedisError as exc:

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from worker.records import compact_json, is_error
+
 
 def completed_paths(path: Path) -> set[str]:
     """Paths that already have a record in a JSONL results file (for --resume)."""
@@ -38,7 +40,7 @@ def drop_error_records(path: Path) -> int:
                 complete = line.endswith("\n") and "path" in record
             except ValueError:
                 complete = False
-            if complete and "error" not in record:
+            if complete and not is_error(record):
                 kept.write(line)
             elif complete:
                 dropped += 1
@@ -81,7 +83,7 @@ class JsonlWriter:
         self._handle = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        self._handle.write(compact_json(record) + "\n")
         self._handle.flush()
 
     def close(self) -> None:

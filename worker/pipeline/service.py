@@ -29,12 +29,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from worker.batcher import STOP, collect_batch
-from worker.errors import ErrorCode, ImageError
 from worker.machine import usable_cores
-from worker.postprocess import error_record, label_record, top_k_labels
-from worker.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
-from worker.reading import ReadPolicy, read_image_bytes
+from worker.pipeline.batcher import STOP, collect_batch
+from worker.pipeline.errors import ImageError
+from worker.pipeline.labels import top_k_labels
+from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
+from worker.pipeline.reading import ReadPolicy, read_image_bytes
+from worker.records import ErrorCode, error_record, label_record
 from worker.runners.base import PendingInference, Runner
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class ServiceFailed(RuntimeError):
 
 
 class ServiceObserver(Protocol):
-    """Told what the service did, for metrics (worker/metrics.py). Calls must be cheap and not raise."""
+    """Told what the service did, for metrics (worker/celery_worker/metrics.py). Calls must be cheap and not raise."""
 
     def prepared(self, seconds: float) -> None: ...  # read + decode + crop of one image
     # seconds: batch started -> outputs back; waits: each crop ready -> batch started

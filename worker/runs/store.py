@@ -1,23 +1,12 @@
-"""The Redis key schema of a run, and every read and write of it.
+"""Every read and write of a run's records, counts and deliveries in Redis (keys: runs/keys.py).
 
-Keys (prefix `P`, default `labeler`; run name `R`):
-
-- `P:run:R:records`  hash, image path -> record JSON; "" marks a path that is queued but has no
-  record yet. Writes are idempotent: a redelivered job rewrites the same field, so each image has
-  exactly one record however often its job runs. HLEN is the run's total.
-- `P:run:R:meta`     hash: created_at, done, failed, first_record_at, last_record_at, jobs,
-                     enqueuing_until (while an enqueue runs: a lease it renews, removed when done).
-  `done`/`failed` change only when a field goes from no record to a record (in Lua, atomically),
-  so counters stay exact under redelivery.
-- `P:run:R:deliveries` hash, job id -> times delivered; `<job id>:error` -> last error seen.
-- `P:run:R:dead`     list of dead-lettered jobs (JSON: job_id, run, paths, deliveries, reason).
-- `P:runs`           set of run names.
+Record writes are idempotent and counted in Lua, atomically: `done`/`failed` change only when a path
+goes from no record to a record, so counters stay exact however often a job is redelivered.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +14,9 @@ from typing import Any
 
 import redis
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,199}$")
+from worker.records import compact_json, error_code, is_error
+from worker.runs.keys import RunKeys, runs_key
+
 QUEUED = ""  # the placeholder value of a path that is queued and has no record yet
 
 # KEYS: records, meta. ARGV: now, then (path, record JSON, "1" if error else "0") triples.
@@ -101,18 +92,6 @@ return reopened
 """
 
 
-class RunNameError(ValueError):
-    """A run name that cannot be used as part of a Redis key."""
-
-
-def check_run_name(run: str) -> str:
-    if not RUN_NAME.match(run):
-        raise RunNameError(
-            f"run name {run!r}: use 1-200 letters, digits and _ . : @ + - (starting with a letter or digit)"
-        )
-    return run
-
-
 @dataclass(frozen=True)
 class RunStatus:
     run: str
@@ -160,38 +139,38 @@ class RunStore:
         self._claim = client.register_script(_CLAIM_PATHS)
         self._reopen = client.register_script(_REOPEN_RECORDS)
 
-    def key(self, run: str, part: str) -> str:
-        return f"{self.prefix}:run:{run}:{part}"
+    def keys(self, run: str) -> RunKeys:
+        return RunKeys(self.prefix, run)
 
     # -- client side -------------------------------------------------------------------------
 
     def register_run(self, run: str, now: float | None = None) -> None:
         pipe = self.client.pipeline(transaction=False)
-        pipe.sadd(f"{self.prefix}:runs", run)
-        pipe.hsetnx(self.key(run, "meta"), "created_at", repr(now or time.time()))
+        pipe.sadd(runs_key(self.prefix), run)
+        pipe.hsetnx(self.keys(run).meta, "created_at", repr(now or time.time()))
         pipe.execute()
 
     def renew_enqueue_lease(self, run: str, lease_s: float, now: float | None = None) -> None:
         """Say an enqueue is adding paths for `lease_s` more seconds, so `status --watch` and
         `enqueue --wait` do not take a run whose workers caught up between batches for finished."""
-        self.client.hset(self.key(run, "meta"), "enqueuing_until", repr((now or time.time()) + lease_s))
+        self.client.hset(self.keys(run).meta, "enqueuing_until", repr((now or time.time()) + lease_s))
 
     def end_enqueue_lease(self, run: str) -> None:
-        self.client.hdel(self.key(run, "meta"), "enqueuing_until")
+        self.client.hdel(self.keys(run).meta, "enqueuing_until")
 
     def claim_paths(self, pipe: redis.client.Pipeline, run: str, paths: Sequence[str]) -> None:
         """Queue, on `pipe`, the claim of `paths`; its reply is the flag string of _CLAIM_PATHS."""
-        encoded = json.dumps(list(paths), ensure_ascii=False, separators=(",", ":"))
-        self._claim(keys=[self.key(run, "records")], args=[encoded], client=pipe)
+        encoded = compact_json(list(paths))
+        self._claim(keys=[self.keys(run).records], args=[encoded], client=pipe)
 
     def count_jobs(self, run: str, jobs: int) -> None:
-        self.client.hincrby(self.key(run, "meta"), "jobs", jobs)
+        self.client.hincrby(self.keys(run).meta, "jobs", jobs)
 
     def status(self, run: str, queue: str) -> RunStatus:
         pipe = self.client.pipeline(transaction=False)
-        pipe.hlen(self.key(run, "records"))
-        pipe.hgetall(self.key(run, "meta"))
-        pipe.llen(self.key(run, "dead"))
+        pipe.hlen(self.keys(run).records)
+        pipe.hgetall(self.keys(run).meta)
+        pipe.llen(self.keys(run).dead)
         pipe.llen(queue)
         total, meta, dead, queued = pipe.execute()
         meta = {k.decode(): v.decode() for k, v in meta.items()}
@@ -213,11 +192,11 @@ class RunStore:
         )
 
     def exists(self, run: str) -> bool:
-        return bool(self.client.exists(self.key(run, "meta"), self.key(run, "records")))
+        return bool(self.client.exists(self.keys(run).meta, self.keys(run).records))
 
     def iter_records(self, run: str, batch: int = 1000) -> Iterator[dict[str, Any]]:
         """Every finished record, streamed with HSCAN (constant memory; order is Redis's)."""
-        for _path, value in self.client.hscan_iter(self.key(run, "records"), count=batch):
+        for _path, value in self.client.hscan_iter(self.keys(run).records, count=batch):
             if value:
                 yield json.loads(value)
 
@@ -227,11 +206,11 @@ class RunStore:
         """Batches of paths whose record is an error (with one of `codes`, or any), reopened: each
         is back to the queued placeholder and out of the counts, ready to be published again."""
         found: list[tuple[str, bytes]] = []
-        for path, value in self.client.hscan_iter(self.key(run, "records"), count=batch):
+        for path, value in self.client.hscan_iter(self.keys(run).records, count=batch):
             if not value:
                 continue
-            error = json.loads(value).get("error")
-            if error is not None and (not codes or error.get("code") in codes):
+            code = error_code(json.loads(value))
+            if code is not None and (not codes or code in codes):
                 found.append((path.decode(), value))
             if len(found) >= batch:
                 yield self._reopen_records(run, found)
@@ -241,11 +220,11 @@ class RunStore:
 
     def _reopen_records(self, run: str, found: Sequence[tuple[str, bytes]]) -> list[str]:
         args = [item for pair in found for item in pair]
-        reopened = self._reopen(keys=[self.key(run, "records"), self.key(run, "meta")], args=args)
+        reopened = self._reopen(keys=[self.keys(run).records, self.keys(run).meta], args=args)
         return [path.decode() if isinstance(path, bytes) else path for path in reopened]
 
     def dead_letters(self, run: str) -> list[dict[str, Any]]:
-        return [json.loads(item) for item in self.client.lrange(self.key(run, "dead"), 0, -1)]
+        return [json.loads(item) for item in self.client.lrange(self.keys(run).dead, 0, -1)]
 
     # -- worker side -------------------------------------------------------------------------
 
@@ -253,11 +232,11 @@ class RunStore:
         """The paths of a job that still need work (a redelivered job skips finished ones)."""
         if not paths:
             return []
-        values = self.client.hmget(self.key(run, "records"), list(paths))
+        values = self.client.hmget(self.keys(run).records, list(paths))
         return [path for path, value in zip(paths, values, strict=True) if not value]
 
     def get_records(self, run: str, paths: Sequence[str]) -> list[dict[str, Any] | None]:
-        values = self.client.hmget(self.key(run, "records"), list(paths)) if paths else []
+        values = self.client.hmget(self.keys(run).records, list(paths)) if paths else []
         return [json.loads(v) if v else None for v in values]
 
     def write_records(self, run: str, records: Sequence[dict[str, Any]]) -> int:
@@ -268,31 +247,31 @@ class RunStore:
         for record in records:
             args += [
                 record["path"],
-                json.dumps(record, ensure_ascii=False, separators=(",", ":")),
-                "1" if "error" in record else "0",
+                compact_json(record),
+                "1" if is_error(record) else "0",
             ]
-        return int(self._write(keys=[self.key(run, "records"), self.key(run, "meta")], args=args))
+        return int(self._write(keys=[self.keys(run).records, self.keys(run).meta], args=args))
 
     def count_delivery(self, run: str, job_id: str) -> int:
         pipe = self.client.pipeline(transaction=False)
-        pipe.sadd(f"{self.prefix}:runs", run)
-        pipe.hsetnx(self.key(run, "meta"), "created_at", repr(time.time()))
-        pipe.hincrby(self.key(run, "deliveries"), job_id, 1)
+        pipe.sadd(runs_key(self.prefix), run)
+        pipe.hsetnx(self.keys(run).meta, "created_at", repr(time.time()))
+        pipe.hincrby(self.keys(run).deliveries, job_id, 1)
         return int(pipe.execute()[-1])
 
     def uncount_delivery(self, run: str, job_id: str) -> None:
         """A clean handback (warm shutdown) is not a failed delivery."""
-        self.client.hincrby(self.key(run, "deliveries"), job_id, -1)
+        self.client.hincrby(self.keys(run).deliveries, job_id, -1)
 
     def note_error(self, run: str, job_id: str, error: str) -> None:
-        self.client.hset(self.key(run, "deliveries"), f"{job_id}:error", error[:2000])
+        self.client.hset(self.keys(run).deliveries, f"{job_id}:error", error[:2000])
 
     def last_error(self, run: str, job_id: str) -> str | None:
-        value = self.client.hget(self.key(run, "deliveries"), f"{job_id}:error")
+        value = self.client.hget(self.keys(run).deliveries, f"{job_id}:error")
         return value.decode() if value else None
 
     def finish_job(self, run: str, job_id: str) -> None:
-        self.client.hdel(self.key(run, "deliveries"), job_id, f"{job_id}:error")
+        self.client.hdel(self.keys(run).deliveries, job_id, f"{job_id}:error")
 
     def dead_letter(self, run: str, job_id: str, paths: Sequence[str], deliveries: int, reason: str) -> None:
         entry = {
@@ -304,6 +283,6 @@ class RunStore:
             "at": time.time(),
         }
         pipe = self.client.pipeline(transaction=False)
-        pipe.rpush(self.key(run, "dead"), json.dumps(entry, ensure_ascii=False))
-        pipe.hdel(self.key(run, "deliveries"), job_id, f"{job_id}:error")
+        pipe.rpush(self.keys(run).dead, compact_json(entry))
+        pipe.hdel(self.keys(run).deliveries, job_id, f"{job_id}:error")
         pipe.execute()

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from worker.errors import ErrorCode, ImageError
-from worker.image_header import ImageHeader, jpeg_has_end_marker, read_header
+from worker.pipeline.errors import ImageError
+from worker.pipeline.image_header import ImageHeader, jpeg_has_end_marker, read_header
+from worker.records import ErrorCode
 from worker.sidecar import Preprocessing
 
 DEFAULT_MAX_PIXELS = 128 * 1024 * 1024

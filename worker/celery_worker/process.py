@@ -1,0 +1,112 @@
+"""Everything one worker process holds: its settings, Redis store, labeling service, metrics,
+engine health and whether it is stopping.
+
+Celery keeps per-process resources on the Task class; the labeler's task base class owns one
+`WorkerProcess`, created when the task module is imported by the main worker process (so prefork
+children inherit the main process id their health reports to). Nothing here touches Redis, CUDA or
+the model until first use, which happens on the side that infers, after any fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from worker.celery_worker.health import EngineHealth
+from worker.celery_worker.metrics import WorkerMetrics, default_hostname
+from worker.pipeline.build import ServiceConfig, build_service
+from worker.pipeline.service import LabelingService
+from worker.runs import activity
+from worker.runs.redis_client import connect
+from worker.runs.settings import Settings
+from worker.runs.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+class NoModelError(RuntimeError):
+    """The worker was started without a bundle to serve."""
+
+
+class WorkerProcess:
+    """One per worker process; every job of the process shares its store and its service."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+        self._lock = threading.Lock()
+        self._store: RunStore | None = None
+        self._service: LabelingService | None = None
+        self._metrics: WorkerMetrics | None = None
+        self.health = EngineHealth()
+        self.stopping = threading.Event()  # set on warm shutdown: jobs hand back what they have not sent
+        self.node_name: str | None = None  # the Celery node name, once the worker has set up
+
+    @property
+    def settings(self) -> Settings:
+        return self._app.labeler_settings  # type: ignore[attr-defined]
+
+    @property
+    def store(self) -> RunStore:
+        """One Redis client (and connection pool) per worker process."""
+        with self._lock:
+            if self._store is None:
+                self._store = RunStore(connect(self.settings.broker_url), self.settings.key_prefix)
+            return self._store
+
+    @property
+    def metrics(self) -> WorkerMetrics:
+        with self._lock:
+            if self._metrics is None:
+                self._metrics = WorkerMetrics(self.node_name or default_hostname())
+            return self._metrics
+
+    def service(self) -> LabelingService:
+        """The process's labeling service, loaded on first use (after any fork, on the worker's side)."""
+        metrics = self.metrics
+        with self._lock:
+            if self._service is None:
+                self._service = self._start_service(metrics)
+            return self._service
+
+    def _start_service(self, metrics: WorkerMetrics) -> LabelingService:
+        config = self.settings
+        if not config.model:
+            raise NoModelError(
+                "no model bundle to serve: set LABELER_MODEL (or start with `labeler worker`, which "
+                "builds the embedded default when --model is not given)"
+            )
+        service = build_service(Path(config.model), ServiceConfig.pick(config), observer=metrics).start()
+        log.warning("labeling service ready: %s (%s, %s)", config.model, config.backend, config.precision)
+        return service
+
+    def note_activity(self, run: str, records: Sequence[dict[str, Any]]) -> None:
+        """Count a flush for per-worker throughput; telemetry never fails a job."""
+        try:
+            activity.note_records(self.store.client, self.store.prefix, run, self.worker_name, records)
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not record worker activity for run %s: %s", run, exc)
+
+    @property
+    def worker_name(self) -> str:
+        """The Celery node name (`labeler-gpu0@host`), as Flower shows it; host-pid outside Celery."""
+        return self.node_name or default_hostname()
+
+    def close(self) -> None:
+        """Worker shutdown: stop the service (its images in flight finish first) and mark it down."""
+        with self._lock:
+            service, self._service = self._service, None
+            if self._metrics is not None:
+                self._metrics.up.labels(self._metrics.hostname).set(0)
+        if service is not None:
+            service.close()
+
+    def forget_store(self) -> None:
+        """Drop the Redis client (tests that reconfigure the app between workers)."""
+        with self._lock:
+            self._store = None

@@ -1,0 +1,78 @@
+"""One way to build the labeling service, for `labeler run` and for every worker process.
+
+Both used to assemble runner and options themselves and drifted apart (a worker lost max_pixels,
+embeddings and, under `--backend auto`, its thread count). Now both describe what they want as a
+`ServiceConfig` (a worker fills it from its Settings by field name) and call `build_service`.
+The bundle is always a path: resolving the embedded default is the command line's job, so the
+runtime never imports engine_build.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS
+from worker.pipeline.reading import DEFAULT_MAX_BYTES, ReadPolicy
+from worker.pipeline.service import LabelingService, ServiceObserver, ServiceOptions
+from worker.runners.base import Runner, RunnerError
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What to run and how: the settings `labeler run` flags and LABELER_* variables share."""
+
+    backend: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 0  # 0: the backend's default (32 on the CPU, 128 on a GPU backend)
+    max_wait_ms: float = 20.0
+    decode_threads: int = 0  # 0: one per core
+    intra_op_threads: int = 0  # ONNX Runtime's threads (0: one per core); GPU backends ignore it
+    top_k: int = 5
+    embeddings: bool = False
+    allowed_roots: tuple[str, ...] = ()
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @classmethod
+    def pick(cls, source: object) -> ServiceConfig:
+        """The fields of the same names from `source` (a worker's Settings)."""
+        return cls(**{item.name: getattr(source, item.name) for item in fields(cls)})
+
+
+def create_service_runner(bundle: Path, config: ServiceConfig) -> Runner:
+    """The runner `config` asks for, not loaded yet; a RunnerError names what is missing."""
+    from worker.runners import create_runner  # looked up at call time: tests inject faulty runners
+
+    runner = create_runner(
+        Path(bundle),
+        config.backend,
+        precision=config.precision,
+        intra_op_threads=config.intra_op_threads or None,
+    )
+    if config.embeddings and not runner.spec.features_output:
+        raise RunnerError(
+            f"{bundle} has no features output, so it cannot give embeddings (build it from PyTorch weights)"
+        )
+    return runner
+
+
+def service_options(runner: Runner, config: ServiceConfig, observer: ServiceObserver | None) -> ServiceOptions:
+    return ServiceOptions(
+        max_batch_size=config.batch_size or runner.default_batch_size,
+        max_wait_s=config.max_wait_ms / 1000.0,
+        decode_threads=config.decode_threads,
+        top_k=config.top_k,
+        embeddings=config.embeddings,
+        read_policy=ReadPolicy.create(list(config.allowed_roots), config.max_bytes),
+        max_pixels=config.max_pixels,
+        observer=observer,
+    )
+
+
+def build_service(
+    bundle: Path, config: ServiceConfig, observer: ServiceObserver | None = None
+) -> LabelingService:
+    """The labeling service for `bundle`, not started (start() loads the engine on its thread)."""
+    runner = create_service_runner(bundle, config)
+    return LabelingService(runner, service_options(runner, config, observer))

@@ -1,0 +1,62 @@
+"""What a result record is: one per image, its labels or its error, and its compact JSON.
+
+Every input gets exactly one record; a bad input gets an error record with one of the stable
+`ErrorCode`s and never stops a batch, a worker or a run. The shape and the codes are part of the
+result contract (README, docs/queue-contract.md), shared by the pipeline that makes records, the
+stores that keep them and the client that exports them: never rename a code.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+Record = dict[str, Any]
+
+
+class ErrorCode(StrEnum):
+    NOT_FOUND = "not_found"
+    PERMISSION_DENIED = "permission_denied"
+    NOT_A_FILE = "not_a_file"
+    TOO_LARGE = "too_large"
+    DECODE_FAILED = "decode_failed"
+    OUTSIDE_ALLOWED_ROOTS = "outside_allowed_roots"
+    INFERENCE_FAILED = "inference_failed"
+    INTERNAL_ERROR = "internal_error"
+
+
+def label_record(path: str, labels: list[dict[str, Any]], embedding: np.ndarray | None = None) -> Record:
+    record: Record = {"path": path, "labels": labels}
+    if embedding is not None:
+        record["embedding"] = [round(float(v), 6) for v in embedding]
+    return record
+
+
+def error_record(path: str, code: str, message: str) -> Record:
+    return {"path": path, "error": {"code": str(code), "message": message}}
+
+
+def is_error(record: Record) -> bool:
+    return "error" in record
+
+
+def error_code(record: Record) -> str | None:
+    """The record's error code; None for labels (and "unknown" for a malformed error)."""
+    error = record.get("error")
+    if error is None:
+        return None
+    return str(error.get("code", "unknown")) if isinstance(error, dict) else "unknown"
+
+
+def is_engine_failure(record: Record) -> bool:
+    """An `inference_failed` record says the engine failed, not the image: it is never kept as the
+    image's result (the image is retried: its job requeued, or `labeler run --resume`)."""
+    return error_code(record) == ErrorCode.INFERENCE_FAILED
+
+
+def compact_json(value: object) -> str:
+    """One line, no spaces, UTF-8 kept: the form records take in files, Redis and messages."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
