@@ -48,6 +48,11 @@ class DatasetSpec:
             raise DatasetError(f"embedding_dtype must be one of {sorted(EMBEDDING_DTYPES)}")
 
 
+def _element(value_type: pa.DataType) -> pa.Field:
+    """List items named as Parquet names them ("element"), so this schema equals the one read back."""
+    return pa.field("element", value_type)
+
+
 def dataset_schema(spec: DatasetSpec) -> pa.Schema:
     """The Arrow schema of every shard file of a run made with `spec`."""
     fields = [
@@ -55,15 +60,15 @@ def dataset_schema(spec: DatasetSpec) -> pa.Schema:
         pa.field("top1_index", pa.int32()),
         pa.field("top1_label", pa.string()),
         pa.field("top1_score", pa.float32()),
-        pa.field("topk_index", pa.list_(pa.int32())),
-        pa.field("topk_label", pa.list_(pa.string())),
-        pa.field("topk_score", pa.list_(pa.float32())),
+        pa.field("topk_index", pa.list_(_element(pa.int32()))),
+        pa.field("topk_label", pa.list_(_element(pa.string()))),
+        pa.field("topk_score", pa.list_(_element(pa.float32()))),
         pa.field("error_code", pa.string()),
         pa.field("error_message", pa.string()),
     ]
     if spec.embedding_size is not None:
         element = EMBEDDING_DTYPES[spec.embedding_dtype]
-        fields.append(pa.field("embedding", pa.list_(element, spec.embedding_size)))
+        fields.append(pa.field("embedding", pa.list_(_element(element), spec.embedding_size)))
     fields += [
         pa.field("model_sha256", pa.string(), nullable=False),
         pa.field("precision", pa.string(), nullable=False),
