@@ -186,6 +186,7 @@ def test_a_record_that_disagrees_with_the_runs_embeddings_is_refused(
             "either labels or an error",
         ),
         ({"path": "/a.jpg", "labels": []}, "at least one label"),
+        ({"path": "/a.jpg", "error": {"code": None, "message": "y"}}, "needs a code"),
         ({"path": "", "labels": [{"index": 1, "label": "x", "score": 0.5}]}, "path"),
         ({"path": "/a.jpg", "labels": [{"index": "one", "label": "x", "score": 0.5}]}, "does not fit"),
         ({"path": "/a.jpg", "labels": [{"label": "x", "score": 0.5}]}, "does not fit"),
@@ -216,6 +217,18 @@ def test_two_records_for_one_path_are_refused(tmp_path, spec):
 def test_a_bad_spec_is_refused(fields, message):
     with pytest.raises(DatasetError, match=message):
         DatasetSpec(**{"model_sha256": MODEL_SHA, "precision": "fp32", **fields})
+
+
+def test_the_dataset_modules_load_without_celery_or_the_engine():
+    probe = (
+        "import sys, worker.runs.dataset, worker.runs.dataset_manifest; "
+        "print(sorted(m for m in ('celery', 'worker.service', 'worker.preprocess', 'cv2', 'onnxruntime') "
+        "if m in sys.modules))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert child.stdout.strip() == "[]"
 
 
 # --- shard ids and file names -----------------------------------------------------------------------
