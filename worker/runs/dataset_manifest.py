@@ -1,0 +1,117 @@
+"""`DIR/manifest.json`: written once at the end of a run, beside its shards, atomically.
+
+It says what the folder holds (counts, the shard list, the model, the run's settings, the schema
+version), so a reader knows the run is complete and which files are its rows. Counts come from the
+shard files' own footers, not from the caller, so the manifest cannot disagree with the data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from worker.runs.atomic import atomic_write
+from worker.runs.dataset import remove_shard, shard_files, shard_sort_key
+from worker.runs.dataset_schema import (
+    SCHEMA_VERSION,
+    DatasetError,
+    DatasetSpec,
+    check_schema_version,
+    dataset_schema,
+)
+
+MANIFEST = "manifest.json"
+
+
+def manifest_path(out_dir: Path | str) -> Path:
+    return Path(out_dir) / MANIFEST
+
+
+def write_manifest(
+    out_dir: Path | str,
+    *,
+    run_id: str,
+    shard_ids: Iterable[str],
+    spec: DatasetSpec,
+    settings: Mapping[str, Any],
+    model: Mapping[str, Any] | None = None,
+    remove_strays: bool = False,
+) -> dict[str, Any]:
+    """Check that every shard of the run has a file of the run's schema and model, then write the
+    manifest; returns it. A shard file that is not in `shard_ids` (a bisected parent a late worker
+    wrote) would duplicate rows for every glob reader: refused, or deleted with `remove_strays`."""
+    wanted = sorted({*shard_ids}, key=shard_sort_key)
+    present = shard_files(out_dir)
+    missing = [shard_id for shard_id in wanted if shard_id not in present]
+    if missing:
+        raise DatasetError(f"{out_dir}: {len(missing)} shard(s) without a file: {', '.join(missing[:10])}")
+    strays = sorted(set(present) - set(wanted), key=shard_sort_key)
+    if strays and not remove_strays:
+        raise DatasetError(f"{out_dir}: shard file(s) not in the run: {', '.join(strays[:10])}")
+    for stray in strays:
+        remove_shard(out_dir, stray)
+    shards = [_shard_entry(shard_id, present[shard_id], spec) for shard_id in wanted]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {**(model or {}), "sha256": spec.model_sha256, "precision": spec.precision},
+        "embedding": (
+            {"size": spec.embedding_size, "dtype": spec.embedding_dtype} if spec.embedding_size else None
+        ),
+        "settings": dict(settings),
+        "counts": {key: sum(shard[key] for shard in shards) for key in ("rows", "labeled", "failed", "bytes")}
+        | {"shards": len(shards)},
+        "shards": shards,
+    }
+    data = (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode()
+    atomic_write(manifest_path(out_dir), lambda handle: handle.write(data))
+    return manifest
+
+
+def read_manifest(out_dir: Path | str) -> dict[str, Any] | None:
+    """The run's manifest, or None while the run has not finished (or never wrote here)."""
+    try:
+        manifest = json.loads(manifest_path(out_dir).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    if str(manifest.get("schema_version", "")).split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise DatasetError(
+            f"{out_dir}: manifest schema {manifest.get('schema_version')}, reader {SCHEMA_VERSION}"
+        )
+    return manifest
+
+
+def _shard_entry(shard_id: str, path: Path, spec: DatasetSpec) -> dict[str, Any]:
+    """A shard's counts from its footer (row counts and error_code null counts: no data read)."""
+    metadata = pq.read_metadata(path)
+    schema = metadata.schema.to_arrow_schema()
+    check_schema_version(schema, str(path))
+    if not schema.equals(dataset_schema(spec), check_metadata=False):
+        raise DatasetError(f"{path}: columns differ from the run's (model, embedding size or dtype)")
+    names = schema.names
+    failed = 0
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        code = row_group.column(names.index("error_code")).statistics
+        sha = row_group.column(names.index("model_sha256")).statistics
+        if code is None or not code.has_null_count or sha is None or not sha.has_min_max:
+            raise DatasetError(f"{path}: written without statistics (not by write_shard)")
+        if sha.min != spec.model_sha256 or sha.max != spec.model_sha256:
+            raise DatasetError(
+                f"{path}: labeled by model {sha.min[:12]}..., the run's is {spec.model_sha256[:12]}..."
+            )
+        failed += row_group.num_rows - code.null_count
+    return {
+        "id": shard_id,
+        "file": f"{path.parent.name}/{path.name}",
+        "rows": metadata.num_rows,
+        "labeled": metadata.num_rows - failed,
+        "failed": failed,
+        "bytes": path.stat().st_size,
+    }
