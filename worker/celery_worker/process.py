@@ -82,7 +82,7 @@ class WorkerProcess:
                 "builds the embedded default when --model is not given)"
             )
         service = build_service(Path(config.model), ServiceConfig.pick(config), observer=metrics).start()
-        log.warning("labeling service ready: %s (%s, %s)", config.model, config.backend, config.precision)
+        log.warning("labeling service ready: %s (%s)", config.model, service.runner.describe())
         return service
 
     def note_activity(self, run: str, records: Sequence[dict[str, Any]]) -> None:

@@ -66,6 +66,7 @@ class Runner(abc.ABC):
     """
 
     name = "base"
+    precision = "fp32"  # which of the bundle's models (every backend takes precision=)
     # The batch a caller uses when the user sets none: enough to amortize per-batch costs on a CPU;
     # GPU backends ask for more, since a GPU needs large batches to be busy.
     default_batch_size = 32
@@ -74,6 +75,10 @@ class Runner(abc.ABC):
         self.bundle_dir = Path(bundle_dir)
         self.spec = spec or ModelSpec.load(self.bundle_dir)
         self._loaded = False
+
+    def describe(self) -> str:
+        """What actually runs, for the start log (under `--backend auto` the choice is made here)."""
+        return f"{self.name} {self.precision}"
 
     @property
     def max_batch_size(self) -> int | None:

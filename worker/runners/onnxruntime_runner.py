@@ -30,6 +30,9 @@ class OnnxRuntimeRunner(Runner):
         self.verify_checksum = verify_checksum
         self._session = None
 
+    def describe(self) -> str:
+        return f"{super().describe()}, {self.intra_op_threads} intra-op threads"
+
     def model_path(self) -> tuple[Path, str]:
         """The ONNX file of the chosen precision and its expected checksum."""
         try:

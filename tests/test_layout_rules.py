@@ -1,0 +1,119 @@
+"""The house rules, checked on the code's own imports (every import, lazy ones inside functions too).
+
+- Only the command line (`worker/cli/`) may import `engine_build`: the runtime gets a bundle path.
+- `worker/client/` never imports the Celery worker or the pipeline, and `worker/runs/` (the Redis
+  contract) imports neither Celery nor OpenCV nor the pipeline: a machine that only enqueues and
+  reads results needs no engine, no OpenCV and no worker.
+- Nothing below the command line imports it.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "worker"
+
+# (the package, or file, whose imports are checked; module prefixes it must not import)
+RULES = [
+    ("worker/pipeline", ("engine_build", "worker.cli", "worker.celery_worker", "worker.client", "celery", "redis")),
+    ("worker/runners", ("engine_build", "worker.cli", "worker.pipeline", "worker.celery_worker", "celery")),
+    ("worker/local", ("engine_build", "worker.cli", "worker.celery_worker", "worker.client", "celery")),
+    ("worker/celery_worker", ("engine_build", "worker.cli", "worker.client")),
+    ("worker/runs", ("engine_build", "worker.cli", "worker.pipeline", "worker.celery_worker", "worker.client",
+                     "worker.runners", "celery", "cv2")),
+    ("worker/client", ("engine_build", "worker.cli", "worker.celery_worker", "worker.pipeline", "worker.runners",
+                       "celery", "cv2")),
+    ("worker/records.py", ("engine_build", "worker.")),
+    ("worker/sidecar.py", ("engine_build", "worker.")),
+    ("worker/resnet.py", ("engine_build", "worker.")),
+]  # fmt: skip
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) for every import in a file, relative imports resolved against its package."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            found.append((node.lineno, module))
+            found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def violations(place: str, forbidden: tuple[str, ...]) -> list[str]:
+    target = REPO / place
+    files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
+    out = []
+    for file in files:
+        for line, module in imported_modules(file):
+            for prefix in forbidden:
+                if module == prefix.rstrip(".") or module.startswith(prefix if prefix.endswith(".") else prefix + "."):
+                    out.append(f"{file.relative_to(REPO)}:{line} imports {module}")
+    return out
+
+
+@pytest.mark.parametrize(("place", "forbidden"), RULES, ids=[rule[0] for rule in RULES])
+def test_layer_imports_only_what_it_may(place: str, forbidden: tuple[str, ...]) -> None:
+    assert (REPO / place).exists(), f"{place} is gone: update the rules with the layout"
+    assert violations(place, forbidden) == []
+
+
+def test_engine_build_is_imported_only_by_the_command_line() -> None:
+    outside = [
+        hit
+        for file in sorted(WORKER.rglob("*.py"))
+        if WORKER / "cli" not in file.parents
+        for hit in violations(str(file.relative_to(REPO)), ("engine_build",))
+    ]
+    assert outside == []
+
+
+def test_the_checker_sees_lazy_and_relative_imports() -> None:
+    """A rule that can never fail is no rule: plant each kind of import and see it caught."""
+    planted = REPO / "worker" / "runs" / "_planted_for_test.py"
+    planted.write_text(
+        "def later():\n    from engine_build.weights import random_weights\n\n"
+        "from ..pipeline import service\nimport cv2 as opencv\n"
+    )
+    try:
+        found = violations("worker/runs", ("engine_build", "worker.pipeline", "cv2"))
+    finally:
+        planted.unlink()
+    assert sorted(hit.split(" imports ")[1] for hit in found) == [
+        "cv2",
+        "engine_build.weights",
+        "engine_build.weights.random_weights",
+        "worker.pipeline",
+        "worker.pipeline.service",
+    ]
+
+
+def test_client_side_loads_without_opencv_celery_or_an_engine() -> None:
+    """What `labeler enqueue/status/results/report` need, imported with cv2, celery, onnxruntime
+    and engine_build made unimportable."""
+    code = (
+        "import sys\n"
+        "for name in ('cv2', 'celery', 'onnxruntime', 'engine_build', 'torch'):\n"
+        "    sys.modules[name] = None\n"
+        "import worker.client.enqueue, worker.client.export, worker.client.retry, worker.client.status\n"
+        "import worker.client.report, worker.runs.store, worker.runs.activity, worker.runs.protocol\n"
+        "import worker.runs.settings, worker.runs.dataset\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
