@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker.runs.protocol import TASK_NAME
 from worker.runs.settings import Settings
 
-__all__ = ["TASK_NAME", "app", "create_app"]
+__all__ = ["app", "create_app"]
 
 
 def transport_options(settings: Settings) -> dict[str, object]:

@@ -1,45 +1,70 @@
-"""One labeling job, read top to bottom: which paths still need work, submit them to the process's
-shared service, write their records as they come, and end in exactly one of three ways.
+"""One shard job, read top to bottom: take the shard under a lease, label its paths with the
+process's shared service, write its Parquet file, mark it done. It ends in exactly one of these ways:
 
-- finished: every path has its record in Redis (then the task returns and Celery acks);
-- handed back (Reject with requeue): a Redis outage, the job's own deadline, a warm shutdown, or an
-  engine failure (whose `inference_failed` records are never kept: the images are not at fault);
-- dead-lettered: delivered more than `max_deliveries` times; its paths get `internal_error` records.
+- finished: the shard's file is durable and the ledger says done (then Celery acks);
+- skipped: the shard is done already, split, or held by another living worker (a redelivered or
+  duplicated message costs nothing);
+- handed back (Reject with requeue, lease released): a Redis outage, its own deadline, a warm
+  shutdown, or an engine failure (`inference_failed` records are never kept: the images are not at
+  fault);
+- split: the shard was taken `max_attempts` times without finishing (it kills workers): its halves
+  are queued instead, until the image that kills workers is alone and gets an error row;
+- lost: its lease was taken over while this worker was cut off; it writes nothing.
 
-A redelivered job skips the paths that already have records, so each image ends with one record.
+Also here: the job that labels a few paths and returns their records in its result (no run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from celery.exceptions import Reject
 
 from worker.celery_worker.process import WorkerProcess
-from worker.celery_worker.redis_retry import with_redis_retry
-from worker.pipeline.service import ServiceFailed
-from worker.records import ErrorCode, Record, error_record, is_engine_failure, is_error
+from worker.celery_worker.redis_retry import REDIS_ERRORS, with_redis_retry
+from worker.pipeline.service import LabelingService, ServiceFailed
+from worker.records import ErrorCode, Record, error_code, error_record, is_engine_failure, is_error
+from worker.runs.dataset import (
+    DatasetError,
+    DatasetSpec,
+    check_shard_id,
+    iter_records,
+    shard_path,
+    write_shard,
+)
 from worker.runs.keys import check_run_name
+from worker.runs.protocol import shard_message
+from worker.runs.settings import output_roots
+from worker.runs.shard_list import ShardListError, children, halves, shard_paths, write_shard_paths
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+PATHS_JOB_LIMIT = 1000  # a labels-in-the-result job carries its records back through Redis
 
 
-def job_arguments(args: tuple, kwargs: dict) -> tuple[str, list[str]]:
-    """(run, paths) from a job, positional or keyword; ValueError for a malformed job."""
-    run = kwargs.get("run", args[0] if args else None)
-    paths = kwargs.get("paths", args[1] if len(args) > 1 else None)
-    if not isinstance(run, str):
-        raise ValueError("job needs 'run', a string")
-    check_run_name(run)
-    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-        raise ValueError("job needs 'paths', a list of non-empty strings")
-    return run, paths
+class BadJob(ValueError):
+    """A job this worker must refuse outright (requeueing it would only fail again)."""
+
+
+def _string(kwargs: dict, name: str) -> str:
+    value = kwargs.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadJob(f"job needs {name!r}, a non-empty string")
+    return value
+
+
+def _paths(value: object, name: str = "paths") -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise BadJob(f"job needs {name!r}, a list of non-empty strings")
+    return value
 
 
 class RecordSink:
@@ -50,9 +75,6 @@ class RecordSink:
 
     def put(self, record: Record) -> None:
         self._queue.put(record)
-
-    def pending(self) -> int:
-        return self._queue.qsize()
 
     def take(self, most: int, timeout: float) -> list[Record]:
         try:
@@ -67,141 +89,252 @@ class RecordSink:
         return records
 
 
-class LabelJob:
-    """One delivery of one job in one worker process."""
+def label_with(
+    process: WorkerProcess, service: LabelingService, paths: list[str], features: bool,
+    on_records: Callable[[list[Record]], None],
+) -> int:  # fmt: skip
+    """Submit `paths` and hand their records to `on_records` in groups as they come; returns how
+    many were answered (fewer: the deadline, a warm shutdown or a failed engine cut it short)."""
+    settings = process.settings
+    sink = RecordSink()
+    deadline = time.monotonic() + settings.task_deadline_s
+    submitted = answered = 0
+    for path in paths:
+        if process.stopping.is_set() or time.monotonic() > deadline:
+            break
+        try:
+            service.submit(path, sink.put, features)
+        except ServiceFailed:
+            break
+        submitted += 1
+        taken = sink.take(settings.flush_records, 0) if submitted % settings.flush_records == 0 else []
+        if taken:
+            answered += len(taken)
+            on_records(taken)
+    while answered < submitted and time.monotonic() < deadline + settings.deadline_grace_s:
+        taken = sink.take(settings.flush_records, 0.25)
+        if taken:
+            answered += len(taken)
+            on_records(taken)
+    return answered
 
-    def __init__(self, process: WorkerProcess, job_id: str, run: str, paths: list[str]) -> None:
+
+class ShardJob:
+    """One delivery of one shard job in one worker process."""
+
+    def __init__(self, process: WorkerProcess, job_id: str, kwargs: dict[str, Any]) -> None:
         self.process = process
         self.settings = process.settings
-        self.store = process.store
+        self.ledger = process.ledger
         self.job_id = job_id
-        self.run = run
-        self.paths = paths
-        self.labeled = 0
-        self.failed = 0
-        self.engine_failed = 0
+        self.run = check_run_name(_string(kwargs, "run"))
+        try:
+            self.shard = check_shard_id(_string(kwargs, "shard"))
+        except DatasetError as exc:
+            raise BadJob(str(exc)) from None
+        self.output = self._confined_output(_string(kwargs, "output"))
+        self.given_paths = _paths(kwargs["paths"]) if "paths" in kwargs else None
+        self.owner = process.leases.new_owner(process.worker_name)
+        self.labeled = self.failed = self.engine_failed = 0
+
+    def _confined_output(self, output: str) -> Path:
+        """The dataset folder, only under a root this worker may write (LABELER_OUTPUT_ROOTS)."""
+        real = os.path.realpath(output)
+        for root in output_roots(self.settings):
+            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+                return Path(real)
+        raise BadJob(f"output {output!r} is outside the output roots this worker may write")
 
     def redis(self, action: Callable[[], T], what: str) -> T:
         return with_redis_retry(action, what, self.settings.redis_retry_s)
 
-    # -- delivery counting, before the job runs ---------------------------------------------------
-
-    def count_delivery(self) -> int:
-        return self.redis(lambda: self.store.count_delivery(self.run, self.job_id), "counting a delivery")
-
-    def note_error(self, reason: str) -> None:
-        self.redis(lambda: self.store.note_error(self.run, self.job_id, reason), "noting an error")
-
-    def dead_letter(self, attempts: int) -> dict[str, Any]:
-        """Give up on a job that keeps failing or killing its worker: its unfinished paths get an
-        `internal_error` record, the job goes on the run's dead list."""
-        last = self.store.last_error(self.run, self.job_id)
-        reason = f"delivered {attempts} times without finishing" + (
-            f"; last error: {last}" if last else " (its worker was lost each time)"
-        )
-        log.error("dead-lettering job %s of run %s: %s", self.job_id, self.run, reason)
-        todo = self.store.paths_without_record(self.run, self.paths)
-        message = f"job dead-lettered: {reason}"
-        records = [error_record(path, ErrorCode.INTERNAL_ERROR, message) for path in todo]
-        self.redis(lambda: self.store.write_records(self.run, records), "writing dead-letter records")
-        self.redis(
-            lambda: self.store.dead_letter(self.run, self.job_id, self.paths, attempts, reason),
-            "dead-lettering a job",
-        )
-        return {"run": self.run, "job_id": self.job_id, "dead_lettered": True, "reason": reason,
-                "images": len(self.paths)}  # fmt: skip
-
     # -- the job ----------------------------------------------------------------------------------
 
-    def label(self, return_records: bool = False) -> dict[str, Any]:
-        """Label the paths that have no record yet; return counts (and the records, when asked)."""
-        todo = list(dict.fromkeys(
-            self.redis(lambda: self.store.paths_without_record(self.run, self.paths), "resume check")
-        ))  # fmt: skip
-        if todo:  # a redelivered job whose images all have records needs no engine
-            self._label(todo)
-        return self._finish(len(self.paths) - len(todo), return_records)
+    def label(self) -> dict[str, Any]:
+        paths = self._paths()
+        # A half of a split shard is split again at its first loss: a shard that kills workers
+        # reaches its one bad image in log2(size) more losses, not three times that.
+        attempts = self.settings.max_attempts if "." not in self.shard else 1
+        claim = self.redis(lambda: self.ledger.claim(self.run, self.shard, self.owner, self.settings.lease_s,
+                                                     attempts, len(paths)), "claiming a shard")  # fmt: skip
+        if claim.verdict in ("done", "split", "busy"):
+            return self._result(skipped=claim.verdict)
+        if claim.verdict == "exhausted":
+            return self._give_up(paths, claim.attempts)
+        self.process.leases.hold(self.run, self.shard, self.owner)
+        try:
+            return self._label(paths, claim.attempts)
+        except Reject:
+            raise
+        except Exception:
+            with contextlib.suppress(*REDIS_ERRORS):  # back to the queue now, not after the lease
+                self.ledger.release(self.run, self.shard, self.owner, uncount=False)
+            raise
+        finally:
+            self.process.leases.drop(self.run, self.shard)
 
-    def _label(self, todo: list[str]) -> None:
+    def _paths(self) -> list[str]:
+        if self.given_paths is not None:  # a service's own shard: store its list so it can be recovered
+            try:
+                shard_paths(self.output, self.shard)
+            except ShardListError:
+                write_shard_paths(self.output, self.shard, self.given_paths, chain="")
+            return self.given_paths
+        try:
+            return shard_paths(self.output, self.shard)
+        except ShardListError as exc:
+            raise BadJob(str(exc)) from None
+
+    def _label(self, paths: list[str], attempt: int) -> dict[str, Any]:
+        state = self.ledger.shard_state(self.run, self.shard)
+        records: dict[str, Record] = {}
+        todo = paths
+        if state is not None and state.retry_codes is not None:  # a retry: relabel only those errors
+            records = {r["path"]: r for r in iter_records(self.output, shard_ids=[self.shard])}
+            codes = set(state.retry_codes)
+            todo = [p for p in paths if p not in records or (is_error(records[p]) and (not codes or error_code(records[p]) in codes))]
+        options = self.redis(lambda: self.ledger.run_settings(self.run), "reading the run") or {"options": {}}
+        features = bool(options["options"].get("embeddings"))
+        service = self._service(features)
+        done = label_with(self.process, service, todo, features, lambda taken: self._keep(taken, records))
+        self._end_unfinished(service, done, len(todo))
+        if self.process.leases.lost(self.run, self.shard):
+            log.warning("run %s shard %s: lease lost meanwhile; another worker labels it", self.run, self.shard)
+            return self._result(skipped="lost")
+        written = write_shard(self.output, self.shard, [records[p] for p in paths], self._spec(service, options),
+                              worker=self.process.worker_name)  # fmt: skip
+        finished = self.redis(lambda: self.ledger.finish(self.run, self.shard, self.owner, written.labeled,
+                                                         written.failed), "finishing a shard")  # fmt: skip
+        if not finished:
+            log.warning("run %s shard %s: finished by another worker too (same rows)", self.run, self.shard)
+        return self._result(images=len(paths), labeled=written.labeled, failed=written.failed, attempt=attempt)
+
+    def _service(self, features: bool) -> LabelingService:
         health = self.process.health
         if health.failure is not None:  # this worker is stopping; do not reload a broken engine
-            self._hand_back_from_broken_worker(health.failure)
+            self._hand_back(health.failure, worker_fault=True)
         try:
             service = self.process.service()
         except Exception as exc:
             log.critical("cannot load the model, handing job %s back: %s", self.job_id, exc)
-            self._hand_back_from_broken_worker(f"model failed to load: {exc}")
+            self._hand_back(f"model failed to load: {exc}", worker_fault=True)
+        if features and not service.runner.spec.features_output:
+            raise BadJob("the run asks for embeddings but this worker's bundle has no features output")
+        return service
 
-        sink = RecordSink()
-        flush_size = self.settings.flush_records
-        deadline = time.monotonic() + self.settings.task_deadline_s
-        submitted = written = 0
-        for path in todo:
-            if self.process.stopping.is_set() or time.monotonic() > deadline:
-                break
-            try:
-                service.submit(path, sink.put)
-            except ServiceFailed:
-                break
-            submitted += 1
-            if sink.pending() >= flush_size:
-                written += self._flush(sink.take(flush_size, 0))
-        while written < submitted and time.monotonic() < deadline + self.settings.deadline_grace_s:
-            written += self._flush(sink.take(flush_size, 0.25))
+    def _keep(self, taken: list[Record], records: dict[str, Record]) -> None:
+        kept = [r for r in taken if not is_engine_failure(r)]
+        self.engine_failed += len(taken) - len(kept)
+        for record in kept:
+            records[record["path"]] = record
+        if kept:
+            self.process.note_activity(self.run, kept)
 
+    def _end_unfinished(self, service: LabelingService, answered: int, wanted: int) -> None:
         if service.failure is not None:
             reason = f"labeling service gave up: {service.failure}"
-            if self.engine_failed or written < len(todo):
-                self._hand_back_from_broken_worker(reason)
-            health.stop_worker(reason)  # this job got all its records first; the worker still stops
+            if self.engine_failed or answered < wanted:
+                self._hand_back(reason, worker_fault=True)
+            self.process.health.stop_worker(reason)  # this shard got all its records; the worker still stops
         if self.engine_failed:
-            reason = f"{self.engine_failed} images met an engine failure; the job goes back for them"
-            log.warning("job %s: %s", self.job_id, reason)
-            self.note_error(reason)
-            raise Reject(reason, requeue=True)
-        if written < len(todo):
-            self._hand_back_unfinished(len(todo) - written)
+            self._hand_back(f"{self.engine_failed} images met an engine failure; the shard goes back for them")
+        if answered < wanted:
+            if self.process.stopping.is_set():
+                self._hand_back("warm shutdown", worker_fault=True)
+            self._hand_back(f"deadline of {self.settings.task_deadline_s:.0f} s passed with {wanted - answered} images left")
 
-    def _flush(self, records: list[Record]) -> int:
-        """Write the records worth keeping; returns how many images were answered."""
-        kept = [r for r in records if not is_engine_failure(r)]
-        self.engine_failed += len(records) - len(kept)
-        if kept:
-            self.redis(lambda: self.store.write_records(self.run, kept), "writing records")
-            self.process.note_activity(self.run, kept)
-            failed = sum(1 for r in kept if is_error(r))
-            self.failed += failed
-            self.labeled += len(kept) - failed
-        return len(records)
-
-    def _hand_back_unfinished(self, left: int) -> NoReturn:
-        if self.process.stopping.is_set():
-            log.warning("warm shutdown: job %s has %d images left, handing them back", self.job_id, left)
-            self.redis(lambda: self.store.uncount_delivery(self.run, self.job_id), "uncounting a delivery")
-            raise Reject("warm shutdown", requeue=True)
-        reason = f"deadline of {self.settings.task_deadline_s:.0f} s passed with {left} images left"
-        self.note_error(reason)
+    def _hand_back(self, reason: str, worker_fault: bool = False) -> NoReturn:
+        """Release the lease and requeue the message. A worker's fault (broken engine, warm
+        shutdown) spends no attempt, and a broken engine stops the worker."""
+        log.warning("run %s shard %s handed back: %s", self.run, self.shard, reason)
+        self.redis(lambda: self.ledger.release(self.run, self.shard, self.owner, uncount=worker_fault),
+                   "releasing a shard")  # fmt: skip
+        if worker_fault and not self.process.stopping.is_set() and reason != "warm shutdown":
+            self.process.health.stop_worker(reason)
         raise Reject(reason, requeue=True)
 
-    def _hand_back_from_broken_worker(self, reason: str) -> NoReturn:
-        """Requeue without spending a delivery (the worker failed, not the job); stop the worker."""
-        self.redis(lambda: self.store.uncount_delivery(self.run, self.job_id), "uncounting a delivery")
-        self.process.health.stop_worker(reason)
-        raise Reject(reason, requeue=True)
+    def _give_up(self, paths: list[str], attempts: int) -> dict[str, Any]:
+        """Taken `attempts` times without finishing: bisect it, or give its one image an error row."""
+        if len(paths) > 1:
+            first, second = halves(paths)
+            parts = [(child, len(half), shard_message(self.run, child, str(self.output), self._queue(), origin="labeler-split"))
+                     for child, half in zip(children(self.shard), (first, second), strict=True)]  # fmt: skip
+            self.redis(lambda: self.ledger.split(self.run, self._queue(), self.shard, parts), "splitting a shard")
+            log.error("run %s shard %s taken %d times without finishing: split in two", self.run, self.shard, attempts)
+            return self._result(skipped="split")
+        claim = self.redis(lambda: self.ledger.claim(self.run, self.shard, self.owner, self.settings.lease_s,
+                                                     self.settings.max_attempts, 1, force=True), "claiming a shard")  # fmt: skip
+        if claim.verdict != "run":
+            return self._result(skipped=claim.verdict)
+        reason = f"its worker was lost or failed {attempts} times labeling this image (it crashes or exhausts the worker)"
+        record = error_record(paths[0], ErrorCode.INTERNAL_ERROR, reason)
+        spec = DatasetSpec(model_sha256="0" * 64, precision=self.settings.precision)
+        try:
+            service = self.process.service()
+            spec = self._spec(service, self.ledger.run_settings(self.run) or {"options": {}})
+        except Exception:  # noqa: BLE001 - the error row needs no engine
+            log.exception("no engine to describe the model in the error row of %s", paths[0])
+        write_shard(self.output, self.shard, [record], spec, worker=self.process.worker_name)
+        self.redis(lambda: self.ledger.finish(self.run, self.shard, self.owner, 0, 1), "finishing a shard")
+        self.redis(lambda: self.ledger.dead_letter(self.run, self.shard, f"{paths[0]}: {reason}"), "dead-lettering")
+        log.error("run %s shard %s: %s gets an error row: %s", self.run, self.shard, paths[0], reason)
+        return self._result(images=1, labeled=0, failed=1, attempt=attempts)
 
-    def _finish(self, skipped: int, return_records: bool) -> dict[str, Any]:
-        """Every path has its record: clear the delivery count and say what the job did."""
-        self.redis(lambda: self.store.finish_job(self.run, self.job_id), "finishing a job")
-        result: dict[str, Any] = {
-            "run": self.run,
-            "job_id": self.job_id,
-            "images": len(self.paths),
-            "skipped": skipped,
-            "labeled": self.labeled,
-            "failed": self.failed,
-        }
-        if return_records:
-            result["records"] = self.redis(
-                lambda: self.store.get_records(self.run, self.paths), "reading records"
-            )
-        return result
+    def _queue(self) -> str:
+        settings = self.ledger.run_settings(self.run) or {}
+        return settings.get("queue") or self.settings.queue
+
+    def _spec(self, service: LabelingService, options: dict[str, Any]) -> DatasetSpec:
+        runner = service.runner
+        embeddings = bool(options["options"].get("embeddings"))
+        return DatasetSpec(
+            model_sha256=runner.spec.model_for(runner.precision)[1] or "0" * 64,
+            precision=runner.precision,
+            embedding_size=runner.spec.feature_size if embeddings else None,
+            embedding_dtype=options["options"].get("embedding_dtype", "float32"),
+        )
+
+    def _result(self, skipped: str | None = None, **counts: int) -> dict[str, Any]:
+        result: dict[str, Any] = {"run": self.run, "shard": self.shard, "job_id": self.job_id,
+                                  "file": str(shard_path(self.output, self.shard))}  # fmt: skip
+        if skipped:
+            result["skipped"] = skipped
+        return result | counts
+
+
+class PathsJob:
+    """A few paths labeled for a caller that wants the records back in the job's result."""
+
+    def __init__(self, process: WorkerProcess, kwargs: dict[str, Any]) -> None:
+        self.process = process
+        self.paths = _paths(kwargs.get("paths"))
+        if len(self.paths) > PATHS_JOB_LIMIT:
+            raise BadJob(f"a labels-in-the-result job takes at most {PATHS_JOB_LIMIT} paths; use a run for more")
+        self.features = bool(kwargs.get("embeddings", False))
+
+    def label(self) -> dict[str, Any]:
+        try:
+            service = self.process.service()
+        except Exception as exc:
+            self.process.health.stop_worker(f"model failed to load: {exc}")
+            raise Reject(f"model failed to load: {exc}", requeue=True) from exc
+        if self.features and not service.runner.spec.features_output:
+            raise BadJob("embeddings asked for, but this worker's bundle has no features output")
+        records: dict[str, Record] = {}
+        engine_failed = 0
+
+        def keep(taken: list[Record]) -> None:
+            nonlocal engine_failed
+            for record in taken:
+                if is_engine_failure(record):
+                    engine_failed += 1
+                else:
+                    records[record["path"]] = record
+
+        unique = list(dict.fromkeys(self.paths))
+        answered = label_with(self.process, service, unique, self.features, keep)
+        if engine_failed or answered < len(unique):
+            raise Reject("the engine failed or the worker is stopping; the job goes back", requeue=True)
+        ordered = [records[p] for p in unique]
+        return {"images": len(ordered), "labeled": sum(1 for r in ordered if not is_error(r)),
+                "failed": sum(1 for r in ordered if is_error(r)), "records": ordered}  # fmt: skip

@@ -1,5 +1,5 @@
-"""Everything one worker process holds: its settings, Redis store, labeling service, metrics,
-engine health and whether it is stopping.
+"""Everything one worker process holds: its settings, Redis ledger, labeling service, metrics,
+shard leases and their sweeper, engine health and whether it is stopping.
 
 Celery keeps per-process resources on the Task class; the labeler's task base class owns one
 `WorkerProcess`, created when the task module is imported by the main worker process (so prefork
@@ -19,13 +19,14 @@ import redis
 from celery import Celery
 
 from worker.celery_worker.health import EngineHealth
+from worker.celery_worker.leases import LeaseKeeper, Sweeper
 from worker.celery_worker.metrics import WorkerMetrics, default_hostname
 from worker.pipeline.build import ServiceConfig, build_service
 from worker.pipeline.service import LabelingService
 from worker.runs import activity
+from worker.runs.ledger import RunLedger
 from worker.runs.redis_client import connect
 from worker.runs.settings import Settings
-from worker.runs.store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +41,40 @@ class WorkerProcess:
     def __init__(self, app: Celery) -> None:
         self._app = app
         self._lock = threading.Lock()
-        self._store: RunStore | None = None
+        self._ledger: RunLedger | None = None
         self._service: LabelingService | None = None
         self._metrics: WorkerMetrics | None = None
         self.health = EngineHealth()
         self.stopping = threading.Event()  # set on warm shutdown: jobs hand back what they have not sent
         self.node_name: str | None = None  # the Celery node name, once the worker has set up
+        self._leases: LeaseKeeper | None = None
+        self._sweeper: Sweeper | None = None
 
     @property
     def settings(self) -> Settings:
         return self._app.labeler_settings  # type: ignore[attr-defined]
 
     @property
-    def store(self) -> RunStore:
+    def ledger(self) -> RunLedger:
         """One Redis client (and connection pool) per worker process."""
         with self._lock:
-            if self._store is None:
-                self._store = RunStore(connect(self.settings.broker_url), self.settings.key_prefix)
-            return self._store
+            if self._ledger is None:
+                self._ledger = RunLedger(connect(self.settings.broker_url), self.settings.key_prefix)
+            return self._ledger
+
+    @property
+    def leases(self) -> LeaseKeeper:
+        with self._lock:
+            if self._leases is None:
+                self._leases = LeaseKeeper(lambda: self.ledger, self.settings.lease_s, self.settings.heartbeat_s)
+            return self._leases
+
+    @property
+    def sweeper(self) -> Sweeper:
+        with self._lock:
+            if self._sweeper is None:
+                self._sweeper = Sweeper(lambda: self.ledger, self.settings.queue, self.settings.sweep_interval_s)
+            return self._sweeper
 
     @property
     def metrics(self) -> WorkerMetrics:
@@ -88,7 +105,8 @@ class WorkerProcess:
     def note_activity(self, run: str, records: Sequence[dict[str, Any]]) -> None:
         """Count a flush for per-worker throughput; telemetry never fails a job."""
         try:
-            activity.note_records(self.store.client, self.store.prefix, run, self.worker_name, records)
+            ledger = self.ledger
+            activity.note_records(ledger.client, ledger.prefix, run, self.worker_name, records)
         except redis.exceptions.RedisError as exc:
             log.warning("could not record worker activity for run %s: %s", run, exc)
 
@@ -101,12 +119,16 @@ class WorkerProcess:
         """Worker shutdown: stop the service (its images in flight finish first) and mark it down."""
         with self._lock:
             service, self._service = self._service, None
+            for part in (self._leases, self._sweeper):
+                if part is not None:
+                    part.close()
+            self._leases = self._sweeper = None
             if self._metrics is not None:
                 self._metrics.up.labels(self._metrics.hostname).set(0)
         if service is not None:
             service.close()
 
-    def forget_store(self) -> None:
+    def forget_ledger(self) -> None:
         """Drop the Redis client (tests that reconfigure the app between workers)."""
         with self._lock:
-            self._store = None
+            self._ledger = None

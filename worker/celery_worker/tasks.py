@@ -1,15 +1,13 @@
-"""The labeling task and the worker's signal hooks: thin, the work is in job.py.
+"""The labeler's tasks and the worker's signal hooks: thin, the work is in job.py.
 
 `LabelerTask` is the base of every labeler task. It owns the process's `WorkerProcess` (Celery's
-pattern for per-process resources), counts each delivery of a job in Redis and dead-letters a job
-after `max_deliveries`: with late acks and requeue on a lost worker, a job that crashes its worker
-would otherwise be delivered forever. Any exception becomes a requeue (acks_late would ack it,
-dropping the chunk); the counter bounds the loop.
+pattern for per-process resources) and turns every outcome into one of three: a result, a clear
+refusal of a job that can never succeed (Reject without requeue, logged), or a requeue (acks_late
+would ack a failed task, dropping the shard; the ledger's attempts bound the loop).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, ClassVar
 
@@ -18,11 +16,10 @@ from celery.exceptions import Reject
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
 from worker.celery_worker.app import app
-from worker.celery_worker.job import LabelJob, job_arguments
+from worker.celery_worker.job import BadJob, PathsJob, ShardJob
 from worker.celery_worker.process import WorkerProcess
-from worker.celery_worker.redis_retry import REDIS_ERRORS
 from worker.runs.keys import RunNameError
-from worker.runs.protocol import TASK_NAME
+from worker.runs.protocol import PATHS_TASK, RETIRED_TASKS, SHARD_TASK
 
 log = logging.getLogger(__name__)
 
@@ -33,32 +30,46 @@ class LabelerTask(Task):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         job_id = self.request.id or "unknown"
         try:
-            run, paths = job_arguments(args, kwargs)
-        except (ValueError, RunNameError) as exc:
-            log.error("malformed job %s rejected: %s", job_id, exc)
-            raise Reject(f"malformed job: {exc}", requeue=False) from exc
-        job = LabelJob(self.process, job_id, run, paths)
-        deliveries = job.count_delivery()
-        limit = self.process.settings.max_deliveries
-        if deliveries > limit:
-            return job.dead_letter(deliveries - 1)
-        try:
             return super().__call__(*args, **kwargs)
         except Reject:
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure requeues; the counter bounds the loop
-            log.exception("job %s failed (delivery %d of %d), requeueing", job_id, deliveries, limit)
-            with contextlib.suppress(REDIS_ERRORS):
-                self.process.store.note_error(run, job_id, f"{type(exc).__name__}: {exc}")
+        except (BadJob, RunNameError, TypeError) as exc:  # TypeError: arguments of another shape
+            log.error("job %s refused: %s", job_id, exc)
+            raise Reject(f"refused: {exc}", requeue=False) from exc
+        except Exception as exc:  # noqa: BLE001 - any other failure requeues; attempts bound the loop
+            log.exception("job %s failed, requeueing", job_id)
             raise Reject(f"{type(exc).__name__}: {exc}", requeue=True) from exc
 
 
-@app.task(name=TASK_NAME, bind=True, base=LabelerTask)
-def label_chunk(self: LabelerTask, run: str, paths: list[str], return_records: bool = False) -> dict[str, Any]:
-    """Label `paths` into run `run`. Returns counts (and the records, when asked, for small jobs)."""
-    result = LabelJob(self.process, self.request.id or "unknown", run, paths).label(return_records)
+@app.task(name=SHARD_TASK, bind=True, base=LabelerTask)
+def label_shard(self: LabelerTask, **kwargs: Any) -> dict[str, Any]:
+    """Label one shard of a run into the run's dataset."""
+    result = ShardJob(self.process, self.request.id or "unknown", kwargs).label()
     result["worker"] = self.request.hostname
     return result
+
+
+@app.task(name=PATHS_TASK, bind=True, base=LabelerTask)
+def label_paths(self: LabelerTask, **kwargs: Any) -> dict[str, Any]:
+    """Label a few paths and return their records in the result."""
+    result = PathsJob(self.process, kwargs).label()
+    result["worker"] = self.request.hostname
+    return result
+
+
+def _retired(name: str, what: str):
+    @app.task(name=name, bind=True)
+    def retired(self: Task, *args: Any, **kwargs: Any) -> None:
+        """A job of a retired protocol: failed with a message the sender can read, never dropped."""
+        raise BadJob(
+            f"{name} ({what}) is no longer served: publish {SHARD_TASK} (a shard of a run, labels in its "
+            f"Parquet dataset) or {PATHS_TASK} (a few paths, labels in the job's result); docs/queue-contract.md"
+        )
+
+    return retired
+
+
+RETIRED = [_retired(name, what) for name, what in RETIRED_TASKS.items()]
 
 
 @celeryd_after_setup.connect
@@ -67,10 +78,12 @@ def _remember_node_name(sender: str, **_kwargs: object) -> None:
 
 
 @worker_ready.connect
-def _start_metrics_endpoint(**_kwargs: object) -> None:
-    port = LabelerTask.process.settings.metrics_port
+def _on_ready(**_kwargs: object) -> None:
+    process = LabelerTask.process
+    process.sweeper.start()
+    port = process.settings.metrics_port
     if port:
-        LabelerTask.process.metrics.serve(port)
+        process.metrics.serve(port)
 
 
 @worker_shutting_down.connect

@@ -12,9 +12,9 @@ import dataclasses
 import click
 import redis
 
+from worker.runs.ledger import RunLedger
 from worker.runs.redis_client import connect
 from worker.runs.settings import Settings, SettingsError
-from worker.runs.store import RunStore
 
 BROKER_HELP = "Redis URL (broker and results); default: $LABELER_BROKER_URL."
 
@@ -29,11 +29,11 @@ def load_settings(**overrides: object) -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
-def open_store(settings: Settings) -> RunStore:
-    return RunStore(connect(settings.broker_url), settings.key_prefix)
+def open_store(settings: Settings) -> RunLedger:
+    return RunLedger(connect(settings.broker_url), settings.key_prefix)
 
 
-def open_run(settings: Settings, run: str) -> RunStore:
+def open_run(settings: Settings, run: str) -> RunLedger:
     """The store, once `run` is known to exist there; a one-line ClickException otherwise."""
     store = open_store(settings)
     try:

@@ -23,11 +23,18 @@ from worker.records import ErrorCode, is_error
 @click.command("enqueue")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--run", "run_name", help="Run name (default: a new one, printed). Reuse it to resume.")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False),
+    help="The run's dataset folder, on storage the workers share (default: FIRST_OUTPUT_ROOT/RUN).",
+)
 @click.option("--broker", help=BROKER_HELP)
 @click.option("--queue", help="Queue to publish to (default: $LABELER_QUEUE or 'labeler').")
-@click.option("--chunk-size", type=int, help="Paths per job (default 500).")
-@click.option("--max-queued", type=int, help="Wait while the queue holds more jobs than this (default 2000).")
-@click.option("--wait", is_flag=True, help="Follow the run until every image has a record.")
+@click.option("--shard-size", type=int, help="Images per shard, one job and one Parquet file each (default 5000).")
+@click.option("--max-queued", type=int, help="Wait while the queue holds more shards than this (default 1000).")
+@click.option("--embeddings", is_flag=True, help="Rows carry the model's pooled features (a fixed-size list).")
+@click.option("--embedding-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--wait", is_flag=True, help="Follow the run until every image has a row.")
 @click.option(
     "--interval", type=float, default=2.0, show_default=True, help="Seconds between --wait updates."
 )
@@ -35,53 +42,70 @@ from worker.records import ErrorCode, is_error
 def enqueue_command(
     inputs: tuple[str, ...],
     run_name: str | None,
+    output: str | None,
     broker: str | None,
     queue: str | None,
-    chunk_size: int | None,
+    shard_size: int | None,
     max_queued: int | None,
+    embeddings: bool,
+    embedding_dtype: str,
     wait: bool,
     interval: float,
     progress: bool | None,
 ) -> None:
-    """Publish INPUTS (files, directories, @list files, - for stdin) as jobs of a run; print the run id."""
+    """Cut INPUTS (files, directories, @list files, - for stdin, .parquet/.csv manifests with a
+    `path` column) into the shards of a run and publish them; print the run id. The shard list is
+    fixed by the first enqueue of a run: enqueue it again to resume."""
     import redis
     from tqdm import tqdm
 
-    from worker.client.enqueue import enqueue_paths
-    from worker.pipeline.inputs import iter_input_paths
+    from worker.client.enqueue import EnqueueError, enqueue_run
+    from worker.pipeline.inputs import InputError, can_repeat, iter_input_paths, unique_by_digest
     from worker.runs.keys import RunNameError
+    from worker.runs.settings import output_roots
+    from worker.runs.shard_list import ShardListError
 
-    settings = load_settings(broker_url=broker, queue=queue, chunk_size=chunk_size, max_queued_jobs=max_queued)
+    settings = load_settings(broker_url=broker, queue=queue, shard_size=shard_size, max_queued_jobs=max_queued)
     run = run_name or time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(3).hex()
     click.echo(run)
+    ledger = open_store(settings)
+    try:
+        known = ledger.run_settings(run)
+    except redis.exceptions.RedisError as exc:
+        raise click.ClickException(f"Redis: {exc}") from None
+    folder = output or (known["output"] if known else os.path.join(output_roots(settings)[0], run))
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=None, unit="path", desc="enqueue", disable=not show, dynamic_ncols=True)
+    bar = tqdm(total=None, unit="img", desc="enqueue", disable=not show, dynamic_ncols=True)
 
     def on_progress(summary) -> None:
         bar.update(summary.seen - bar.n)
 
-    client = open_store(settings).client
+    paths = iter_input_paths(inputs)
     try:
-        summary = enqueue_paths(
-            client,
+        summary = enqueue_run(
+            ledger.client,
             run,
-            iter_input_paths(inputs),
+            unique_by_digest(paths) if can_repeat(inputs) else paths,
+            folder,
             settings.queue,
-            settings.chunk_size,
+            settings.shard_size,
             settings.max_queued_jobs,
             settings.key_prefix,
+            options={"embeddings": embeddings, "embedding_dtype": embedding_dtype},
             on_progress=on_progress,
         )
-    except RunNameError as exc:
+    except (RunNameError, EnqueueError, ShardListError, InputError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     except redis.exceptions.RedisError as exc:
         raise click.ClickException(f"Redis: {exc} (enqueue again with --run {run} to resume)") from None
     finally:
         bar.close()
     click.echo(
-        f"run {run}: {summary.seen} paths, {summary.queued} queued in {summary.jobs} jobs, "
-        f"{summary.skipped} already done; {summary.seconds:.1f} s"
-        + (f" ({summary.waited_s:.0f} s waiting for the queue)" if summary.waited_s else ""),
+        f"run {run}: {summary.seen} images in {summary.shards} shards"
+        + (" (the run's stored shard list)" if summary.reused_list else "")
+        + f", {summary.queued} queued in {summary.jobs} shards, {summary.skipped} done or running; "
+        f"{summary.seconds:.1f} s" + (f" ({summary.waited_s:.0f} s waiting for the queue)" if summary.waited_s else "")
+        + f"\ndataset: {summary.output}/labels/*.parquet",
         err=True,
     )
     if wait and summary.seen == 0:
@@ -163,23 +187,25 @@ def status_command(run: str, broker: str | None, watch: bool, interval: float, a
 @click.option("--broker", help=BROKER_HELP)
 @click.option("--errors-only", is_flag=True, help="Only the error records: which images failed, and why.")
 def results_command(run: str, out_path: Path, broker: str | None, errors_only: bool) -> None:
-    """Stream every record of RUN to a file (format by extension), in constant memory."""
+    """Stream every row of RUN's dataset to one file (format by extension), in constant memory.
+    The dataset itself (OUTPUT/labels/*.parquet) reads as one table in DuckDB, pandas or pyarrow."""
     from worker.client.export import ExportError, export_records, format_for
+    from worker.runs.dataset import iter_records
 
     settings = load_settings(broker_url=broker)
     try:
         format_for(out_path)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
-    store = open_run(settings, run)
+    ledger = open_run(settings, run)
+    status = ledger.status(run, settings.queue)
     try:
-        records = store.iter_records(run)
+        records = iter_records(status.output)
         if errors_only:
             records = (record for record in records if is_error(record))
         count = export_records(records, out_path)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
-    status = store.status(run, settings.queue)
     click.echo(f"{count} records written to {out_path} ({status.pending} images still pending)", err=True)
 
 
@@ -194,7 +220,7 @@ def results_command(run: str, out_path: Path, broker: str | None, errors_only: b
 )
 @click.option("--broker", help=BROKER_HELP)
 @click.option("--queue", help="Queue to publish to (default: $LABELER_QUEUE or 'labeler').")
-@click.option("--wait", is_flag=True, help="Follow the run until every image has a record.")
+@click.option("--wait", is_flag=True, help="Follow the run until every image has a row.")
 @click.option(
     "--interval", type=float, default=2.0, show_default=True, help="Seconds between --wait updates."
 )
@@ -202,28 +228,25 @@ def retry_command(
     run: str, codes: tuple[str, ...], broker: str | None, queue: str | None, wait: bool, interval: float
 ) -> None:
     """Label RUN's failed images again (after fixing a mount, restoring files): each still ends
-    with exactly one record, and the run's counts stay exact."""
+    with exactly one row, and the run's counts stay exact."""
     import redis
 
     from worker.client.retry import retry_failed
 
     settings = load_settings(broker_url=broker, queue=queue)
-    store = open_run(settings, run)
+    ledger = open_run(settings, run)
     try:
-        summary = retry_failed(
-            store.client, run, settings.queue, codes, settings.chunk_size, settings.max_queued_jobs,
-            settings.key_prefix,
-        )  # fmt: skip
+        summary = retry_failed(ledger.client, run, settings.queue, codes, settings.key_prefix)
     except redis.exceptions.RedisError as exc:
         raise click.ClickException(
-            f"Redis: {exc}. Images reopened before it are pending now: enqueue the run's inputs "
-            f"again with --run {run} to publish them"
+            f"Redis: {exc}. Shards reopened before it are queued in the ledger: enqueue the run again "
+            f"(labeler enqueue --run {run} ...) to publish them"
         ) from None
     which = ", ".join(codes) if codes else "any error"
     click.echo(
-        f"run {run}: {summary.queued} failed images ({which}) queued again in {summary.jobs} jobs", err=True
+        f"run {run}: {summary.shards} shards with failed images ({which} relabeled) queued again", err=True
     )
-    if wait and summary.queued:
+    if wait and summary.shards:
         _follow(settings, run, interval, sys.stderr.isatty())
 
 

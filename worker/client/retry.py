@@ -1,32 +1,48 @@
 """`labeler retry RUN`: label a run's failed images again, after their cause is fixed.
 
-A mount that was down (`not_found`), files restored (`decode_failed`), a dead-lettered job
-(`internal_error`): their records are final, so enqueueing the run again skips them. Retrying
-reopens each such record atomically (back to the queued placeholder, out of the done and failed
-counts; a record rewritten meanwhile is left alone) and publishes the paths through the normal
-enqueue, so every image still ends with exactly one record and the counts stay exact.
+A mount that was down (`not_found`), files restored (`decode_failed`), a shard given up on
+(`internal_error`): their rows are final, so enqueueing the run again skips their shards. Retrying
+reopens each done shard that has failed images (atomically: back to queued, out of the run's
+counts, remembering which codes to retry) and publishes it; its worker relabels only those rows
+and rewrites the shard's file with the rest kept, so every image still has exactly one row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from itertools import chain
+from dataclasses import dataclass
+from itertools import islice
 
 import redis
 
-from worker.client.enqueue import EnqueueSummary, enqueue_paths
-from worker.runs.store import RunStore
+from worker.runs.ledger import RunLedger
+from worker.runs.protocol import shard_message
 
 
-def retry_failed(
-    client: redis.Redis,
-    run: str,
-    queue: str,
-    codes: Iterable[str] = (),
-    chunk_size: int = 500,
-    max_queued_jobs: int = 2000,
-    prefix: str = "labeler",
-) -> EnqueueSummary:
-    """Reopen and publish every failed image of `run` (only those with `codes`, if given)."""
-    reopened = chain.from_iterable(RunStore(client, prefix).iter_failed(run, frozenset(codes)))
-    return enqueue_paths(client, run, reopened, queue, chunk_size, max_queued_jobs, prefix)
+@dataclass
+class RetrySummary:
+    run: str
+    shards: int = 0
+    images: int = 0  # failed images in the reopened shards (of any code: a shard's count is per shard)
+
+
+def retry_failed(client: redis.Redis, run: str, queue: str, codes: Iterable[str] = (), prefix: str = "labeler",
+                 batch: int = 500) -> RetrySummary:  # fmt: skip
+    """Reopen and publish every done shard of `run` with failed images (only those with `codes`,
+    if given, are relabeled)."""
+    ledger = RunLedger(client, prefix)
+    settings = ledger.run_settings(run)
+    summary = RetrySummary(run)
+    if settings is None:
+        return summary
+    codes = sorted(set(codes))
+    candidates = (state for state in ledger.shard_states(run) if state.state == "done" and state.failed)
+    while chunk := list(islice(candidates, batch)):
+        failed = {state.shard_id: state.failed for state in chunk}
+        reopened = ledger.reopen(run, list(failed), codes)
+        if reopened:
+            client.lpush(queue, *[shard_message(run, shard, settings["output"], queue, origin="labeler-retry")
+                                  for shard in reopened])  # fmt: skip
+        summary.shards += len(reopened)
+        summary.images += sum(failed[shard] for shard in reopened)
+    return summary

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from worker.runs.activity import WorkerActivity, format_workers
-from worker.runs.store import RunStatus, RunStore
+from worker.runs.ledger import RunLedger, RunStatus
 
 
 class RateMeter:
@@ -51,18 +51,19 @@ def format_status(
         f"run {status.run}",
         f"  total {status.total}  done {status.done} ({share})  labeled {status.labeled}  "
         f"failed {status.failed}  pending {status.pending}",
-        f"  {rate:.1f} images/s  ETA {eta}  queue {status.queued_jobs} jobs",
+        f"  shards {status.shards_done}/{status.shards} done  {rate:.1f} images/s  ETA {eta}  "
+        f"queue {status.queued_jobs} shards",
     ]
     if status.enqueuing():
         lines.append("  enqueue in progress: the total is still growing")
     if status.dead_jobs:
-        lines.append(f"  dead-lettered jobs: {status.dead_jobs} (their images have internal_error records)")
+        lines.append(f"  images given up on: {status.dead_jobs} (they kept killing workers; internal_error rows)")
     lines += format_workers(workers)
     return "\n".join(lines)
 
 
 def follow(
-    store: RunStore,
+    store: RunLedger,
     run: str,
     queue: str,
     interval_s: float,

@@ -78,6 +78,7 @@ class _Prepared:
     crop: np.ndarray | None = None
     error: ImageError | None = None
     ready_at: float = 0.0
+    features: bool = False  # this image's record carries the embedding (or every one: options.embeddings)
     answered: bool = False  # its record went out (never twice, even while failing after a crash)
 
 
@@ -127,8 +128,9 @@ class LabelingService:
             raise self._load_error
         return self
 
-    def submit(self, path: str, callback: RecordCallback) -> None:
-        """Queue one image; its record reaches `callback`. Blocks while too many are in flight."""
+    def submit(self, path: str, callback: RecordCallback, features: bool = False) -> None:
+        """Queue one image; its record reaches `callback` (with its embedding when `features` or
+        `options.embeddings`). Blocks while too many are in flight."""
         if self._closed:
             raise RuntimeError("service is closed")
         if self.failure is not None:
@@ -136,7 +138,7 @@ class LabelingService:
         self._slots.acquire()
         with self._idle:
             self._in_flight += 1
-        self._pool.submit(self._prepare, path, callback)
+        self._pool.submit(self._prepare, path, callback, features or self.options.embeddings)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every submitted image has its record. False on timeout."""
@@ -158,8 +160,8 @@ class LabelingService:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _prepare(self, path: str, callback: RecordCallback) -> None:
-        item = _Prepared(path, callback)
+    def _prepare(self, path: str, callback: RecordCallback, features: bool) -> None:
+        item = _Prepared(path, callback, features=features)
         started = time.perf_counter()
         try:
             data = read_image_bytes(path, self.options.read_policy)
@@ -251,7 +253,7 @@ class LabelingService:
         started = time.perf_counter()
         try:
             crops = np.stack([item.crop for item in good], out=self.runner.staging(len(good)))
-            pending = self.runner.submit(crops, self.options.embeddings)
+            pending = self.runner.submit(crops, any(item.features for item in good))
         except Exception as exc:  # noqa: BLE001 - the batch's images get error records instead
             self._fail_batch(good, exc)
             return None
@@ -274,7 +276,7 @@ class LabelingService:
             self.options.observer.batch(len(good), time.perf_counter() - batch.started, waits)
         labels = top_k_labels(output.probabilities, self.runner.spec.classes, self.options.top_k)
         for row, item in enumerate(good):
-            embedding = output.features[row] if output.features is not None else None
+            embedding = output.features[row] if output.features is not None and item.features else None
             self._emit(item, label_record(item.path, labels[row], embedding))
 
     def _fail_batch(self, good: list[_Prepared], exc: BaseException) -> None:

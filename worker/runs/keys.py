@@ -3,15 +3,14 @@
 Keys (prefix `P`, default `labeler`; run name `R`):
 
 - `P:runs`              set of run names.
-- `P:run:R:records`     hash, image path -> record JSON; "" marks a path that is queued but has no
-  record yet. Writes are idempotent: a redelivered job rewrites the same field, so each image has
-  exactly one record however often its job runs. HLEN is the run's total.
-- `P:run:R:meta`        hash: created_at, done, failed, first_record_at, last_record_at, jobs,
-  enqueuing_until (while an enqueue runs: a lease it renews, removed when done). `done`/`failed`
-  change only when a field goes from no record to a record (in Lua, atomically), so counters stay
-  exact under redelivery.
-- `P:run:R:deliveries`  hash, job id -> times delivered; `<job id>:error` -> last error seen.
-- `P:run:R:dead`        list of dead-lettered jobs (JSON: job_id, run, paths, deliveries, reason).
+- `P:leases`            sorted set, `R|shard` -> when the lease of the worker running it runs out
+  (running shards of every run, so one sweep of one key finds the lost ones of the whole fleet).
+- `P:run:R:meta`        hash: created_at, output (the dataset's folder), shard_size, options (JSON),
+  images, shards, done, failed, shards_done, first_record_at, last_record_at, enqueuing_until
+  (while an enqueue runs: a lease it renews, removed when done). Counts move only when a shard is
+  marked done, in Lua, atomically: exact under redelivery.
+- `P:run:R:shards`      hash, shard id -> the shard's state, a small JSON (runs/ledger.py).
+- `P:run:R:dead`        list of shards given up on (JSON: shard, run, reason, at).
 - `P:run:R:workers`     hash, `<worker>|images`, `<worker>|failed`, `<worker>|first_at`,
   `<worker>|last_at` (worker = Celery node name): per-worker throughput (runs/activity.py).
 - `P:run:R:timeline`    hash, bucket start (epoch seconds) -> images written: the report's chart.
@@ -43,6 +42,19 @@ def runs_key(prefix: str) -> str:
     return f"{prefix}:runs"
 
 
+def leases_key(prefix: str) -> str:
+    return f"{prefix}:leases"
+
+
+def lease_member(run: str, shard: str) -> str:
+    return f"{run}|{shard}"  # run names cannot hold "|"
+
+
+def parse_lease_member(member: str) -> tuple[str, str]:
+    run, _, shard = member.rpartition("|")
+    return run, shard
+
+
 @dataclass(frozen=True)
 class RunKeys:
     """The keys of one run."""
@@ -54,16 +66,13 @@ class RunKeys:
         return f"{self.prefix}:run:{self.run}:{part}"
 
     @property
-    def records(self) -> str:
-        return self._part("records")
-
-    @property
     def meta(self) -> str:
         return self._part("meta")
 
     @property
-    def deliveries(self) -> str:
-        return self._part("deliveries")
+    def shards(self) -> str:
+        return self._part("shards")
+
 
     @property
     def dead(self) -> str:

@@ -32,7 +32,10 @@ class Settings:
     visibility_timeout_s: int = 3600
     restore_interval_s: int = 10
     restore_throttle: int = 10
-    max_deliveries: int = 3
+    max_attempts: int = 3  # a shard taken this often without finishing is bisected (one image: an error row)
+    lease_s: float = 30.0  # a running shard's lease: a lost worker's shard is queued again after this
+    heartbeat_s: float = 10.0  # how often a worker renews the leases of the shards it runs
+    sweep_interval_s: float = 5.0  # how often each worker looks for lapsed leases to requeue
     result_expires_s: int = 7 * 24 * 3600
     redis_retry_s: float = 60.0  # how long a job keeps retrying Redis writes before requeueing
     # Worker: model and batching.
@@ -50,11 +53,14 @@ class Settings:
     embeddings: bool = False  # records carry the 2048-d pooled features (needs a PyTorch-built bundle)
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 128 * 1024 * 1024  # decompression-bomb guard: largest image decoded
-    flush_records: int = 256  # records per Redis round trip from a job
+    flush_records: int = 256  # records per per-worker activity update (one Redis round trip)
     metrics_port: int = 0  # the worker's Prometheus /metrics port; 0: no endpoint
+    # Where datasets go: a run's output must be under one of these (the first is the default parent,
+    # `<root>/<run>`); empty: $LABELER_HOME/runs (default ~/.cache/resnet-labeler/runs).
+    output_roots: tuple[str, ...] = ()
     # Client.
-    chunk_size: int = 500
-    max_queued_jobs: int = 2000  # backpressure: enqueue waits while the queue is longer
+    shard_size: int = 5000
+    max_queued_jobs: int = 1000  # backpressure: enqueue waits while the queue holds more shards
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -75,8 +81,13 @@ class Settings:
                 f"LABELER_TASK_DEADLINE_S + LABELER_DEADLINE_GRACE_S ({self.task_deadline_s} + "
                 f"{self.deadline_grace_s}), or Redis hands a running job to a second worker"
             )
-        if self.max_deliveries < 1 or self.chunk_size < 1 or self.concurrency < 1:
-            raise SettingsError("max_deliveries, chunk_size and concurrency must be at least 1")
+        if self.max_attempts < 1 or self.shard_size < 1 or self.concurrency < 1:
+            raise SettingsError("max_attempts, shard_size and concurrency must be at least 1")
+        if not 0 < self.heartbeat_s * 2 < self.lease_s:
+            raise SettingsError(
+                f"LABELER_LEASE_S ({self.lease_s}) must exceed twice LABELER_HEARTBEAT_S ({self.heartbeat_s}), "
+                "or a slow but living worker could lose its shard to a second one"
+            )
         if self.pool not in ("threads", "solo", "prefork"):
             raise SettingsError("LABELER_POOL must be threads, solo or prefork")
         if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
@@ -90,6 +101,16 @@ class Settings:
             value = getattr(self, item.name)
             out[env_name(item.name)] = os.pathsep.join(value) if isinstance(value, tuple) else str(value)
         return out
+
+
+def default_output_root() -> str:
+    home = os.environ.get("LABELER_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "resnet-labeler")
+    return os.path.join(home, "runs")
+
+
+def output_roots(settings: Settings) -> tuple[str, ...]:
+    """The folders datasets may be written under, resolved (symlinks and `..`)."""
+    return tuple(os.path.realpath(root) for root in (settings.output_roots or (default_output_root(),)))
 
 
 def env_name(field_name: str) -> str:

@@ -1,7 +1,8 @@
-"""Everything the run report shows, gathered from Redis in one pass over the records.
+"""Everything the run report shows: counts and throughput from the ledger, errors and labels from
+one pass over the run's dataset.
 
-The records are streamed with HSCAN (constant memory: only counters are kept), so a report of a
-run of millions of images costs one scan of its hash, like `labeler results`.
+The rows are streamed batch by batch (constant memory: only counters are kept), so a report of a
+run of millions of images costs one read of its Parquet files, like `labeler results`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 from worker.records import error_code
 from worker.runs import activity as activity_store
 from worker.runs.activity import WorkerActivity
-from worker.runs.store import RunStatus, RunStore
+from worker.runs.dataset import iter_records
+from worker.runs.ledger import RunLedger, RunStatus
 
 MAX_POINTS = 240  # throughput chart resolution; longer runs are put into wider buckets
 
@@ -29,7 +31,7 @@ class ReportData:
     generated_at: float = field(default_factory=time.time)
 
 
-def collect_report(store: RunStore, run: str, queue: str) -> ReportData:
+def collect_report(store: RunLedger, run: str, queue: str) -> ReportData:
     status = store.status(run, queue)
     buckets = activity_store.timeline(store.client, store.prefix, run)
     throughput, bucket_s = rebucket(buckets, activity_store.BUCKET_S)
@@ -39,7 +41,7 @@ def collect_report(store: RunStore, run: str, queue: str) -> ReportData:
         throughput=throughput,
         bucket_s=bucket_s,
     )
-    for record in store.iter_records(run):
+    for record in iter_records(status.output) if status.output else ():
         code = error_code(record)
         if code is not None:
             data.errors[code] += 1

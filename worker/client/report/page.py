@@ -44,7 +44,7 @@ def render_report(data: ReportData) -> str:
         _row("labeled", f"{status.labeled:,}"),
         _row("failed (error records)", f"{status.failed:,}"),
         _row("pending", f"{status.pending:,}"),
-        _row("dead-lettered jobs", status.dead_jobs),
+        _row("images given up on (kept killing workers)", status.dead_jobs),
         _row("average throughput", f"{status.average_rate():.1f} images/s"),
         _row("first record", _when(status.first_record_at)),
         _row("last record", _when(status.last_record_at)),
