@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import distributed_helpers
 from distributed_helpers import CeleryWorker, RedisServer, worker_env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def output_root(tmp_path_factory) -> Path:
+    """Every run of the session writes its dataset under one private folder the workers may write."""
+    root = tmp_path_factory.mktemp("datasets")
+    distributed_helpers.OUTPUT_ROOT = root
+    return root
 
 
 @pytest.fixture(scope="session")

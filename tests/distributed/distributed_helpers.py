@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PASSWORD = "test-secret-7f3a"
 QUEUE = "labeler-test"
+OUTPUT_ROOT = Path("/nonexistent")  # where runs write their datasets: a private folder per session (conftest)
 
 
 def free_port() -> int:
@@ -152,7 +153,8 @@ class CeleryWorker:
 
 
 def worker_env(url: str, bundle: Path, **overrides: object) -> dict[str, str]:
-    """Environment for a test worker: short redelivery times, one core's worth of threads."""
+    """Environment for a test worker: short leases and redelivery times, one core's worth of
+    threads, datasets written anywhere under this pytest session's temporary folder."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("LABELER_")}
     values: dict[str, object] = {
         "broker_url": url,
@@ -163,7 +165,11 @@ def worker_env(url: str, bundle: Path, **overrides: object) -> dict[str, str]:
         "visibility_timeout_s": 12,
         "restore_interval_s": 1,
         "restore_throttle": 1,
-        "max_deliveries": 10,
+        "max_attempts": 10,
+        "lease_s": 4,
+        "heartbeat_s": 1,
+        "sweep_interval_s": 0.5,
+        "output_roots": OUTPUT_ROOT,
         "concurrency": 4,
         "batch_size": 16,
         "max_wait_ms": 10,
@@ -180,17 +186,44 @@ def worker_env(url: str, bundle: Path, **overrides: object) -> dict[str, str]:
 
 
 def run_counts(client: redis.Redis, run: str) -> dict[str, int]:
+    """The run's totals as the ledger keeps them."""
     meta = {k.decode(): v.decode() for k, v in client.hgetall(f"labeler:run:{run}:meta").items()}
-    return {
-        "total": client.hlen(f"labeler:run:{run}:records"),
-        "done": int(meta.get("done", 0)),
-        "failed": int(meta.get("failed", 0)),
-    }
+    return {key: int(meta.get(key, 0)) for key in ("images", "done", "failed", "shards", "shards_done")}
 
 
 def wait_run_done(client: redis.Redis, run: str, timeout: float, interval: float = 0.25) -> dict[str, int]:
     def finished() -> dict[str, int] | None:
         counts = run_counts(client, run)
-        return counts if counts["total"] and counts["done"] >= counts["total"] else None
+        return counts if counts["images"] and counts["done"] >= counts["images"] else None
 
     return wait_for(finished, timeout, f"run {run} to finish", interval=interval)  # type: ignore[return-value]
+
+
+def enqueue(client: redis.Redis, run: str, paths: list[str], shard_size: int, **options: object):
+    """Enqueue `paths` as run `run` into OUTPUT_ROOT/runs/<run>; returns the summary."""
+    from worker.client.enqueue import enqueue_run
+
+    return enqueue_run(client, run, paths, str(run_output(run)), QUEUE, shard_size, options=dict(options))
+
+
+def run_output(run: str) -> Path:
+    return OUTPUT_ROOT / "runs" / run
+
+
+def dataset_records(run: str) -> list[dict]:
+    from worker.runs.dataset import iter_records
+
+    return list(iter_records(run_output(run)))
+
+
+def assert_exactly_once(client: redis.Redis, run: str, paths: list[str]) -> dict[str, dict]:
+    """Every path has exactly one row in the run's dataset, and the ledger's counts agree."""
+    rows = dataset_records(run)
+    records = {row["path"]: row for row in rows}
+    assert len(rows) == len(records), "a path has more than one row"
+    assert sorted(records) == sorted(set(paths))
+    counts = run_counts(client, run)
+    assert counts["images"] == counts["done"] == len(set(paths))
+    assert counts["failed"] == sum(1 for r in rows if "error" in r)
+    assert counts["shards"] == counts["shards_done"]
+    return records
