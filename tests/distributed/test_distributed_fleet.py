@@ -1,44 +1,35 @@
 """Whole runs over real `celery worker` subprocesses and a real password-protected redis-server:
-two workers sharing a run, SIGKILL and restart, warm shutdown, and a Redis restart mid-run.
-Every test ends with the exactly-once check: one record per image, counters equal to the records.
+two workers sharing a run, SIGKILL with the default lease (back within a minute), warm shutdown,
+a Redis restart and a longer outage. Every test ends with the exactly-once check: one row per
+image in the run's Parquet dataset, the ledger's counts equal to the rows.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import redis
 from click.testing import CliRunner
-from distributed_helpers import QUEUE, run_counts, wait_for, wait_run_done
+from distributed_helpers import (
+    QUEUE,
+    assert_exactly_once,
+    enqueue,
+    run_counts,
+    run_output,
+    wait_for,
+    wait_run_done,
+)
 
 from worker.cli import main
-from worker.client.enqueue import enqueue_paths
-from worker.runs.store import RunStore
+from worker.runs.ledger import RunLedger
 
 pytestmark = pytest.mark.slow
 
 
-def assert_exactly_once(client: redis.Redis, run: str, paths: list[str]) -> dict[str, dict]:
-    """Every path has exactly one finished record, and the counters agree with the records."""
-    records = {}
-    for field, value in client.hscan_iter(f"labeler:run:{run}:records", count=1000):
-        assert value, f"{field!r} still has no record"
-        record = json.loads(value)
-        assert record["path"] == field.decode()
-        records[record["path"]] = record
-    assert sorted(records) == sorted(set(paths))
-    counts = run_counts(client, run)
-    assert counts["total"] == counts["done"] == len(set(paths))
-    assert counts["failed"] == sum(1 for r in records.values() if "error" in r)
-    assert client.llen(f"labeler:run:{run}:dead") == 0
-    return records
-
-
-def test_thousands_of_images_over_two_workers(
-    redis_url, start_worker, small_jpegs, tiny_bundle, tmp_path
-) -> None:
+def test_thousands_of_images_over_two_workers(redis_url, start_worker, small_jpegs, tiny_bundle, tmp_path) -> None:
     root = Path(small_jpegs[0]).parents[1]
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8 not really a jpeg")
@@ -49,15 +40,15 @@ def test_thousands_of_images_over_two_workers(
            str(corrupt): "decode_failed"}  # fmt: skip
     paths = small_jpegs + list(bad)
     client = redis.Redis.from_url(redis_url)
-    summary = enqueue_paths(client, "big", paths, QUEUE, chunk_size=100)
-    assert summary.jobs == 31
+    summary = enqueue(client, "big", paths, shard_size=100)
+    assert (summary.shards, summary.jobs, summary.seen) == (31, 31, 3003)
     wait_run_done(client, "big", 300)
     records = assert_exactly_once(client, "big", paths)
     for path, code in bad.items():
         assert records[path]["error"]["code"] == code
     assert all(len(records[p]["labels"]) == 5 for p in small_jpegs)
 
-    # Both workers took part (job results name their worker).
+    # Both workers took part (job results and rows name their worker).
     results = [json.loads(client.get(key)) for key in client.scan_iter("celery-task-meta-*")]
     assert len(results) == 31 and all(r["status"] == "SUCCESS" for r in results)
     assert {r["result"]["worker"].split("@")[0] for r in results} == {"w1", "w2"}
@@ -75,12 +66,22 @@ def test_thousands_of_images_over_two_workers(
         assert [lab["index"] for lab in records[path]["labels"]] == [lab["index"] for lab in record["labels"]]
         assert records[path]["labels"][0]["score"] == pytest.approx(record["labels"][0]["score"], abs=1e-4)
 
-    # The CLI reads the same run: status and a Parquet export of every record.
+    # The folder reads as one table with no help from us; the CLI reads the same run.
+    import duckdb
+
+    labels = f"{run_output('big')}/labels/*.parquet"
+    rows, distinct, failed, workers = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT path), count(error_code), count(DISTINCT worker) FROM '{labels}'"
+    ).fetchall()[0]
+    assert (rows, distinct, failed, workers) == (3003, 3003, 3, 2)
+    top = duckdb.sql(f"SELECT top1_label, topk_label[1] FROM '{labels}' WHERE error_code IS NULL LIMIT 1").fetchall()[0]
+    assert top[0] == top[1]
     cli = CliRunner()
     status = cli.invoke(main, ["status", "big", "--broker", redis_url, "--json"])
     assert status.exit_code == 0, status.output
     fields = json.loads(status.output)
     assert (fields["total"], fields["done"], fields["failed"], fields["pending"]) == (3003, 3003, 3, 0)
+    assert (fields["shards"], fields["shards_done"]) == (31, 31)
     out = tmp_path / "big.parquet"
     exported = cli.invoke(main, ["results", "big", "--broker", redis_url, "--out", str(out)])
     assert exported.exit_code == 0, exported.output
@@ -89,37 +90,57 @@ def test_thousands_of_images_over_two_workers(
     assert pq.read_table(out).num_rows == 3003
 
 
-def test_sigkill_mid_run_then_restart_labels_each_image_once(redis_url, start_worker, small_jpegs) -> None:
-    paths = small_jpegs[:1500]
+def test_sigkill_with_default_settings_is_back_within_a_minute(redis_url, start_worker, small_jpegs) -> None:
+    """The default lease (30 s), heartbeat and sweep: a SIGKILLed worker's shards are running on the
+    other worker within 60 s of the kill, not after Celery's hour-long visibility timeout."""
+    defaults = {"lease_s": 30, "heartbeat_s": 10, "sweep_interval_s": 5, "visibility_timeout_s": 3600,
+                "task_deadline_s": 1800, "deadline_grace_s": 15}  # fmt: skip
+    paths = small_jpegs[:1200]
     client = redis.Redis.from_url(redis_url)
-    worker = start_worker(redis_url, "k1")
-    enqueue_paths(client, "killed", paths, QUEUE, chunk_size=50)
-    wait_for(lambda: run_counts(client, "killed")["done"] >= 300, 120, "300 records")
-    worker.kill()
-    at_kill = run_counts(client, "killed")
-    assert at_kill["done"] < len(paths)
-    assert client.hlen("unacked") > 0  # the dead worker's jobs wait for the visibility timeout
-    start_worker(redis_url, "k2")
-    wait_run_done(client, "killed", 180)
+    ledger = RunLedger(client)
+    doomed = start_worker(redis_url, "k1", concurrency=2, **defaults)
+    enqueue(client, "killed", paths, shard_size=100)
+    wait_for(lambda: run_counts(client, "killed")["shards_done"] >= 1, 120, "a first shard done")
+
+    def held_by_k1() -> list[str]:
+        return [s.shard_id for s in ledger.shard_states("killed") if s.state == "running" and s.owner.startswith("k1@")]
+
+    wait_for(held_by_k1, 30, "k1 to hold a shard")
+    start_worker(redis_url, "k2", concurrency=2, **defaults)
+    held = held_by_k1()
+    doomed.kill()
+    killed_at = time.monotonic()
+
+    def taken_over() -> bool:
+        states = {s.shard_id: s for s in ledger.shard_states("killed")}
+        return all(states[i].state == "done" or (states[i].owner or "").startswith("k2@") for i in held)
+
+    wait_for(taken_over, 75, "k2 to take over k1's shards")
+    recovered_s = time.monotonic() - killed_at
+    assert recovered_s < 60, f"took {recovered_s:.0f} s"
+    wait_run_done(client, "killed", 240)
     assert_exactly_once(client, "killed", paths)
-    wait_for(lambda: client.hlen("unacked") == 0, 30, "no unacked jobs")
+    assert client.hlen("unacked") > 0  # k1's own messages still wait for the visibility timeout...
+    assert {s.attempts for s in ledger.shard_states("killed") if s.shard_id in held} == {2}  # ...redone once
 
 
-def test_warm_shutdown_finishes_in_flight_and_hands_back_the_rest(
-    redis_url, start_worker, small_jpegs
-) -> None:
+def test_warm_shutdown_finishes_in_flight_and_hands_back_the_rest(redis_url, start_worker, small_jpegs) -> None:
     paths = small_jpegs[:1200]
     client = redis.Redis.from_url(redis_url)
     worker = start_worker(redis_url, "s1", concurrency=1)
-    summary = enqueue_paths(client, "warm", paths, QUEUE, chunk_size=1200)
+    summary = enqueue(client, "warm", paths, shard_size=1200)
     assert summary.jobs == 1
-    wait_for(lambda: run_counts(client, "warm")["done"] >= 100, 120, "100 records")
+    def labeled_some() -> bool:
+        activity = client.hgetall("labeler:run:warm:workers")
+        return any(key.endswith(b"|images") and int(value) >= 100 for key, value in activity.items())
+
+    wait_for(labeled_some, 120, "100 images labeled")
     assert worker.terminate(timeout=60) == 0
-    assert "warm shutdown: job" in worker.log()
-    done = run_counts(client, "warm")["done"]
-    assert 100 <= done < len(paths)  # it stopped early: the rest went back, not all 1200 finished
+    assert "handed back: warm shutdown" in worker.log()
+    assert run_counts(client, "warm")["done"] == 0  # it stopped early: the shard went back, unwritten
     assert client.llen(QUEUE) == 1 and client.hlen("unacked") == 0  # handed back, not stranded
-    assert RunStore(client).client.hvals("labeler:run:warm:deliveries") in ([], [b"0"])
+    state = RunLedger(client).shard_state("warm", "000000")
+    assert (state.state, state.attempts) == ("queued", 0)  # a clean handback spends no attempt
     start_worker(redis_url, "s2")
     wait_run_done(client, "warm", 180)
     assert_exactly_once(client, "warm", paths)
@@ -129,25 +150,24 @@ def test_redis_restart_mid_run_workers_reconnect_and_finish(own_redis, start_wor
     paths = small_jpegs[:1500]
     client = own_redis.client()
     worker = start_worker(own_redis.url, "r1")
-    enqueue_paths(client, "restart", paths, QUEUE, chunk_size=50)
-    wait_for(lambda: run_counts(client, "restart")["done"] >= 200, 120, "200 records")
+    enqueue(client, "restart", paths, shard_size=50)
+    wait_for(lambda: run_counts(client, "restart")["shards_done"] >= 4, 120, "4 shards")
     own_redis.restart(down_s=2.0)
     client = own_redis.client()
-    assert run_counts(client, "restart")["done"] >= 200  # AOF kept the records
+    assert run_counts(client, "restart")["shards_done"] >= 4  # AOF kept the ledger
     wait_run_done(client, "restart", 240)
     assert_exactly_once(client, "restart", paths)
     log = worker.log()
     assert "Connection to broker lost" in log and worker.alive()
-    assert "Redis error during" in log  # jobs in flight retried their writes instead of dropping the chunk
 
 
 def test_redis_down_longer_than_jobs_retry_hands_jobs_back(own_redis, start_worker, small_jpegs) -> None:
-    """Jobs give up on Redis after LABELER_REDIS_RETRY_S; their chunks come back, none is dropped."""
+    """Jobs give up on Redis after LABELER_REDIS_RETRY_S; their shards come back, none is dropped."""
     paths = small_jpegs[:600]
     client = own_redis.client()
     worker = start_worker(own_redis.url, "g1", redis_retry_s=1)
-    enqueue_paths(client, "outage", paths, QUEUE, chunk_size=50)
-    wait_for(lambda: run_counts(client, "outage")["done"] >= 100, 120, "100 records")
+    enqueue(client, "outage", paths, shard_size=50)
+    wait_for(lambda: run_counts(client, "outage")["shards_done"] >= 2, 120, "2 shards")
     own_redis.restart(down_s=4.0)
     client = own_redis.client()
     wait_run_done(client, "outage", 240)

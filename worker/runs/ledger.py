@@ -94,14 +94,14 @@ return {'run', state['a']}
 # ones `owner` still holds; returns those it lost (done by another after a lapse, or taken over).
 _RENEW = """
 local lost = {}
-local until = tonumber(ARGV[2]) + tonumber(ARGV[3])
+local expires = tonumber(ARGV[2]) + tonumber(ARGV[3])
 for i = 4, #ARGV, 2 do
   local raw = redis.call('HGET', KEYS[1], ARGV[i])
   local state = raw and cjson.decode(raw)
   if state and state['s'] == 'running' and state['o'] == ARGV[1] then
-    state['u'] = until
+    state['u'] = expires
     redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(state))
-    redis.call('ZADD', KEYS[2], until, ARGV[i + 1])
+    redis.call('ZADD', KEYS[2], expires, ARGV[i + 1])
   else
     lost[#lost + 1] = ARGV[i]
   end
