@@ -24,7 +24,7 @@ from worker.runs.protocol import shard_message
 from worker.runs.shard_list import cut_shards
 
 ENQUEUE_LEASE_S = 60.0  # renewed every batch and backpressure poll; a killed enqueue lapses
-PUBLISH_BATCH = 64  # shards per ledger round trip
+PUBLISH_BATCH = 16  # shards per ledger round trip (80k paths at the default size: workers start early)
 
 
 class EnqueueError(ValueError):
