@@ -1,6 +1,8 @@
 """The queue contract and its security, against one real worker on a password-protected Redis:
-a foreign producer (plain redis-py writing the protocol v2 message), a Celery caller waiting on its
-result, pickle rejected unexecuted, malformed jobs, auth, and dead-lettering a job that crashes its worker.
+foreign producers (plain redis-py writing the protocol v2 messages of docs/queue-contract.md) that
+get labels back in the job's result or submit a shard into a run's dataset, a Celery caller, the
+retired protocol answered with a clear failure, pickle rejected unexecuted, malformed jobs, auth,
+and a shard whose image kills its worker bisected down to that one image.
 """
 
 from __future__ import annotations
@@ -15,12 +17,20 @@ from collections.abc import Iterator
 import pytest
 import redis
 from click.testing import CliRunner
-from crashing_tasks import CRASH_TASK
-from distributed_helpers import PASSWORD, QUEUE, CeleryWorker, run_counts, wait_for, wait_run_done, worker_env
+from distributed_helpers import (
+    PASSWORD,
+    QUEUE,
+    CeleryWorker,
+    assert_exactly_once,
+    run_counts,
+    run_output,
+    wait_for,
+    wait_run_done,
+    worker_env,
+)
 
 from worker.cli import main
-from worker.client.enqueue import enqueue_paths
-from worker.runs.protocol import TASK_NAME, job_message
+from worker.runs.ledger import RunLedger
 
 pytestmark = pytest.mark.slow
 
@@ -37,52 +47,66 @@ def contract_worker(redis_server, tiny_bundle, tmp_path_factory) -> Iterator[Cel
     worker.stop()
 
 
-def foreign_message(task_id: str, run: str, paths: list[str]) -> str:
-    """The protocol v2 message exactly as docs/queue-contract.md spells it (no labeler or Celery code)."""
-    body = [[], {"run": run, "paths": paths, "return_records": True},
-            {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]  # fmt: skip
-    return json.dumps(
+def foreign_message(task: str, kwargs: dict, task_id: str | None = None) -> tuple[str, str]:
+    """A protocol v2 message exactly as docs/queue-contract.md spells it (no labeler or Celery code)."""
+    task_id = task_id or str(uuid.uuid4())
+    body = [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    return task_id, json.dumps(
         {
             "body": base64.b64encode(json.dumps(body).encode()).decode(),
             "content-type": "application/json",
             "content-encoding": "utf-8",
-            "headers": {
-                "lang": "py",
-                "task": "labeler.label_chunk",
-                "id": task_id,
-                "root_id": task_id,
-                "parent_id": None,
-                "group": None,
-                "retries": 0,
-                "eta": None,
-                "expires": None,
-            },
-            "properties": {
-                "correlation_id": task_id,
-                "reply_to": "",
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": QUEUE},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-            },
+            "headers": {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None,
+                        "group": None, "retries": 0, "eta": None, "expires": None},
+            "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
+                           "delivery_info": {"exchange": "", "routing_key": QUEUE}, "priority": 0,
+                           "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
         }  # fmt: skip
     )
 
 
-def test_foreign_producer_with_plain_redis_py(contract_worker, redis_server, small_jpegs) -> None:
-    client = redis.Redis.from_url(redis_server.url)
-    paths = small_jpegs[:3]
-    task_id = str(uuid.uuid4())
-    client.lpush(QUEUE, foreign_message(task_id, "foreign", paths))
+def result_of(client: redis.Redis, task_id: str) -> dict:
     raw = wait_for(lambda: client.get(f"celery-task-meta-{task_id}"), 60, "the job's result")
-    meta = json.loads(raw)
+    return json.loads(raw)
+
+
+def test_foreign_producer_gets_labels_back_in_the_result(contract_worker, redis_server, small_jpegs) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    paths = [*small_jpegs[:3], "/no/such/image.jpg"]
+    task_id, message = foreign_message("labeler.label_paths.v2", {"paths": paths})
+    client.lpush(QUEUE, message)
+    meta = result_of(client, task_id)
     assert meta["status"] == "SUCCESS", meta
-    assert [r["path"] for r in meta["result"]["records"]] == paths
-    for path in paths:
-        stored = json.loads(client.hget("labeler:run:foreign:records", path))
-        assert len(stored["labels"]) == 5 and stored["labels"][0]["label"].startswith("class_")
-    assert run_counts(client, "foreign") == {"total": 3, "done": 3, "failed": 0}
+    records = meta["result"]["records"]
+    assert [r["path"] for r in records] == paths  # in the order asked, one each
+    assert all(len(r["labels"]) == 5 for r in records[:3]) and records[3]["error"]["code"] == "not_found"
+    assert (meta["result"]["labeled"], meta["result"]["failed"]) == (3, 1)
+    assert not list(client.scan_iter("labeler:run:*"))  # no run, nothing kept in Redis but the result
+
+
+def test_foreign_producer_submits_a_shard_into_a_runs_dataset(contract_worker, redis_server, small_jpegs) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    paths = small_jpegs[3:9]
+    output = str(run_output("foreign"))
+    task_id, message = foreign_message("labeler.label_shard.v2",
+                                       {"run": "foreign", "shard": "000007", "output": output, "paths": paths})  # fmt: skip
+    client.lpush(QUEUE, message)
+    meta = result_of(client, task_id)
+    assert meta["status"] == "SUCCESS", meta
+    assert (meta["result"]["labeled"], meta["result"]["file"]) == (6, f"{output}/labels/part-000007.parquet")
+    assert run_counts(client, "foreign") == {"images": 6, "done": 6, "failed": 0, "shards": 1, "shards_done": 1}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(meta["result"]["file"])
+    assert sorted(table.column("path").to_pylist()) == sorted(paths)
+    assert json.loads((run_output("foreign") / "shards" / "000007.json").read_text())["paths"] == paths
+    # The same message again (a retrying producer) finds the shard done: no second row.
+    again_id, _ = foreign_message("labeler.label_shard.v2", {})
+    _, again = foreign_message("labeler.label_shard.v2",
+                               {"run": "foreign", "shard": "000007", "output": output, "paths": paths}, again_id)  # fmt: skip
+    client.lpush(QUEUE, again)
+    assert result_of(client, again_id)["result"]["skipped"] == "done"
+    assert pq.read_table(meta["result"]["file"]).num_rows == 6
 
 
 def test_celery_caller_waits_on_its_own_result(contract_worker, redis_server, small_jpegs) -> None:
@@ -90,15 +114,21 @@ def test_celery_caller_waits_on_its_own_result(contract_worker, redis_server, sm
     from worker.runs.settings import Settings
 
     app = create_app(Settings(broker_url=redis_server.url, queue=QUEUE))
-    result = app.send_task(
-        TASK_NAME, kwargs={"run": "caller", "paths": small_jpegs[3:5], "return_records": True}
-    )
-    summary = result.get(timeout=60)
-    assert summary["labeled"] == 2 and summary["skipped"] == 0
-    assert {r["path"] for r in summary["records"]} == set(small_jpegs[3:5])
-    # Sending the same images again is a no-op: they already have records.
-    again = app.send_task(TASK_NAME, kwargs={"run": "caller", "paths": small_jpegs[3:5]}).get(timeout=60)
-    assert again["skipped"] == 2 and again["labeled"] == 0
+    summary = app.send_task("labeler.label_paths.v2", kwargs={"paths": small_jpegs[9:11]}).get(timeout=60)
+    assert summary["labeled"] == 2
+    assert {r["path"] for r in summary["records"]} == set(small_jpegs[9:11])
+
+
+def test_a_job_of_the_retired_protocol_gets_a_clear_failure(contract_worker, redis_server, small_jpegs) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    task_id, message = foreign_message("labeler.label_chunk", {"run": "old", "paths": small_jpegs[:2]})
+    client.lpush(QUEUE, message)
+    meta = result_of(client, task_id)
+    assert meta["status"] == "FAILURE"
+    assert "no longer served" in meta["result"]["exc_message"][0]
+    assert "labeler.label_shard.v2" in meta["result"]["exc_message"][0]
+    wait_for(lambda: client.hlen("unacked") == 0, 30, "the old job acked, not redelivered")
+    assert contract_worker.alive()
 
 
 class _LeavesTrace:
@@ -118,7 +148,7 @@ def test_pickled_message_is_rejected_and_never_runs(
     marker = tmp_path / "pickle-ran"
     task_id = str(uuid.uuid4())
     body = pickle.dumps(((_LeavesTrace(str(marker)),), {}, {"callbacks": None}))
-    envelope = json.loads(foreign_message(task_id, "pickled", []))
+    envelope = json.loads(foreign_message("labeler.label_paths.v2", {"paths": []}, task_id)[1])
     envelope.update(
         {
             "body": base64.b64encode(body).decode(),
@@ -128,9 +158,9 @@ def test_pickled_message_is_rejected_and_never_runs(
     )
     client.lpush(QUEUE, json.dumps(envelope))
     # A JSON job published after it is labeled: the worker consumed the pickle and went on.
-    _, message = job_message("after-pickle", small_jpegs[5:7], QUEUE)
+    after_id, message = foreign_message("labeler.label_paths.v2", {"paths": small_jpegs[5:7]})
     client.lpush(QUEUE, message)
-    wait_run_done(client, "after-pickle", 60)
+    assert result_of(client, after_id)["status"] == "SUCCESS"
     assert not marker.exists()
     assert contract_worker.alive()
     assert client.get(f"celery-task-meta-{task_id}") is None
@@ -140,33 +170,45 @@ def test_pickled_message_is_rejected_and_never_runs(
     )
 
 
-def test_malformed_job_fails_without_harming_the_worker(contract_worker, redis_server, small_jpegs) -> None:
+def test_malformed_jobs_fail_clearly_without_harming_the_worker(contract_worker, redis_server, small_jpegs) -> None:
     from worker.celery_worker.app import create_app
     from worker.runs.settings import Settings
 
     app = create_app(Settings(broker_url=redis_server.url, queue=QUEUE))
-    bad = app.send_task(TASK_NAME, kwargs={"run": "bad run name!", "paths": "not-a-list"})
-    with pytest.raises(Exception, match="malformed job"):
-        bad.get(timeout=60)
-    ok = app.send_task(TASK_NAME, kwargs={"run": "after-bad", "paths": small_jpegs[7:8]}).get(timeout=60)
+    bad = [
+        ("labeler.label_shard.v2", {"run": "bad run name!", "shard": "000000", "output": "/tmp/x"}),
+        ("labeler.label_shard.v2", {"run": "ok", "shard": "../../etc", "output": str(run_output("ok"))}),
+        ("labeler.label_shard.v2", {"run": "ok", "shard": "000000", "output": "/etc/labeler-out"}),
+        ("labeler.label_paths.v2", {"paths": "not-a-list"}),
+    ]
+    for task, kwargs in bad:
+        with pytest.raises(Exception, match="refused"):
+            app.send_task(task, kwargs=kwargs).get(timeout=60)
+    assert "outside the output roots" in contract_worker.log()
+    ok = app.send_task("labeler.label_paths.v2", kwargs={"paths": small_jpegs[7:8]}).get(timeout=60)
     assert ok["labeled"] == 1 and contract_worker.alive()
 
 
-def test_cli_enqueue_waits_for_the_run_and_resumes(
-    contract_worker, redis_server, small_jpegs, tmp_path
-) -> None:
+def test_cli_enqueue_waits_for_the_run_and_resumes(contract_worker, redis_server, small_jpegs, tmp_path) -> None:
     listing = tmp_path / "paths.txt"
     listing.write_text("\n".join(small_jpegs[20:45]) + "\n")
     args = ["enqueue", f"@{listing}", "--run", "cli-run", "--broker", redis_server.url, "--queue", QUEUE,
-            "--chunk-size", "10", "--wait", "--interval", "0.2", "--no-progress"]  # fmt: skip
+            "--output", str(run_output("cli-run")), "--shard-size", "10", "--wait", "--interval", "0.2",
+            "--no-progress"]  # fmt: skip
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
     assert first.stdout.splitlines()[0] == "cli-run"  # the run id, alone on stdout
-    assert "25 queued in 3 jobs" in first.stderr and "ETA finished" in first.stderr
+    assert "25 images in 3 shards, 25 queued in 3 shards" in first.stderr and "ETA finished" in first.stderr
+    listing.write_text("\n".join(small_jpegs[20:60]) + "\n")  # the inputs changed since: the list stands
     again = CliRunner().invoke(main, args)
-    assert again.exit_code == 0 and "0 queued in 0 jobs, 25 already done" in again.stderr
+    assert again.exit_code == 0, again.output
+    assert "25 images in 3 shards (the run's stored shard list), 0 queued in 0 shards, 25 done" in again.stderr
     status = CliRunner().invoke(main, ["status", "cli-run", "--broker", redis_server.url])
-    assert "done 25 (100.0%)" in status.stdout
+    assert "done 25 (100.0%)" in status.stdout and "shards 3/3 done" in status.stdout
+    out = tmp_path / "labels.jsonl"
+    results = CliRunner().invoke(main, ["results", "cli-run", "--broker", redis_server.url, "--out", str(out)])
+    assert results.exit_code == 0, results.output
+    assert sorted(json.loads(line)["path"] for line in out.read_text().splitlines()) == sorted(small_jpegs[20:45])
 
 
 def test_redis_requires_the_password(contract_worker, redis_server) -> None:
@@ -178,30 +220,37 @@ def test_redis_requires_the_password(contract_worker, redis_server) -> None:
     assert PASSWORD not in contract_worker.log()  # Celery masks the password in its banner and logs
 
 
-def test_job_that_crashes_its_worker_is_dead_lettered(
-    redis_server, tiny_bundle, small_jpegs, tmp_path
-) -> None:
-    """A prefork worker whose task kills its pool child: requeued twice, then dead-lettered."""
+def test_an_image_that_kills_its_worker_is_bisected_down_to_itself(redis_server, tiny_bundle, small_jpegs, tmp_path):
+    """A prefork worker whose pool child dies on one image (test stand-in: poison_image.py): the
+    shard is retried, then split in halves until that image is alone; it gets an internal_error
+    row, its seven neighbours are labeled, and the worker goes on."""
+    import shutil
+
     client = redis.Redis.from_url(redis_server.url)
-    queue = "crash-test"
-    env = worker_env(redis_server.url, tiny_bundle, queue=queue, max_deliveries=2)
+    queue = "poison-test"
+    poison = tmp_path / "poison.jpg"
+    shutil.copy(small_jpegs[100], poison)
+    paths = [str(poison), *small_jpegs[101:108]]
+    env = worker_env(redis_server.url, tiny_bundle, queue=queue, max_attempts=2, lease_s=3, heartbeat_s=1)
     argv = [sys.executable, "-m", "worker", "worker", "--pool", "prefork", "--concurrency", "1",
-            "--include", "crashing_tasks", "-n", "crash@%h"]  # fmt: skip
-    worker = CeleryWorker("crash", env, tmp_path, argv).start()
+            "--include", "poison_image", "-n", "poison@%h"]  # fmt: skip
+    worker = CeleryWorker("poison", env, tmp_path, argv).start()
     try:
-        paths = small_jpegs[10:14]
-        envelope = json.loads(job_message("poison", paths, queue)[1])
-        envelope["headers"]["task"] = CRASH_TASK
-        client.lpush(queue, json.dumps(envelope))
-        wait_for(lambda: client.llen("labeler:run:poison:dead") == 1, 90, "the job to be dead-lettered")
-        [entry] = [json.loads(x) for x in client.lrange("labeler:run:poison:dead", 0, -1)]
-        assert entry["deliveries"] == 2 and entry["paths"] == paths and "lost" in entry["reason"]
-        assert run_counts(client, "poison") == {"total": 4, "done": 4, "failed": 4}
-        record = json.loads(client.hget("labeler:run:poison:records", paths[0]))
-        assert record["error"]["code"] == "internal_error" and "dead-lettered" in record["error"]["message"]
-        assert worker.log().count("WorkerLostError") >= 2
+        from worker.client.enqueue import enqueue_run
+
+        enqueue_run(client, "poison", paths, str(run_output("poison")), queue, shard_size=8)
+        wait_run_done(client, "poison", 150)
+        records = assert_exactly_once(client, "poison", paths)
+        assert records[str(poison)]["error"]["code"] == "internal_error"
+        assert "lost or failed" in records[str(poison)]["error"]["message"]
+        assert all("labels" in records[p] for p in paths[1:])
+        states = {s.shard_id: s.state for s in RunLedger(client).shard_states("poison")}
+        assert states["000000"] == "split" and states["000000.0.0.0"] == "done"  # halved three times
+        [dead] = RunLedger(client).dead_letters("poison")
+        assert dead["shard"] == "000000.0.0.0" and str(poison) in dead["reason"]
+        assert worker.log().count("WorkerLostError") >= 4 and worker.alive()
         # The worker survived its crashing children and still labels.
-        enqueue_paths(client, "after-poison", small_jpegs[14:16], queue)
+        enqueue_run(client, "after-poison", small_jpegs[108:110], str(run_output("after-poison")), queue)
         wait_run_done(client, "after-poison", 90)
     finally:
         worker.stop()

@@ -2,7 +2,7 @@
 
 `LabelerTask` is the base of every labeler task. It owns the process's `WorkerProcess` (Celery's
 pattern for per-process resources) and turns every outcome into one of three: a result, a clear
-refusal of a job that can never succeed (Reject without requeue, logged), or a requeue (acks_late
+refusal of a job that can never succeed (a failed result naming why, logged, acked), or a requeue (acks_late
 would ack a failed task, dropping the shard; the ledger's attempts bound the loop).
 """
 
@@ -35,7 +35,7 @@ class LabelerTask(Task):
             raise
         except (BadJob, RunNameError, TypeError) as exc:  # TypeError: arguments of another shape
             log.error("job %s refused: %s", job_id, exc)
-            raise Reject(f"refused: {exc}", requeue=False) from exc
+            raise BadJob(f"refused: {exc}") from exc  # a failed result the sender can read, acked
         except Exception as exc:  # noqa: BLE001 - any other failure requeues; attempts bound the loop
             log.exception("job %s failed, requeueing", job_id)
             raise Reject(f"{type(exc).__name__}: {exc}", requeue=True) from exc
