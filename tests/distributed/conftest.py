@@ -5,14 +5,15 @@ See distributed_helpers.py for the parts themselves.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
+import distributed_helpers
 import numpy as np
 import pytest
-import distributed_helpers
 from distributed_helpers import CeleryWorker, RedisServer, worker_env
 
 
@@ -33,10 +34,11 @@ def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
-    """The shared private server, emptied for each test."""
+    """The shared private server, emptied for each test (and the runs' datasets with it)."""
     if redis_server.process is None:
         redis_server.start()
     redis_server.client().flushall()
+    shutil.rmtree(distributed_helpers.OUTPUT_ROOT / "runs", ignore_errors=True)
     return redis_server.url
 
 

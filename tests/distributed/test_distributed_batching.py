@@ -1,21 +1,18 @@
 """Images of concurrent jobs share engine batches.
 
-Batch sizes are not visible from outside a worker, so this runs the job (`LabelJob.label`) of
-several jobs in threads of this process, exactly as the threads pool does, against the real
-private Redis and the real labeling service, and reads the service's batch sizes.
+Batch sizes are not visible from outside a worker, so this runs several jobs (`PathsJob.label`) in
+threads of this process, exactly as the threads pool does, against the real labeling service of
+the process state, and reads the service's batch sizes.
 """
 
 from __future__ import annotations
 
 import threading
 
-import redis
-
 from worker.celery_worker.app import app, configure
-from worker.celery_worker.job import LabelJob
+from worker.celery_worker.job import PathsJob
 from worker.celery_worker.tasks import LabelerTask
 from worker.runs.settings import Settings
-from worker.runs.store import RunStore
 
 
 def test_concurrent_jobs_share_engine_batches(redis_url, tiny_bundle, small_jpegs) -> None:
@@ -23,16 +20,16 @@ def test_concurrent_jobs_share_engine_batches(redis_url, tiny_bundle, small_jpeg
     configure(app, Settings(broker_url=redis_url, model=str(tiny_bundle), batch_size=32, max_wait_ms=400,
                             decode_threads=2, intra_op_threads=1))  # fmt: skip
     process = LabelerTask.process
-    process.forget_store()
+    process.forget_ledger()
     try:
         service = process.service()
         jobs = [small_jpegs[i * 3 : (i + 1) * 3] for i in range(6)]
         results: list[dict] = []
         threads = [
             threading.Thread(
-                target=lambda i=i, paths=paths: results.append(LabelJob(process, f"j{i}", "mix", paths).label())
+                target=lambda paths=paths: results.append(PathsJob(process, {"paths": paths}).label())
             )
-            for i, paths in enumerate(jobs)
+            for paths in jobs
         ]
         for thread in threads:
             thread.start()
@@ -41,9 +38,8 @@ def test_concurrent_jobs_share_engine_batches(redis_url, tiny_bundle, small_jpeg
         assert sorted(r["labeled"] for r in results) == [3] * 6
         assert max(service.batch_sizes) > 3, service.batch_sizes  # one batch held several jobs' images
         assert sum(service.batch_sizes) == 18
-        status = RunStore(redis.Redis.from_url(redis_url)).status("mix", "q")
-        assert (status.total, status.done) == (18, 18)
+        assert sorted(r["path"] for result in results for r in result["records"]) == sorted(small_jpegs[:18])
     finally:
         process.close()
-        process.forget_store()
+        process.forget_ledger()
         configure(app, original)

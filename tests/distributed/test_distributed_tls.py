@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from distributed_helpers import PASSWORD, QUEUE, RedisServer, wait_run_done
-
-from worker.client.enqueue import enqueue_paths
+from distributed_helpers import PASSWORD, RedisServer, enqueue, wait_run_done
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +70,7 @@ def test_rediss_url_with_verified_certificate(tls_redis, start_worker, small_jpe
         redis.Redis.from_url(f"redis://:{PASSWORD}@localhost:{tls_redis.port}/0", socket_timeout=2).ping()
 
     worker = start_worker(tls_redis.url, "tls")
-    enqueue_paths(client, "over-tls", small_jpegs[:20], QUEUE, chunk_size=10)
+    enqueue(client, "over-tls", small_jpegs[:20], shard_size=10)
     counts = wait_run_done(client, "over-tls", 90)
-    assert counts == {"total": 20, "done": 20, "failed": 0}
+    assert counts == {"images": 20, "done": 20, "failed": 0, "shards": 2, "shards_done": 2}
     assert "rediss://:**@localhost" in worker.log()  # the password stays out of the log

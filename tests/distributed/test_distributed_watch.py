@@ -10,9 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
-from distributed_helpers import QUEUE, REPO, CeleryWorker, wait_for
-
-from worker.client.enqueue import enqueue_paths
+from distributed_helpers import QUEUE, REPO, CeleryWorker, enqueue, wait_for
 
 IMAGES = 12
 
@@ -21,7 +19,7 @@ def test_status_watch_follows_the_run_until_it_finishes(
     redis_url: str, start_worker: Callable[..., CeleryWorker], small_jpegs: list[str], tmp_path: Path
 ) -> None:
     client = redis.Redis.from_url(redis_url)
-    summary = enqueue_paths(client, "watched", small_jpegs[:IMAGES], QUEUE, chunk_size=4)
+    summary = enqueue(client, "watched", small_jpegs[:IMAGES], shard_size=4)
     assert (summary.queued, summary.jobs) == (IMAGES, 3)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABELER_")}

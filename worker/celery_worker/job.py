@@ -194,7 +194,7 @@ class ShardJob:
             codes = set(state.retry_codes)
             todo = [p for p in paths if p not in records or (is_error(records[p]) and (not codes or error_code(records[p]) in codes))]
         options = self.redis(lambda: self.ledger.run_settings(self.run), "reading the run") or {"options": {}}
-        features = bool(options["options"].get("embeddings"))
+        features = self._wants_embeddings(options)
         service = self._service(features)
         done = label_with(self.process, service, todo, features, lambda taken: self._keep(taken, records))
         self._end_unfinished(service, done, len(todo))
@@ -284,9 +284,13 @@ class ShardJob:
         settings = self.ledger.run_settings(self.run) or {}
         return settings.get("queue") or self.settings.queue
 
+    def _wants_embeddings(self, options: dict[str, Any]) -> bool:
+        """The run asked for embeddings (enqueue --embeddings), or this worker gives them always."""
+        return bool(options["options"].get("embeddings")) or self.settings.embeddings
+
     def _spec(self, service: LabelingService, options: dict[str, Any]) -> DatasetSpec:
         runner = service.runner
-        embeddings = bool(options["options"].get("embeddings"))
+        embeddings = self._wants_embeddings(options)
         return DatasetSpec(
             model_sha256=runner.spec.model_for(runner.precision)[1] or "0" * 64,
             precision=runner.precision,
