@@ -119,12 +119,12 @@ def collect_histograms(
     existing = {value.name for value in augmented.graph.output}
     for name in names:
         if name not in existing:
-            augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            augmented.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-    session = ort.InferenceSession(
-        augmented.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
     histograms = {name: AbsHistogram() for name in names}
     for batch in batches:
         for name, value in zip(names, session.run(names, {input_name: batch}), strict=True):
