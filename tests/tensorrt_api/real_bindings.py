@@ -11,40 +11,27 @@ from __future__ import annotations
 
 import ast
 import re
-import subprocess
-import sys
-import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from pinned_downloads import pip_download
+
 WHEEL_PACKAGE = "tensorrt-cu12-bindings"
 
 
-def pinned_version() -> str:
-    """The version in pyproject's `tensorrt` extra (`tensorrt==X`): the one our code is checked against."""
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    for requirement in extras["tensorrt"]:
-        match = re.fullmatch(r"tensorrt==([\w.]+)", requirement.replace(" ", ""))
-        if match:
-            return match.group(1)
-    raise AssertionError("pyproject's tensorrt extra does not pin tensorrt==<version>")
-
-
 def download_wheel(dest: Path, version: str) -> Path:
-    """pip download of the bindings wheel (1.3 MB) from the package registry; the same strings for
-    every CPython build, so one platform and Python version is asked for explicitly."""
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-        "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
-        "--dest", str(dest), f"{WHEEL_PACKAGE}=={version}",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    wheels = sorted(dest.glob("tensorrt_cu12_bindings-*.whl"))
-    if done.returncode != 0 or not wheels:
-        raise AssertionError(f"pip download {WHEEL_PACKAGE}=={version} failed:\n{done.stdout}\n{done.stderr}")
-    return wheels[0]
+    """The bindings wheel (1.3 MB); the same strings for every CPython build, so one platform and
+    Python version is asked for explicitly."""
+    options = ("--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11")
+    return pip_download(
+        dest,
+        f"{WHEEL_PACKAGE}=={version}",
+        "tensorrt_cu12_bindings-*.whl",
+        *options,
+        "--implementation",
+        "cp",
+    )
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import re
 import sys
 
 import pytest
-from real_bindings import ROOT, RealBindings, download_wheel, pinned_version
+from pinned_downloads import ROOT, missing, pinned_version
+from real_bindings import RealBindings, download_wheel
 
 sys.path.insert(0, str(ROOT / "tests" / "tensorrt_fake"))
 from fake_gpu_modules import FakeGpuWorld, fake_trt_names, make_fake_modules  # noqa: E402
@@ -84,16 +85,16 @@ REMOVED = [
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory) -> RealBindings:
-    version = pinned_version()
+    version = pinned_version("tensorrt")
     bindings = RealBindings.from_wheel(download_wheel(tmp_path_factory.mktemp("trt_wheel"), version))
     assert bindings.version == version and len(bindings.strings) > 10_000
     return bindings
 
 
 def test_every_name_our_builder_and_runner_use_is_in_real_tensorrt(real):
-    missing = [f"{owner}.{name}" for owner, names in USED.items() for name in names if not real.has(name)]
-    missing += [owner for owner in USED if owner != "tensorrt" and not real.has(owner)]
-    assert not missing, f"not in TensorRT {real.version}: {missing}"
+    absent = missing(USED, lambda _owner, name: real.has(name))
+    absent += [owner for owner in USED if owner != "tensorrt" and not real.has(owner)]
+    assert not absent, f"not in TensorRT {real.version}: {absent}"
 
 
 def test_the_used_list_matches_our_code():
@@ -112,7 +113,7 @@ def test_the_used_list_matches_our_code():
 def test_the_fake_offers_only_names_real_tensorrt_has(real):
     names = fake_trt_names(make_fake_modules(FakeGpuWorld())["tensorrt"])
     assert {"IBuilderConfig", "ICudaEngine", "IExecutionContext"} <= set(names)
-    absent = [f"{owner}.{name}" for owner, members in names.items() for name in members if not real.has(name)]
+    absent = missing(names, lambda _owner, name: real.has(name))
     absent += [owner for owner in names if owner != "tensorrt" and not real.has(owner)]
     assert not absent, f"the fake offers what TensorRT {real.version} lacks: {absent}"
 

@@ -279,13 +279,13 @@ def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
 
     cuda = types.ModuleType("pycuda.driver")
 
-    class CudaContext:
+    class Context(_Strict):
         def pop(self) -> None:
             world.record("context_pop")
 
-    class Device:
+    class Device(_Strict):
         def __init__(self, index: int) -> None:
-            self.index = index
+            self._index = index
 
         def name(self) -> str:
             return world.gpu_name
@@ -293,27 +293,28 @@ def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
         def compute_capability(self) -> tuple[int, int]:
             return world.capability
 
-        def make_context(self) -> CudaContext:
-            world.record("make_context", self.index)
-            return CudaContext()
+        def make_context(self) -> Context:
+            world.record("make_context", self._index)
+            return Context()
 
-    class Allocation:
+    class DeviceAllocation(_Strict):
         def __init__(self, nbytes: int) -> None:
-            self.address = next(world._addresses)
-            self.nbytes = nbytes
-            world.memory[self.address] = None  # typed on first copy
+            self._address = next(world._addresses)
+            self._nbytes = nbytes
+            world.memory[self._address] = None  # typed on first copy
 
         def __int__(self) -> int:
-            return self.address
+            return self._address
 
         def free(self) -> None:
-            world.record("free", self.address)
+            world.record("free", self._address)
 
-    class Stream:
-        handles = itertools.count(100)
+    class Stream(_Strict):
+        _properties = ("handle",)
+        _handles = itertools.count(100)
 
         def __init__(self) -> None:
-            self.handle = next(Stream.handles)
+            self.handle = next(Stream._handles)
 
         def synchronize(self) -> None:
             world.record("stream_synchronize", self.handle)
@@ -328,15 +329,15 @@ def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
         world.record("pagelocked_empty", tuple(shape), np.dtype(dtype))
         return np.zeros(shape, dtype)
 
-    def mem_alloc(nbytes: int) -> Allocation:
+    def mem_alloc(nbytes: int) -> DeviceAllocation:
         world.record("mem_alloc", nbytes)
-        return Allocation(nbytes)
+        return DeviceAllocation(nbytes)
 
-    def memcpy_htod_async(dest: Allocation, src: np.ndarray, stream: Stream) -> None:
+    def memcpy_htod_async(dest: DeviceAllocation, src: np.ndarray, stream: Stream) -> None:
         world.record("memcpy_htod_async", stream.handle, int(dest), src.shape)
         world.memory[int(dest)] = src.copy()
 
-    def memcpy_dtoh_async(dest: np.ndarray, src: Allocation, stream: Stream) -> None:
+    def memcpy_dtoh_async(dest: np.ndarray, src: DeviceAllocation, stream: Stream) -> None:
         world.record("memcpy_dtoh_async", stream.handle, int(src), dest.shape)
         dest[...] = world.memory[int(src)][: dest.shape[0]]
 
@@ -344,6 +345,7 @@ def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
     cuda.Device, cuda.Stream = Device, Stream
     cuda.pagelocked_empty, cuda.mem_alloc = pagelocked_empty, mem_alloc
     cuda.memcpy_htod_async, cuda.memcpy_dtoh_async = memcpy_htod_async, memcpy_dtoh_async
+    cuda._fake_classes = (Context, Device, DeviceAllocation, Stream)  # type: ignore[attr-defined]
     pycuda = types.ModuleType("pycuda")
     pycuda.driver = cuda
     modules = {"tensorrt": trt, "pycuda": pycuda, "pycuda.driver": cuda}
@@ -355,8 +357,19 @@ def make_fake_modules(world: FakeGpuWorld) -> dict[str, types.ModuleType]:
 def fake_trt_names(trt: types.ModuleType) -> dict[str, set[str]]:
     """Every public name the fake tensorrt offers, by owner: module attributes, each class's
     methods, properties and constants, each enum's members. Our code can only use these."""
-    names: dict[str, set[str]] = {"tensorrt": {n for n in vars(trt) if not n.startswith("_")}}
-    for cls in (*trt._fake_classes, DataType, TensorIOMode, MemoryPoolType):
+    return fake_names(trt, "tensorrt", (*trt._fake_classes, DataType, TensorIOMode, MemoryPoolType))
+
+
+def fake_pycuda_names(cuda: types.ModuleType) -> dict[str, set[str]]:
+    """The same for the fake pycuda.driver (`__int__` counts: int(allocation) is how we read it)."""
+    names = fake_names(cuda, "pycuda.driver", cuda._fake_classes)
+    names["DeviceAllocation"].add("__int__")
+    return names
+
+
+def fake_names(module: types.ModuleType, label: str, classes: tuple[type, ...]) -> dict[str, set[str]]:
+    names: dict[str, set[str]] = {label: {n for n in vars(module) if not n.startswith("_")}}
+    for cls in classes:
         if issubclass(cls, Enum):
             names[cls.__name__] = set(cls.__members__)
             continue
