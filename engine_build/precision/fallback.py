@@ -71,17 +71,18 @@ class FallbackResult:
             "budget_layers": settings.max_layers,
             "sensitivity_images": settings.sensitivity_images,
             "fp32_layers": [
-                {**asdict(s), "why": _why(s, rank)} for rank, s in enumerate(self.layers, start=1)
+                {**asdict(s), "why": _why(s, rank, len(self.ranking))}
+                for rank, s in enumerate(self.layers, start=1)
             ],
             "tried": self.tried,
             "passed": self.passed,
         }
 
 
-def _why(sensitivity: LayerSensitivity, rank: int) -> str:
+def _why(sensitivity: LayerSensitivity, rank: int, total: int) -> str:
     return (
-        f"INT8 missed the gate; alone in INT8 this {sensitivity.op_type} moved FP32's probabilities "
-        f"most after {rank - 1} others (KL {sensitivity.kl_divergence:.2e}, top-1 agreement "
+        f"INT8 missed the gate; this {sensitivity.op_type} ranked {rank} of {total} INT8 layers by the "
+        f"damage it does alone in INT8 (KL {sensitivity.kl_divergence:.2e}, top-1 agreement "
         f"{sensitivity.top1_agreement:.3f}, top-5 overlap {sensitivity.top5_overlap:.3f} on calibration crops)"
     )
 
