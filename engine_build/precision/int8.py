@@ -116,6 +116,12 @@ def quantize_int8(
         root.setLevel(level)
         named.unlink(missing_ok=True)
     quantized = onnx.load(str(dst))
+    float_outputs = output_readers_of_int8(quantized)
+    if float_outputs:
+        from engine_build.precision.fallback import fall_back
+
+        quantized = fall_back(quantized, model, float_outputs)
+        onnx.save(quantized, str(dst))
     check_tensorrt_form(quantized)
     check_activation_scales(quantized, ranges)
     return {
@@ -125,8 +131,25 @@ def quantize_int8(
         "calibration_method": method,
         "calibration_images": int(len(crops)),
         "quantized_ops": ops,
-        "fp32_nodes": keep,
+        "fp32_nodes": [*keep, *float_outputs],
     }
+
+
+def output_readers_of_int8(model: onnx.ModelProto) -> list[str]:
+    """Nodes that write a graph output from a dequantized tensor. The quantizer shares a tensor's
+    DequantizeLinear among all its readers, so the pooled `features` output (an Identity of the
+    classifier's input) came out INT8-rounded; such nodes are given the float tensor back."""
+    outputs = {value.name for value in model.graph.output}
+    dequantized = {
+        out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output
+    }
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+        and set(node.output) & outputs
+        and set(node.input) & dequantized
+    ]
 
 
 def activation_scales(model: onnx.ModelProto) -> dict[str, float]:
