@@ -29,6 +29,8 @@ def precision_options(command: Callable[..., None]) -> Callable[..., None]:
         calib: Path | None,
         calib_count: int,
         calib_method: str,
+        int8_fallback: str,
+        int8_fallback_budget: int,
         gate_images: Path | None,
         gate_count: int,
         gate_top1: float | None,
@@ -73,6 +75,7 @@ def precision_options(command: Callable[..., None]) -> Callable[..., None]:
         }
         try:
             if precisions:
+                from engine_build.precision.fallback import FallbackSettings
                 from engine_build.precision.variants import PrecisionRequest, add_precision_variants
 
                 request = PrecisionRequest(
@@ -83,6 +86,7 @@ def precision_options(command: Callable[..., None]) -> Callable[..., None]:
                     heldout_count=gate_count,
                     calib_method=calib_method,
                     threshold_overrides=overrides,
+                    fallback=FallbackSettings(int8_fallback, int8_fallback_budget),
                 )
                 add_precision_variants(target, request, echo=click.echo)
             if tensorrt:
@@ -115,7 +119,7 @@ def precision_options(command: Callable[..., None]) -> Callable[..., None]:
         click.option(
             "--calib",
             type=click.Path(exists=True, file_okay=False, path_type=Path),
-            help="Images for INT8 calibration; the rest are held out for the gate.",
+            help="Images for INT8 calibration; the rest are held out for the gate (30% when too few for both counts).",
         ),
         click.option(
             "--calib-count", type=int, default=500, show_default=True, help="Calibration images used."
@@ -125,6 +129,20 @@ def precision_options(command: Callable[..., None]) -> Callable[..., None]:
             type=click.Choice(["minmax", "entropy", "percentile"]),
             default="minmax",
             show_default=True,
+        ),
+        click.option(
+            "--int8-fallback",
+            type=click.Choice(["auto", "none"]),
+            default="auto",
+            show_default=True,
+            help="When INT8 misses the gate, keep its most sensitive layers in FP32 until it passes (auto).",
+        ),
+        click.option(
+            "--int8-fallback-budget",
+            type=click.IntRange(min=1),
+            default=8,
+            show_default=True,
+            help="Most layers --int8-fallback auto may keep in FP32.",
         ),
         click.option(
             "--gate-images",

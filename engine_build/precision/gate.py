@@ -116,13 +116,22 @@ def format_table(results: list[GateResult]) -> str:
     return "\n".join(lines)
 
 
-def write_report(bundle_dir: Path, results: list[GateResult], heldout: dict[str, Any]) -> Path:
-    """precision_report.json in the bundle: the latest gate result per precision."""
+def write_report(
+    bundle_dir: Path,
+    results: list[GateResult],
+    heldout: dict[str, Any],
+    details: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """precision_report.json in the bundle: the latest gate result per precision, plus `details`
+    (e.g. which INT8 layers stayed in FP32 and why) merged into that precision's entry."""
     path = Path(bundle_dir) / REPORT_FILE
     report: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     report.setdefault("variants", {})
     for result in results:
-        report["variants"][result.precision] = result.to_dict()
+        report["variants"][result.precision] = {
+            **result.to_dict(),
+            **(details or {}).get(result.precision, {}),
+        }
     report["heldout"] = heldout
     report["baseline"] = "fp32 model.onnx, ONNX Runtime CPU, same crops"
     tmp = path.with_suffix(".json.tmp")

@@ -12,22 +12,31 @@ preprocessing head and the softmax stay FP32, as do graph inputs and outputs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from engine_build.precision.graph_parts import output_nodes, prepared_copy, preprocessing_nodes
+from engine_build.precision.ranges import METHODS, activation_ranges
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = METHODS
 QUANTIZED_OPS = ("Conv", "Gemm", "MaxPool")
-CALIBRATION_BATCH = 16
 
 
-def calibration_batches(crops: np.ndarray, batch: int = CALIBRATION_BATCH) -> Iterator[np.ndarray]:
-    for start in range(0, len(crops), batch):
-        yield crops[start : start + batch]
+def quantized_inputs(model: onnx.ModelProto, ops: list[str], exclude: list[str]) -> list[str]:
+    """The activation tensors the quantizer will put Q/DQ on: the non-constant inputs of each
+    quantized node (a Conv's or Gemm's first input, both inputs of a quantized Add)."""
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    skip = set(exclude)
+    tensors: list[str] = []
+    for node in model.graph.node:
+        if node.op_type not in ops or node.name in skip:
+            continue
+        candidates = node.input[:1] if node.op_type in ("Conv", "Gemm") else node.input
+        tensors.extend(name for name in candidates if name and name not in constants)
+    return list(dict.fromkeys(tensors))
 
 
 def quantize_int8(
@@ -53,20 +62,28 @@ def quantize_int8(
     if len(crops) == 0:
         raise ValueError("no calibration crops")
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            # ONNX Runtime's histogram calibrators stack per-batch arrays: equal batches only.
-            self._batches = calibration_batches(crops, CALIBRATION_BATCH if method == "minmax" else 1)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._batches, None)
-            return None if batch is None else {input_name: batch}
-
     model = prepared_copy(str(src))
     keep = [*preprocessing_nodes(model), *output_nodes(model), *extra_fp32_nodes]
     ops = [*QUANTIZED_OPS, "Add"] if quantize_adds else list(QUANTIZED_OPS)
     named = dst.with_name(dst.name + ".named.onnx")
     onnx.save(model, str(named))
+    ranges = activation_ranges(named, quantized_inputs(model, ops, keep), input_name, crops, method)
+
+    class OneBatch(CalibrationDataReader):
+        """Every quantized tensor's range is overridden with ours; ONNX Runtime's own minmax pass
+        only has to run (it is required), so one small batch is enough."""
+
+        def __init__(self) -> None:
+            self._batch: np.ndarray | None = crops[:2]
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch, self._batch = self._batch, None
+            return None if batch is None else {input_name: batch}
+
+    overrides = {
+        name: [{"rmin": np.array(-amax, np.float32), "rmax": np.array(amax, np.float32)}]
+        for name, amax in ranges.items()
+    }
     root = logging.getLogger()
     level = root.level
     # The quantizer warns on the root logger to run its pre-processing (shape inference, constant
@@ -76,21 +93,18 @@ def quantize_int8(
         quantize_static(
             str(named),
             str(dst),
-            Reader(),
+            OneBatch(),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=ops,
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=keep,
-            calibrate_method={
-                "minmax": CalibrationMethod.MinMax,
-                "entropy": CalibrationMethod.Entropy,
-                "percentile": CalibrationMethod.Percentile,
-            }[method],
+            calibrate_method=CalibrationMethod.MinMax,
             extra_options={
                 "ActivationSymmetric": True,
                 "WeightSymmetric": True,
+                "TensorQuantOverrides": overrides,
                 "QuantizeBias": False,  # TensorRT adds biases in float; an INT32 bias DQ it rejects
                 # Q/DQ on layer inputs only, as TensorRT places them: it fuses conv + bias + ReLU
                 # and requantizes at the next layer's input. Quantizing conv outputs too would
@@ -101,16 +115,63 @@ def quantize_int8(
     finally:
         root.setLevel(level)
         named.unlink(missing_ok=True)
-    check_tensorrt_form(onnx.load(str(dst)))
+    quantized = onnx.load(str(dst))
+    float_outputs = output_readers_of_int8(quantized)
+    if float_outputs:
+        from engine_build.precision.fallback import fall_back
+
+        quantized = fall_back(quantized, model, float_outputs)
+        onnx.save(quantized, str(dst))
+    check_tensorrt_form(quantized)
+    check_activation_scales(quantized, ranges)
     return {
-        "quantizer": "onnxruntime.quantization.quantize_static (QDQ)",
+        "quantizer": "onnxruntime.quantization.quantize_static (QDQ), activation ranges from engine_build.precision.ranges",
         "activations": "int8 symmetric per-tensor",
         "weights": "int8 symmetric per-channel",
         "calibration_method": method,
         "calibration_images": int(len(crops)),
         "quantized_ops": ops,
-        "fp32_nodes": keep,
+        "fp32_nodes": [*keep, *float_outputs],
     }
+
+
+def output_readers_of_int8(model: onnx.ModelProto) -> list[str]:
+    """Nodes that write a graph output from a dequantized tensor. The quantizer shares a tensor's
+    DequantizeLinear among all its readers, so the pooled `features` output (an Identity of the
+    classifier's input) came out INT8-rounded; such nodes are given the float tensor back."""
+    outputs = {value.name for value in model.graph.output}
+    dequantized = {
+        out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output
+    }
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+        and set(node.output) & outputs
+        and set(node.input) & dequantized
+    ]
+
+
+def activation_scales(model: onnx.ModelProto) -> dict[str, float]:
+    """Scale of each activation QuantizeLinear, by the tensor it quantizes (weights are stored
+    already quantized, so every QuantizeLinear left in the graph is an activation's)."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    return {
+        node.input[0]: float(onnx.numpy_helper.to_array(initializers[node.input[1]]))
+        for node in model.graph.node
+        if node.op_type == "QuantizeLinear" and node.input[1] in initializers
+    }
+
+
+def check_activation_scales(model: onnx.ModelProto, ranges: dict[str, float]) -> None:
+    """Every activation Q/DQ must carry our calibrated range (scale = amax / 127), none ONNX
+    Runtime's one-batch minmax: a tensor we did not calibrate would be quantized blind."""
+    for tensor, scale in activation_scales(model).items():
+        if tensor not in ranges:
+            raise ValueError(f"{tensor} was quantized without a calibrated range")
+        expected = max(ranges[tensor], 1e-12) / 127.0
+        if not np.isclose(scale, expected, rtol=1e-4):
+            raise ValueError(f"{tensor}: scale {scale} is not the calibrated {expected}")
 
 
 def check_tensorrt_form(model: onnx.ModelProto) -> None:

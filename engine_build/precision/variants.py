@@ -7,6 +7,7 @@ runner reads with `precision=`). A variant below the gate is not written and the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,8 @@ from engine_build.precision.calibration import (
     load_crops,
     split_images,
 )
+from engine_build.precision.evaluate import run_onnx
+from engine_build.precision.fallback import FallbackSettings
 from engine_build.precision.gate import (
     REPORT_FILE,
     GateResult,
@@ -35,7 +38,6 @@ from engine_build.precision.gate import (
 from worker.sidecar import ModelSpec, sha256_file
 
 PRECISIONS = ("fp16", "int8")
-EVAL_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class PrecisionRequest:
     calib_method: str = "minmax"
     threshold_overrides: dict[str, float | int | None] = field(default_factory=dict)
     seed: int = 0
+    fallback: FallbackSettings = field(default_factory=FallbackSettings)
 
     def thresholds(self, precision: str) -> GateThresholds:
         return replace(default_thresholds(precision), **self.threshold_overrides)
@@ -65,7 +68,7 @@ def add_precision_variants(
     fp32_path = bundle_dir / spec.model_file
     if sha256_file(fp32_path) != spec.checksum_sha256:
         raise BuildError(f"{fp32_path} does not match its sidecar checksum; rebuild the bundle first")
-    calibration, heldout = _crop_sets(bundle_dir, spec, request)
+    calibration, heldout = _crop_sets(bundle_dir, spec, request, echo)
     if "int8" in request.precisions and calibration is None:
         raise BuildError(
             "INT8 needs calibration images: pass --calib DIR (about 500 images like the ones you will "
@@ -78,6 +81,7 @@ def add_precision_variants(
         )
     reference = run_onnx(fp32_path, spec.input.name, heldout.crops)
     results: list[GateResult] = []
+    details: dict[str, dict[str, Any]] = {}
     variants = dict(spec.variants)
     for precision in request.precisions:
         target = bundle_dir / f"model.{precision}.onnx"
@@ -90,6 +94,11 @@ def add_precision_variants(
                 precision,
                 request.thresholds(precision),
             )
+            if precision == "int8" and not result.passed and request.fallback.mode == "auto":
+                result, recipe["fallback"] = _int8_fallback(
+                    fp32_path, staging, spec, calibration, reference, heldout, request, result, echo
+                )
+                details["int8"] = {"fallback": recipe["fallback"]}
             results.append(result)
             if result.passed:
                 staging.replace(target)
@@ -101,9 +110,13 @@ def add_precision_variants(
                     "recipe": recipe,
                     "gate": {k: v for k, v in result.to_dict().items() if k != "thresholds"},
                 }
+                if "fallback" in recipe:  # the one line a reader of the sidecar looks for
+                    variants[precision]["fp32_layers"] = [
+                        layer["layer"] for layer in recipe["fallback"]["fp32_layers"]
+                    ]
         finally:
             staging.unlink(missing_ok=True)
-    write_report(bundle_dir, results, {"images": len(heldout), "names": heldout.names[:20]})
+    write_report(bundle_dir, results, {"images": len(heldout), "names": heldout.names[:20]}, details)
     spec = replace(spec, variants=variants)
     spec.save(bundle_dir)
     echo(format_table(results))
@@ -111,23 +124,57 @@ def add_precision_variants(
     if failed:
         raise BuildError(
             f"{', '.join(failed)} below the accuracy gate (see {bundle_dir / REPORT_FILE}); not added. "
-            "Try --calib-method entropy or percentile, more --calib images, or adjust --gate-* thresholds "
-            "if you accept the loss"
+            "Try --calib-method entropy or percentile, more --calib images, a larger --int8-fallback-budget, "
+            "or adjust --gate-* thresholds if you accept the loss"
         )
     return spec, results
 
 
-def run_onnx(path: Path, input_name: str, crops: np.ndarray) -> np.ndarray:
-    """Probabilities from any bundle-shaped ONNX file on the CPU (first output)."""
-    import onnxruntime as ort
+def _int8_fallback(
+    fp32_path: Path,
+    staging: Path,
+    spec: ModelSpec,
+    calibration: CropSet | None,
+    reference: np.ndarray,
+    heldout: CropSet,
+    request: PrecisionRequest,
+    all_int8: GateResult,
+    echo: Callable[[str], None],
+) -> tuple[GateResult, dict[str, Any]]:
+    """INT8 missed the gate: keep its most harmful layers in FP32 (fallback.py); rewrite `staging`
+    with the mixed model when the gate then passes. Returns the final gate result and the record."""
+    import onnx
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out_name = session.get_outputs()[0].name
-    rows = [
-        session.run([out_name], {input_name: crops[i : i + EVAL_BATCH]})[0]
-        for i in range(0, len(crops), EVAL_BATCH)
-    ]
-    return np.concatenate(rows).astype(np.float32)
+    from engine_build.precision.fallback import search_fallback
+    from engine_build.precision.graph_parts import prepared_copy
+    from engine_build.precision.int8 import check_tensorrt_form
+
+    assert calibration is not None
+    thresholds = request.thresholds("int8")
+    echo(f"int8 missed the gate ({'; '.join(all_int8.failures)}): measuring each layer's sensitivity")
+    started = time.monotonic()
+
+    def gate(model: onnx.ModelProto) -> GateResult:
+        return compare(reference, run_onnx(model, spec.input.name, heldout.crops), "int8", thresholds)
+
+    found = search_fallback(
+        onnx.load(str(staging)),
+        prepared_copy(str(fp32_path)),
+        spec.input.name,
+        calibration.crops,
+        gate,
+        thresholds,
+        request.fallback,
+        echo,
+    )
+    record = found.recipe(request.fallback)
+    record["all_int8_gate"] = {k: v for k, v in all_int8.to_dict().items() if k != "thresholds"}
+    record["search_seconds"] = round(time.monotonic() - started, 1)
+    if not found.passed or found.model is None:
+        return all_int8 if found.gate is None else found.gate, record
+    check_tensorrt_form(found.model)
+    onnx.save(found.model, str(staging))
+    return found.gate, record
 
 
 def _convert(
@@ -151,16 +198,45 @@ def _convert(
     return recipe
 
 
+HOLDOUT_SHARE = 0.3  # of a --calib folder too small for both counts, held out for the gate
+
+
+def _split_counts(available: int, request: PrecisionRequest) -> tuple[int, int]:
+    """(calibration, held-out) counts from one --calib folder of `available` images.
+
+    With --gate-images the folder only calibrates. Otherwise, when it holds too few images for
+    --calib-count plus --gate-count, a share of it (at least the gate's minimum, at most
+    --gate-count) is held out and the rest calibrates, instead of leaving the gate nothing.
+    """
+    if request.heldout_dir is not None:
+        return min(available, request.calib_count), 0
+    if available >= request.calib_count + request.heldout_count:
+        return request.calib_count, request.heldout_count
+    minimum = max(request.thresholds(p).min_images for p in request.precisions)
+    held = max(available - request.calib_count, round(available * HOLDOUT_SHARE), minimum)
+    held = min(held, request.heldout_count, available - 1)
+    return available - held, held
+
+
 def _crop_sets(
-    bundle_dir: Path, spec: ModelSpec, request: PrecisionRequest
+    bundle_dir: Path, spec: ModelSpec, request: PrecisionRequest, echo: Callable[[str], None] = print
 ) -> tuple[CropSet | None, CropSet | None]:
     """Fresh crops from --calib / --gate-images (stored in the bundle), else the stored ones."""
     prep = spec.preprocessing
     calibration = heldout = None
     if request.calib_dir is not None:
         paths = image_paths(request.calib_dir)
-        held_count = 0 if request.heldout_dir else request.heldout_count
-        calib_paths, held_paths = split_images(paths, request.calib_count, held_count, request.seed)
+        calib_count, held_count = _split_counts(len(paths), request)
+        if (
+            request.heldout_dir is None
+            and calib_count + held_count < request.calib_count + request.heldout_count
+        ):
+            echo(
+                f"--calib {request.calib_dir}: {len(paths)} images, fewer than --calib-count "
+                f"{request.calib_count} + --gate-count {request.heldout_count}: calibrating on "
+                f"{calib_count}, holding out {held_count} for the accuracy gate"
+            )
+        calib_paths, held_paths = split_images(paths, calib_count, held_count, request.seed)
         calibration = load_crops(calib_paths, prep)
         if len(calibration) == 0:
             raise BuildError(f"no decodable images in {request.calib_dir}")

@@ -71,3 +71,19 @@ def test_build_tensorrt_without_tensorrt_says_where_engines_are_built(cli_bundle
     result = CliRunner().invoke(main, ["build", str(cli_bundle), "--tensorrt"])
     assert result.exit_code == 1
     assert "tensorrt is not installed" in result.output and "GPU node" in result.output
+
+
+def test_build_int8_fallback_flags_reach_the_build(cli_bundle, calib_dir):
+    """An unreachable gate (top-1 agreement above 1): `none` reports the miss at once; `auto` with
+    a budget of one tries exactly one layer in FP32, then reports the miss."""
+    base = ["build", str(cli_bundle), "--precision", "int8", "--calib", str(calib_dir)]
+    base += ["--calib-count", "100", "--gate-count", "60", "--gate-top1", "1.01"]
+    runner = CliRunner()
+    none = runner.invoke(main, [*base, "--int8-fallback", "none"])
+    assert none.exit_code == 1 and "below the accuracy gate" in none.output
+    assert "sensitivity" not in none.output
+    auto = runner.invoke(main, [*base, "--int8-fallback-budget", "1"])
+    assert auto.exit_code == 1 and "measuring each layer's sensitivity" in auto.output
+    assert "1 layer(s) in FP32" in auto.output and "2 layer(s)" not in auto.output
+    report = json.loads((cli_bundle / "precision_report.json").read_text())["variants"]["int8"]
+    assert report["fallback"]["budget_layers"] == 1 and len(report["fallback"]["fp32_layers"]) == 1

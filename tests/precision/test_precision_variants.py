@@ -107,6 +107,10 @@ def test_int8_graph_is_in_the_form_tensorrt_accepts(gated_bundle):
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert producers["preprocessed"].op_type == "Transpose"
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+    # no output is written from a dequantized tensor: the features are the float pooled values
+    writers = {o: n for n in model.graph.node for o in n.output}
+    features = writers[ModelSpec.load(bundle).features_output]
+    assert all(producers[i].op_type != "DequantizeLinear" for i in features.input if i in producers)
 
 
 def test_fp16_graph_keeps_fp32_io_head_and_softmax(gated_bundle):
