@@ -50,6 +50,7 @@ class Settings:
     embeddings: bool = False  # records carry the 2048-d pooled features (needs a PyTorch-built bundle)
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 128 * 1024 * 1024  # decompression-bomb guard: largest image decoded
+    decode: str = "cpu"  # decode stage: cpu (OpenCV), gpu (nvImageCodec + torch-cuda), auto
     flush_records: int = 256  # records per Redis round trip from a job
     metrics_port: int = 0  # the worker's Prometheus /metrics port; 0: no endpoint
     # Client.
@@ -77,6 +78,8 @@ class Settings:
             )
         if self.max_deliveries < 1 or self.chunk_size < 1 or self.concurrency < 1:
             raise SettingsError("max_deliveries, chunk_size and concurrency must be at least 1")
+        if self.decode not in ("cpu", "gpu", "auto"):
+            raise SettingsError("LABELER_DECODE must be cpu, gpu or auto")
         if self.pool not in ("threads", "solo", "prefork"):
             raise SettingsError("LABELER_POOL must be threads, solo or prefork")
         if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
