@@ -14,10 +14,11 @@ from typing import Any
 from worker.pipeline.preprocess import CropPlan
 
 
-def crop_resize_tensor(image: Any, plan: CropPlan, flip_channels: bool) -> Any:
-    """(H, W, 3) uint8 tensor -> (crop_h, crop_w, 3) uint8 tensor on the same device.
+def resize_region(image: Any, plan: CropPlan) -> Any:
+    """(H, W, 3) uint8 tensor -> (3, crop_h, crop_w) float32 tensor on the same device, unrounded.
 
-    `flip_channels` turns the decoder's RGB into the BGR the sidecar's input asks for (or back)."""
+    Per image only what must be per image (the box and the resize, since sizes differ); rounding,
+    the channel order and the layout are done once per batch by `to_model_crops`."""
     import torch
     import torch.nn.functional as F
 
@@ -27,9 +28,17 @@ def crop_resize_tensor(image: Any, plan: CropPlan, flip_channels: bool) -> Any:
     left, top, right, bottom = plan.pixel_box(width, height)
     region = image[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0).float()
     size = (plan.crop_height, plan.crop_width)
-    resized = F.interpolate(region, size=size, mode="bilinear", align_corners=False, antialias=True)
-    crop = resized.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
-    return crop.flip(2) if flip_channels else crop
+    return F.interpolate(region, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-__all__ = ["crop_resize_tensor"]
+def to_model_crops(resized: Any, flip_channels: bool) -> Any:
+    """(N, 3, H, W) float -> (N, H, W, 3) uint8, contiguous: the runner's input layout.
+
+    `flip_channels` turns the decoder's RGB into the BGR the sidecar's input asks for."""
+    import torch
+
+    crops = resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return (crops.flip(3) if flip_channels else crops).contiguous()
+
+
+__all__ = ["resize_region", "to_model_crops"]

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from worker.pipeline.decode_stage import Assembled, Deferred, StageInput
-from worker.pipeline.device_crop import crop_resize_tensor
+from worker.pipeline.device_crop import resize_region, to_model_crops
 from worker.pipeline.preprocess import checked_header, decode_and_crop, plan_crop
 from worker.sidecar import ModelSpec, Preprocessing
 
@@ -111,24 +111,20 @@ class GpuDecodeStage:
         Host crops (formats OpenCV decoded, CPU fallbacks) are copied up; inputs that fail are
         left out and listed. The batch is ready on the caller's current stream when this returns."""
         torch = self._torch
-        crops: dict[int, Any] = {}
+        resized: dict[int, Any] = {}
         failed: list[int] = []
         deferred = [i for i, item in enumerate(inputs) if isinstance(item, Deferred)]
         with self._on_stream():
             for chunk in self._chunks(deferred, inputs):
                 images = self._decode_safely([inputs[i].data for i in chunk])
                 for index, image in zip(chunk, images, strict=True):
-                    crop = self._crop(image, inputs[index]) if image is not None else None
-                    if crop is None:
+                    region = self._resize(image, inputs[index]) if image is not None else None
+                    if region is None:
                         failed.append(index)
                     else:
-                        crops[index] = crop
+                        resized[index] = region
                 self._hold(images)
-            for index, item in enumerate(inputs):
-                if not isinstance(item, Deferred):
-                    crops[index] = torch.from_numpy(np.ascontiguousarray(item)).to(self._device)
-            rows = [crops[i] for i in sorted(crops)]
-            batch = torch.stack(rows) if rows else None
+            batch = self._stack(inputs, resized)
         if self._cuda:
             torch.cuda.current_stream(self._device).wait_stream(self._stream)
             if batch is not None:
@@ -181,12 +177,35 @@ class GpuDecodeStage:
             log.warning("GPU decode of %d images failed, decoding them on the CPU: %s", len(blobs), exc)
             return [None] * len(blobs)
 
-    def _crop(self, image: Any, item: Deferred) -> Any:
+    def _resize(self, image: Any, item: Deferred) -> Any:
         try:
-            return crop_resize_tensor(self._tensor(image), item.plan, self.flip_channels)
+            return resize_region(self._tensor(image), item.plan)
         except Exception as exc:  # noqa: BLE001 - an odd decode result: this image goes to OpenCV
             log.info("GPU crop failed (%s), decoding on the CPU instead", exc)
             return None
+
+    def _stack(self, inputs: list[StageInput], resized: dict[int, Any]) -> Any:
+        """The batch in input order: the stage's crops converted in one go, host crops copied up."""
+        torch = self._torch
+        host = {i: item for i, item in enumerate(inputs) if not isinstance(item, Deferred)}
+        rows = sorted([*resized, *host])
+        if not rows:
+            return None
+        decoded = (
+            to_model_crops(torch.stack([resized[i] for i in sorted(resized)]), self.flip_channels)
+            if resized
+            else None
+        )
+        if not host:
+            return decoded
+        uploaded = torch.from_numpy(np.stack([host[i] for i in sorted(host)])).to(self._device)
+        if decoded is None:
+            return uploaded
+        position = {index: row for row, index in enumerate(rows)}
+        batch = torch.empty((len(rows), *uploaded.shape[1:]), dtype=torch.uint8, device=self._device)
+        batch[[position[i] for i in sorted(resized)]] = decoded
+        batch[[position[i] for i in sorted(host)]] = uploaded
+        return batch
 
     def _tensor(self, image: Any) -> Any:
         """A torch view of a decoded image on the stage's device (copied only if it is elsewhere)."""
