@@ -6,7 +6,8 @@ preprocessing on the GPU like the graph does: uint8 NHWC crops are copied from a
 channels_last in memory. Each of `slots` batches in flight has its own pinned input and output
 buffers, CUDA stream and completion event: submit() queues copy-in, compute and copy-out and
 returns, so the next batch's copy overlaps this one's compute (PyTorch's caching allocator keeps
-each stream's temporaries apart). The device and precision are parameters so the same code is checked
+each stream's temporaries apart). A batch the GPU decode stage already made in device memory
+comes in through submit_device() and skips the pinned buffer and the copy. The device and precision are parameters so the same code is checked
 against ONNX Runtime on the CPU in FP32 in the tests (where a slot computes at once); FP16 and the
 streams on CUDA are only exercised on a GPU machine.
 """
