@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 # Decoded pixels per Decoder.decode call: 512 MP is 1.5 GiB of RGB, about forty 12 MP photos.
 DEFAULT_MAX_DECODE_PIXELS = 512 * 1024 * 1024
+# Chroma upsampled as libjpeg(-turbo) does by default, i.e. as OpenCV does. Each nvImageCodec decoder
+# may honour or ignore it; bench/gpu_check.py times the 12 MP decode with and without it.
+DEFAULT_OPTIONS = ":fancy_upsampling=1"
 
 
 class DecodeStageError(RuntimeError):
@@ -48,13 +51,13 @@ class GpuDecodeStage:
         device: str = "cuda",
         optional: bool = False,
         max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS,
-        backends: list[str] | None = None,
+        options: str = DEFAULT_OPTIONS,
     ) -> None:
         self.spec = spec
         self.device_name = device
         self.optional = optional
         self.max_decode_pixels = max_decode_pixels
-        self.backend_names = backends  # nvImageCodec BackendKind names; None: all, its own order
+        self.options = options
         self.flip_channels = spec.input.channel_order != "RGB"  # the decoder gives RGB
         self._decoder: Any = None
         self._held: tuple[Any, list[Any]] | None = None  # last chunk's images until its event
@@ -81,14 +84,11 @@ class GpuDecodeStage:
             apply_exif_orientation=False,
             color_spec=nvimgcodec.ColorSpec.SRGB,  # as OpenCV: raw orientation
         )
-        # fancy_upsampling: chroma upsampled as libjpeg(-turbo) does by default, i.e. as OpenCV does.
-        options = ":fancy_upsampling=1"
+        options = self.options
         if self._cuda:
             index = self._device.index if self._device.index is not None else torch.cuda.current_device()
-            backends = [
-                nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, n)) for n in self.backend_names or ()
-            ]
-            self._decoder = nvimgcodec.Decoder(device_id=index, backends=backends or None, options=options)
+            # every backend, in nvImageCodec's own order: hardware, CUDA, hybrid, then its CPU one
+            self._decoder = nvimgcodec.Decoder(device_id=index, options=options)
             self._stream = torch.cuda.Stream(self._device)
         else:
             self._decoder = nvimgcodec.Decoder(
