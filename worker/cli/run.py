@@ -68,6 +68,13 @@ def inspect(bundle: Path) -> None:
     show_default=True,
     help="auto: a TensorRT engine for this GPU, else PyTorch CUDA, else ONNX Runtime on the CPU.",
 )
+@click.option(
+    "--decode",
+    type=click.Choice(["cpu", "gpu", "auto"]),
+    default="cpu",
+    show_default=True,
+    help="Decode stage: cpu (OpenCV); gpu (nvImageCodec, with --backend torch-cuda); auto: gpu where it loads.",
+)
 @click.option("--max-bytes", type=int, default=64 * 1024 * 1024, show_default=True, help="Largest file read.")
 @click.option(
     "--max-pixels",
@@ -92,6 +99,7 @@ def run(
     threads: int,
     precision: str,
     backend: str,
+    decode: str,
     max_bytes: int,
     max_pixels: int,
     progress: bool | None,
@@ -120,6 +128,7 @@ def run(
         allowed_roots=tuple(str(r) for r in allowed_roots),
         max_bytes=max_bytes,
         max_pixels=max_pixels,
+        decode=decode,
     )
     try:
         service = build_service(bundle, config)

@@ -43,6 +43,11 @@ def default_node_name(gpu: int | None, pid: int | None = None) -> str:
 @click.option("--backend", help="Runner backend (default: onnxruntime, or tensorrt with --gpu).")
 @click.option("--precision", help="Which model of the bundle to run (fp32, fp16, int8).")
 @click.option(
+    "--decode",
+    type=click.Choice(["cpu", "gpu", "auto"]),
+    help="Decode stage: cpu (OpenCV, default), gpu (nvImageCodec, torch-cuda backend), auto.",
+)
+@click.option(
     "--concurrency", type=int, help="Jobs in flight per worker; they share engine batches (default 4)."
 )
 @click.option(
@@ -65,6 +70,7 @@ def worker_command(
     queue: str | None,
     backend: str | None,
     precision: str | None,
+    decode: str | None,
     concurrency: int | None,
     batch_size: int | None,
     max_wait_ms: float | None,
@@ -75,6 +81,7 @@ def worker_command(
 ) -> None:
     """Run a Celery worker that labels jobs from the queue (the engine loads inside this process)."""
     from worker.pipeline.build import ServiceConfig, create_service_runner
+    from worker.pipeline.decode_stage import create_stage
     from worker.runners import RunnerError
     from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
 
@@ -87,6 +94,7 @@ def worker_command(
         queue=queue,
         backend=backend,
         precision=precision,
+        decode=decode,
         concurrency=concurrency,
         batch_size=batch_size,
         max_wait_ms=max_wait_ms,
@@ -100,6 +108,7 @@ def worker_command(
         runner = create_service_runner(bundle, ServiceConfig.pick(settings))
         if isinstance(runner, OnnxRuntimeRunner):
             runner.check_files()
+        create_stage(settings.decode, runner)  # --decode gpu that cannot work here fails now
     except (RunnerError, OSError, ValueError) as exc:
         raise click.ClickException(f"cannot serve {bundle}: {exc}") from None
     os.environ.update(settings.env())  # pool children and the tasks module read the same values

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from worker.pipeline.decode_stage import create_stage
 from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS
 from worker.pipeline.reading import DEFAULT_MAX_BYTES, ReadPolicy
 from worker.pipeline.service import LabelingService, ServiceObserver, ServiceOptions
@@ -33,6 +34,7 @@ class ServiceConfig:
     allowed_roots: tuple[str, ...] = ()
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode: str = "cpu"  # cpu (OpenCV, the reference), gpu (nvImageCodec, torch-cuda only), auto
 
     @classmethod
     def pick(cls, source: object) -> ServiceConfig:
@@ -75,4 +77,5 @@ def build_service(
 ) -> LabelingService:
     """The labeling service for `bundle`, not started (start() loads the engine on its thread)."""
     runner = create_service_runner(bundle, config)
-    return LabelingService(runner, service_options(runner, config, observer))
+    stage = create_stage(config.decode, runner)  # RunnerError: why `gpu` cannot be here
+    return LabelingService(runner, service_options(runner, config, observer), stage)

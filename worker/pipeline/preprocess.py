@@ -59,6 +59,14 @@ class CropPlan:
             (self.top + self.crop_height) * sy,
         )
 
+    def pixel_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) in whole pixels, at least one pixel wide: the region both the
+        OpenCV path and the GPU decode stage cut before their one resize, so they cut the same."""
+        x0, y0, x1, y1 = self.source_box(width, height)
+        left, top = max(0, int(round(x0))), max(0, int(round(y0)))
+        right, bottom = min(width, max(left + 1, int(round(x1)))), min(height, max(top + 1, int(round(y1))))
+        return left, top, right, bottom
+
 
 def plan_crop(header: ImageHeader, prep: Preprocessing, allow_reduced: bool = True) -> CropPlan:
     """torchvision's Resize + CenterCrop arithmetic, plus the reduced-decode factor for JPEGs."""
@@ -91,6 +99,17 @@ def decode_and_crop(
     allow_reduced: bool = True,
 ) -> np.ndarray:
     """Return a (crop_h, crop_w, 3) uint8 BGR crop, or raise ImageError."""
+    header = checked_header(data, max_pixels)
+    plan = plan_crop(header, prep, allow_reduced) if header else None
+    image = _decode(data, header, plan.reduce_factor if plan else 1)
+    if plan is None:  # size known only now; OpenCV's own pixel cap applied to the decode
+        plan = plan_crop(ImageHeader("unknown", image.shape[1], image.shape[0]), prep, False)
+    return crop_resize(image, plan)
+
+
+def checked_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader | None:
+    """The header, after the checks every decoder needs in front of it (impossible or too large
+    sizes, truncated JPEGs); None when no known header is found. Raises ImageError."""
     header = read_header(data)
     if header is not None:
         if header.width <= 0 or header.height <= 0:
@@ -102,11 +121,7 @@ def decode_and_crop(
             )
         if header.format == "JPEG" and not jpeg_has_end_marker(data):
             raise ImageError(ErrorCode.DECODE_FAILED, "truncated JPEG (no end-of-image marker)")
-    plan = plan_crop(header, prep, allow_reduced) if header else None
-    image = _decode(data, header, plan.reduce_factor if plan else 1)
-    if plan is None:  # size known only now; OpenCV's own pixel cap applied to the decode
-        plan = plan_crop(ImageHeader("unknown", image.shape[1], image.shape[0]), prep, False)
-    return crop_resize(image, plan)
+    return header
 
 
 def _decode(data: bytes, header: ImageHeader | None, reduce_factor: int) -> np.ndarray:
@@ -133,9 +148,7 @@ def crop_resize(image: np.ndarray, plan: CropPlan, interpolation: int | None = N
     overrides the choice (the shortcut benchmark compares them).
     """
     height, width = image.shape[:2]
-    x0, y0, x1, y1 = plan.source_box(width, height)
-    left, top = max(0, int(round(x0))), max(0, int(round(y0)))
-    right, bottom = min(width, max(left + 1, int(round(x1)))), min(height, max(top + 1, int(round(y1))))
+    left, top, right, bottom = plan.pixel_box(width, height)
     region = image[top:bottom, left:right]
     ratio = min((right - left) / plan.crop_width, (bottom - top) / plan.crop_height)
     if interpolation is None:
@@ -144,4 +157,4 @@ def crop_resize(image: np.ndarray, plan: CropPlan, interpolation: int | None = N
     return np.ascontiguousarray(out)
 
 
-__all__ = ["CropPlan", "DEFAULT_MAX_PIXELS", "crop_resize", "decode_and_crop", "plan_crop"]
+__all__ = ["CropPlan", "DEFAULT_MAX_PIXELS", "checked_header", "crop_resize", "decode_and_crop", "plan_crop"]

@@ -1,5 +1,9 @@
 """The labeling service: a decode thread pool feeding one inference thread through the batcher.
 
+Decoding is the decode stage's (worker/pipeline/decode_stage.py): OpenCV on the pool by default;
+with `--decode gpu` the pool only reads and checks files, the stage decodes each batch on the GPU
+on the inference thread, and images it cannot decode go back to the pool for OpenCV.
+
 One service lives in each process that infers and is shared by every job in it, so images from
 concurrent jobs (or one long local run) share engine batches. Decoding overlaps inference, finished
 crops enter the queue in completion order (a slow file never holds up a batch), bad files become
@@ -31,6 +35,7 @@ import numpy as np
 
 from worker.machine import usable_cores
 from worker.pipeline.batcher import STOP, collect_batch
+from worker.pipeline.decode_stage import CpuDecodeStage, DecodeStage, Deferred
 from worker.pipeline.errors import ImageError
 from worker.pipeline.labels import top_k_labels
 from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
@@ -75,7 +80,7 @@ class ServiceOptions:
 class _Prepared:
     path: str
     callback: RecordCallback
-    crop: np.ndarray | None = None
+    crop: np.ndarray | Deferred | None = None  # a host crop, or bytes the decode stage does per batch
     error: ImageError | None = None
     ready_at: float = 0.0
     features: bool = False  # this image's record carries the embedding (or every one: options.embeddings)
@@ -94,8 +99,11 @@ class _Started:
 class LabelingService:
     """submit(path, callback) from any thread; callbacks run on the inference thread."""
 
-    def __init__(self, runner: Runner, options: ServiceOptions | None = None) -> None:
+    def __init__(
+        self, runner: Runner, options: ServiceOptions | None = None, stage: DecodeStage | None = None
+    ) -> None:
         self.runner = runner
+        self.stage: DecodeStage = stage or CpuDecodeStage()
         self.options = options or ServiceOptions()
         limit = runner.max_batch_size
         self.batch_size = min(self.options.max_batch_size, limit) if limit else self.options.max_batch_size
@@ -165,7 +173,7 @@ class LabelingService:
         started = time.perf_counter()
         try:
             data = read_image_bytes(path, self.options.read_policy)
-            item.crop = decode_and_crop(data, self.runner.spec.preprocessing, self.options.max_pixels)
+            item.crop = self.stage.prepare(data, self.runner.spec.preprocessing, self.options.max_pixels)
         except ImageError as exc:
             item.error = exc
         except Exception as exc:  # noqa: BLE001 - one odd file must not kill the pipeline
@@ -179,11 +187,13 @@ class LabelingService:
     def _inference_loop(self) -> None:
         try:
             self.runner.load()
+            self._load_stage()
             if self.options.warm_up:
                 self._warm_up()
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._load_error = exc
             self._loaded.set()
+            self.stage.close()
             self.runner.close()
             return
         self._loaded.set()
@@ -194,7 +204,32 @@ class LabelingService:
             self._give_up(f"inference thread failed: {type(exc).__name__}: {exc}")
             self._answer_the_rest()
         finally:
+            self.stage.close()
             self.runner.close()
+
+    def _load_stage(self) -> None:
+        """Load the decode stage on this thread; under `--decode auto` one that cannot load here
+        gives way to the CPU stage instead of failing the service."""
+        try:
+            self.stage.load()
+        except Exception as exc:
+            if not self.stage.optional:
+                raise
+            log.warning("decode auto: the %s stage cannot load (%s); decoding on the CPU", self.stage.name, exc)
+            self.stage = CpuDecodeStage()
+
+    def _decode_on_cpu(self, item: _Prepared, data: bytes) -> None:
+        """An image the decode stage could not do, decoded by OpenCV on the pool (the reference
+        path); it then joins a later batch, or gets its own error record."""
+        try:
+            item.crop = decode_and_crop(data, self.runner.spec.preprocessing, self.options.max_pixels)
+        except ImageError as exc:
+            item.error = exc
+        except Exception as exc:  # noqa: BLE001 - as in _prepare
+            log.exception("unexpected failure decoding %s on the CPU", item.path)
+            item.error = ImageError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        item.ready_at = time.perf_counter()
+        self._ready.put(item)
 
     def _warm_up(self) -> None:
         """Infer one blank crop: kernels get chosen now, and an engine that loads but cannot run
@@ -252,14 +287,32 @@ class LabelingService:
             return None
         started = time.perf_counter()
         try:
-            crops = np.stack([item.crop for item in good], out=self.runner.staging(len(good)))
-            pending = self.runner.submit(crops, any(item.features for item in good))
+            staging = None if self.stage.on_device else self.runner.staging(len(good))
+            assembled = self.stage.assemble([item.crop for item in good], staging)
+            if assembled.failed:
+                good = self._fall_back(good, assembled.failed)
+            if not good:
+                return None
+            features = any(item.features for item in good)
+            if self.stage.on_device:
+                pending = self.runner.submit_device(assembled.batch, features)
+            else:
+                pending = self.runner.submit(assembled.batch, features)
         except Exception as exc:  # noqa: BLE001 - the batch's images get error records instead
             self._fail_batch(good, exc)
             return None
         for item in good:
             item.crop = None  # the runner holds its own copy now
         return _Started(good, pending, started)
+
+    def _fall_back(self, good: list[_Prepared], failed: list[int]) -> list[_Prepared]:
+        """Send the images the stage could not decode back to the pool for OpenCV; the rest stay."""
+        for index in failed:
+            item = good[index]
+            data, item.crop = item.crop.data, None
+            self._pool.submit(self._decode_on_cpu, item, data)
+        dropped = set(failed)
+        return [item for index, item in enumerate(good) if index not in dropped]
 
     def _finish_batch(self, batch: _Started) -> None:
         good = batch.items

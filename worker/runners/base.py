@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -109,6 +109,25 @@ class Runner(abc.ABC):
         crops = self._check_input(crops, want_features)
         return _CheckedInference(self, self._submit(crops, want_features), crops.shape[0])
 
+    @property
+    def batch_device(self) -> str | None:
+        """The torch device whose tensors submit_device() takes (None: host arrays only). The GPU
+        decode stage makes its batches there, so they never come back through the host."""
+        return None
+
+    def submit_device(self, batch: Any, want_features: bool = False) -> PendingInference:
+        """Start a batch already on `batch_device`: a uint8 (N, H, W, 3) torch tensor whose producing
+        work is queued on the caller's current stream (or done). Checked as submit() checks."""
+        if self.batch_device is None:
+            raise RunnerError(f"{self.name} runner takes host arrays only, not batches in device memory")
+        if str(batch.dtype) != "torch.uint8":
+            raise RunnerError(f"{self.name} runner expects uint8 crops, got {batch.dtype}")
+        self._check_batch(tuple(batch.shape), want_features)
+        return _CheckedInference(self, self._submit_device(batch, want_features), batch.shape[0])
+
+    def _submit_device(self, batch: Any, want_features: bool) -> PendingInference:
+        raise RunnerError(f"{self.name} runner has no device-batch path")
+
     def staging(self, count: int) -> np.ndarray | None:
         """A uint8 (count, H, W, 3) host buffer the next submit() reads from in place (pinned memory
         on a GPU backend), or None. Stacking a batch straight into it saves allocating and copying
@@ -119,20 +138,24 @@ class Runner(abc.ABC):
         return FinishedInference(self._infer(crops, want_features))
 
     def _check_input(self, crops: np.ndarray, want_features: bool) -> np.ndarray:
+        if crops.dtype != np.uint8:
+            raise RunnerError(f"{self.name} runner expects uint8 crops, got {crops.dtype} {crops.shape}")
+        self._check_batch(crops.shape, want_features)
+        return np.ascontiguousarray(crops)
+
+    def _check_batch(self, shape: tuple[int, ...], want_features: bool) -> None:
         if not self._loaded:
             raise RunnerError(f"{self.name} runner: call load() before infer()")
         expected = (self.spec.input.height, self.spec.input.width, 3)
-        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != expected:
+        if len(shape) != 4 or tuple(shape[1:]) != expected:
             raise RunnerError(
-                f"{self.name} runner expects uint8 crops (N, {expected[0]}, {expected[1]}, 3), "
-                f"got {crops.dtype} {crops.shape}"
+                f"{self.name} runner expects uint8 crops (N, {expected[0]}, {expected[1]}, 3), got {tuple(shape)}"
             )
         if want_features and not self.spec.features_output:
             raise RunnerError("this bundle has no features output (embeddings need a PyTorch export)")
         limit = self.max_batch_size
-        if limit is not None and crops.shape[0] > limit:
-            raise RunnerError(f"batch of {crops.shape[0]} exceeds the engine's maximum {limit}")
-        return np.ascontiguousarray(crops)
+        if limit is not None and shape[0] > limit:
+            raise RunnerError(f"batch of {shape[0]} exceeds the engine's maximum {limit}")
 
     def _check_output(self, output: InferenceOutput, count: int) -> None:
         if output.probabilities.shape != (count, self.spec.num_classes):

@@ -6,7 +6,8 @@ preprocessing on the GPU like the graph does: uint8 NHWC crops are copied from a
 channels_last in memory. Each of `slots` batches in flight has its own pinned input and output
 buffers, CUDA stream and completion event: submit() queues copy-in, compute and copy-out and
 returns, so the next batch's copy overlaps this one's compute (PyTorch's caching allocator keeps
-each stream's temporaries apart). The device and precision are parameters so the same code is checked
+each stream's temporaries apart). A batch the GPU decode stage already made in device memory
+comes in through submit_device() and skips the pinned buffer and the copy. The device and precision are parameters so the same code is checked
 against ONNX Runtime on the CPU in FP32 in the tests (where a slot computes at once); FP16 and the
 streams on CUDA are only exercised on a GPU machine.
 """
@@ -145,27 +146,60 @@ class TorchCudaRunner(Runner):
         slot = self._slots.peek()
         return slot.crops[:count].numpy() if slot is not None and count <= len(slot.crops) else None
 
-    def _submit(self, crops: np.ndarray, want_features: bool) -> PendingTorch:
-        import torch
+    @property
+    def batch_device(self) -> str | None:
+        return self.device_name
 
+    def _submit(self, crops: np.ndarray, want_features: bool) -> PendingTorch:
         slot = self._slots.take()
         count = len(crops)
         copy_into_slot(crops, slot.crops.numpy())
-        streamed = torch.cuda.stream(slot.stream) if slot.stream is not None else contextlib.nullcontext()
-        with torch.inference_mode(), streamed:
-            x = slot.crops[:count].to(self._device, non_blocking=True)
-            x = x.index_select(3, self._order).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
-            if not self.channels_last:
-                x = x.contiguous()
-            x = (x.float() * self._scale + self._bias).to(self._dtype)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits, features = self._model(x)
-            slot.probabilities[:count].copy_(torch.softmax(logits.float(), dim=1), non_blocking=True)
-            if want_features:
-                slot.features[:count].copy_(features.float(), non_blocking=True)
-            if slot.done is not None:
-                slot.done.record(slot.stream)
+        with self._on_stream(slot):
+            self._compute(slot, slot.crops[:count].to(self._device, non_blocking=True), want_features)
+        return self._started(slot, count, want_features)
+
+    def _submit_device(self, batch: Any, want_features: bool) -> PendingTorch:
+        """A batch the GPU decode stage made in device memory: no host buffer, no copy in."""
+        import torch
+
+        if batch.device != self._device:
+            raise RunnerError(f"torch-cuda runner on {self._device} got a batch on {batch.device}")
+        slot = self._slots.take()
+        if slot.stream is not None:  # the stage's decode and resize come first; keep its memory for us
+            slot.stream.wait_stream(torch.cuda.current_stream(self._device))
+            batch.record_stream(slot.stream)
+        with self._on_stream(slot):
+            self._compute(slot, batch, want_features)
+        return self._started(slot, len(batch), want_features)
+
+    def _on_stream(self, slot: _Slot) -> contextlib.ExitStack:
+        import torch
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if slot.stream is not None:
+            stack.enter_context(torch.cuda.stream(slot.stream))
+        return stack
+
+    def _compute(self, slot: _Slot, x: Any, want_features: bool) -> None:
+        """uint8 NHWC on the device -> probabilities (and features) into the slot's host buffers."""
+        import torch
+
+        count = len(x)
+        x = x.index_select(3, self._order).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+        if not self.channels_last:
+            x = x.contiguous()
+        x = (x.float() * self._scale + self._bias).to(self._dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits, features = self._model(x)
+        slot.probabilities[:count].copy_(torch.softmax(logits.float(), dim=1), non_blocking=True)
+        if want_features:
+            slot.features[:count].copy_(features.float(), non_blocking=True)
+        if slot.done is not None:
+            slot.done.record(slot.stream)
+
+    def _started(self, slot: _Slot, count: int, want_features: bool) -> PendingTorch:
         slot.busy = True
         return PendingTorch(slot, count, want_features)
 

@@ -53,6 +53,7 @@ class Settings:
     embeddings: bool = False  # records carry the 2048-d pooled features (needs a PyTorch-built bundle)
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 128 * 1024 * 1024  # decompression-bomb guard: largest image decoded
+    decode: str = "cpu"  # decode stage: cpu (OpenCV), gpu (nvImageCodec + torch-cuda), auto
     flush_records: int = 256  # records per per-worker activity update (one Redis round trip)
     metrics_port: int = 0  # the worker's Prometheus /metrics port; 0: no endpoint
     # Where datasets go: a run's output must be under one of these (the first is the default parent,
@@ -88,6 +89,8 @@ class Settings:
                 f"LABELER_LEASE_S ({self.lease_s}) must exceed twice LABELER_HEARTBEAT_S ({self.heartbeat_s}), "
                 "or a slow but living worker could lose its shard to a second one"
             )
+        if self.decode not in ("cpu", "gpu", "auto"):
+            raise SettingsError("LABELER_DECODE must be cpu, gpu or auto")
         if self.pool not in ("threads", "solo", "prefork"):
             raise SettingsError("LABELER_POOL must be threads, solo or prefork")
         if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
