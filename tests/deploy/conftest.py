@@ -18,6 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "distributed"))
 
+import distributed_helpers  # noqa: E402
 from distributed_helpers import (  # noqa: E402
     CeleryWorker,
     RedisServer,
@@ -27,6 +28,14 @@ from distributed_helpers import (  # noqa: E402
 )
 
 GOOD_IMAGES = 40
+
+
+@pytest.fixture(scope="session", autouse=True)
+def output_root(tmp_path_factory) -> Path:
+    """Runs of these tests write their datasets under one private folder the workers may write."""
+    root = tmp_path_factory.mktemp("datasets")
+    distributed_helpers.OUTPUT_ROOT = root
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +80,7 @@ def labeled_run(tmp_path_factory, redis_server, tiny_bundle, run_images) -> Iter
     run = "deploy-metrics-run"
     try:
         subprocess.run(
-            [sys.executable, "-m", "worker", "enqueue", f"@{listing}", "--run", run, "--chunk-size", "10"],
+            [sys.executable, "-m", "worker", "enqueue", f"@{listing}", "--run", run, "--shard-size", "10"],
             env=env,
             cwd=REPO,
             check=True,

@@ -7,7 +7,7 @@ from collections import Counter
 from worker.client.report.data import ReportData, rebucket
 from worker.client.report.page import render_report
 from worker.runs.activity import WorkerActivity
-from worker.runs.store import RunStatus
+from worker.runs.ledger import RunStatus
 
 
 def test_rebucket_fills_gaps_and_converts_to_rates() -> None:
@@ -28,7 +28,7 @@ def test_rebucket_of_nothing() -> None:
 
 
 def _data(labels: Counter[str], errors: Counter[str]) -> ReportData:
-    status = RunStatus("r<1>", 120, 100, 7, 0, 2, 1_700_000_000.0, 1_700_000_010.0, 1_700_000_090.0)
+    status = RunStatus("r<1>", 120, 100, 7, 3, 2, 2, 1_700_000_000.0, 1_700_000_010.0, 1_700_000_090.0)
     workers = [WorkerActivity("labeler-gpu0@n1", 100, 7, 1_700_000_010.0, 1_700_000_090.0)]
     throughput, width = rebucket([(1_700_000_010, 30), (1_700_000_040, 70)], 10)
     return ReportData(status, workers, throughput, width, errors, labels)
