@@ -52,6 +52,12 @@ def photo_dir(tmp_path_factory, photos) -> Path:
 
 
 @pytest.fixture(scope="session")
+def image_paths(photo_dir) -> list[str]:
+    """The photo JPEGs (at their size and upscaled), as sorted path strings."""
+    return sorted(str(p) for p in photo_dir.glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
 def labeler_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("labeler-home")
     os.environ["LABELER_HOME"] = str(home)

@@ -15,11 +15,6 @@ from worker.runners.base import InferenceOutput, Runner
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
 
 
-@pytest.fixture(scope="module")
-def image_paths(photo_dir):
-    return sorted(str(p) for p in photo_dir.glob("*.jpg"))
-
-
 def collect(service, paths):
     records, lock = [], threading.Lock()
 

@@ -29,12 +29,15 @@ def inspect(bundle: Path) -> None:
 )
 @click.option(
     "--out",
-    "out_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    "out_text",
     default="results.jsonl",
     show_default=True,
-    help="JSON-lines results file.",
+    help="A JSON-lines results file, or DIR/ (a trailing slash, or an existing folder): a Parquet "
+    "dataset of one file per shard, the layout of a distributed run.",
 )
+@click.option("--shard-size", type=int, default=5000, show_default=True, help="Images per shard with --out DIR/.")
+@click.option("--embedding-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="With --embeddings and --out DIR/: the embedding column's type.")  # fmt: skip
 @click.option(
     "--allowed-root",
     "allowed_roots",
@@ -87,7 +90,9 @@ def inspect(bundle: Path) -> None:
 def run(
     inputs: tuple[str, ...],
     model_dir: Path | None,
-    out_path: Path,
+    out_text: str,
+    shard_size: int,
+    embedding_dtype: str,
     allowed_roots: tuple[Path, ...],
     resume: bool,
     retry_errors: bool,
@@ -104,7 +109,8 @@ def run(
     max_pixels: int,
     progress: bool | None,
 ) -> None:
-    """Label INPUTS (files, directories, @list files, - for stdin) into a JSONL file."""
+    """Label INPUTS (files, directories, @list files, - for stdin, .parquet/.csv manifests) into a
+    JSONL file or a Parquet dataset folder."""
     from tqdm import tqdm
 
     from worker.local.run import run_local
@@ -134,6 +140,10 @@ def run(
         service = build_service(bundle, config)
     except RunnerError as exc:
         raise click.ClickException(str(exc)) from None
+    out_path = Path(out_text)
+    if out_text.endswith(os.sep) or out_path.is_dir():
+        _run_into_dataset(inputs, service, out_path, resume, retry_errors, shard_size, embedding_dtype, progress)
+        return
     if retry_errors:
         from worker.local.results import drop_error_records
 
@@ -172,6 +182,38 @@ def run(
     click.echo(f"results in {os.path.abspath(out_path)}", err=True)
     for warning in spec.warnings:
         click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
+    if not summary.complete:
+        sys.exit(1)
+
+
+def _run_into_dataset(
+    inputs: tuple[str, ...], service, out_dir: Path, resume: bool, retry_errors: bool, shard_size: int,
+    embedding_dtype: str, progress: bool | None,
+) -> None:  # fmt: skip
+    from tqdm import tqdm
+
+    from worker.local.dataset_run import DatasetExists, run_local_dataset
+    from worker.pipeline.inputs import iter_input_paths
+    from worker.runners import RunnerError
+    from worker.runs.shard_list import ShardListError
+
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=None, unit="img", disable=not show, dynamic_ncols=True, smoothing=0.1)
+    try:
+        summary = run_local_dataset(iter_input_paths(inputs), service, out_dir, resume=resume,
+                                    retry_errors=retry_errors, shard_size=shard_size,
+                                    embedding_dtype=embedding_dtype, on_record=lambda _rec: bar.update(1))  # fmt: skip
+    except (DatasetExists, ShardListError, RunnerError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo(f"interrupted: finished shards are in {out_dir}; run the same command with --resume", err=True)
+        sys.exit(130)
+    finally:
+        bar.close()
+    for line in summary.lines():
+        click.echo(line, err=True)
+    click.echo(f"dataset in {os.path.abspath(out_dir)}/labels/*.parquet", err=True)
     if not summary.complete:
         sys.exit(1)
 

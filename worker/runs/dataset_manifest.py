@@ -87,13 +87,20 @@ def read_manifest(out_dir: Path | str) -> dict[str, Any] | None:
     return manifest
 
 
-def _shard_entry(shard_id: str, path: Path, spec: DatasetSpec) -> dict[str, Any]:
-    """A shard's counts from its footer (row counts and error_code null counts: no data read)."""
+def check_columns(path: Path, spec: DatasetSpec) -> Any:
+    """The file's footer, once its columns are the run's; DatasetError says what differs."""
     metadata = pq.read_metadata(path)
     schema = metadata.schema.to_arrow_schema()
     check_schema_version(schema, str(path))
     if not schema.equals(dataset_schema(spec), check_metadata=False):
         raise DatasetError(f"{path}: columns differ from the run's (model, embedding size or dtype)")
+    return metadata
+
+
+def _shard_entry(shard_id: str, path: Path, spec: DatasetSpec) -> dict[str, Any]:
+    """A shard's counts from its footer (row counts and error_code null counts: no data read)."""
+    metadata = check_columns(path, spec)
+    schema = metadata.schema.to_arrow_schema()
     names = schema.names
     failed = 0
     for group in range(metadata.num_row_groups):

@@ -1,0 +1,78 @@
+"""`labeler run INPUTS --out DIR/`: the one-process run writes the distributed run's layout (a
+fixed shard list, one Parquet file per shard, a manifest), reads as one table in DuckDB, resumes
+after an engine failure without a row twice, and relabels only error rows on --retry-errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+from test_service import lost_gpu_runner
+
+from worker.cli import main
+from worker.local.dataset_run import DatasetExists, run_local_dataset
+from worker.pipeline.service import LabelingService, ServiceOptions
+from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
+from worker.runs.dataset import iter_records, shard_files
+
+OPTIONS = ServiceOptions(max_batch_size=2, max_wait_s=0.0, decode_threads=1, max_in_flight=4)
+
+
+def rows(out) -> list[dict]:
+    return list(iter_records(out))
+
+
+def test_cli_writes_a_dataset_that_reads_as_one_table(tiny_bundle, image_paths, tmp_path) -> None:
+    out = tmp_path / "ds"
+    args = ["run", *image_paths, str(tmp_path / "missing.jpg"), "--out", f"{out}/", "--shard-size", "5",
+            "--model", str(tiny_bundle), "--threads", "1", "--embeddings", "--embedding-dtype", "float16"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    total = len(image_paths) + 1
+    assert len(shard_files(out)) == -(-total // 5)
+    count, distinct, failed, width = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT path), count(error_code), max(len(embedding)) FROM '{out}/labels/*.parquet'"
+    ).fetchall()[0]
+    assert (count, distinct, failed) == (total, total, 1) and width > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["rows"] == total and manifest["embedding"]["dtype"] == "float16"
+    again = CliRunner().invoke(main, args)  # not asked to resume: refused, nothing touched
+    assert again.exit_code == 1 and "--resume" in again.output
+
+
+def test_an_engine_failure_leaves_its_shards_unwritten_and_resume_finishes(tiny_bundle, image_paths, tmp_path):
+    out = tmp_path / "ds"
+    broken = run_local_dataset(image_paths, LabelingService(lost_gpu_runner(tiny_bundle, from_call=4), OPTIONS),
+                               out, shard_size=4)  # fmt: skip
+    assert not broken.complete and broken.engine_failure is not None
+    assert not (out / "manifest.json").exists()
+    written = rows(out)
+    assert all("labels" in r for r in written)  # an engine failure is never an image's row
+    with pytest.raises(DatasetExists):
+        run_local_dataset(image_paths, LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), OPTIONS),
+                          out, shard_size=4)  # fmt: skip
+    healthy = LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), OPTIONS)
+    resumed = run_local_dataset(image_paths, healthy, out, resume=True, shard_size=4)
+    assert resumed.complete and resumed.skipped == len(written)
+    assert sorted(r["path"] for r in rows(out)) == sorted(image_paths)  # each once, none lost
+    assert (out / "manifest.json").exists()
+
+
+def test_retry_errors_relabels_only_the_error_rows(tiny_bundle, image_paths, tmp_path) -> None:
+    out = tmp_path / "ds"
+    restored = tmp_path / "restored.jpg"
+    paths = [*image_paths[:5], str(restored)]
+    service = LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), OPTIONS)
+    first = run_local_dataset(paths, service, out, shard_size=3)
+    assert first.complete and dict(first.errors) == {"not_found": 1}
+    before = {r["path"]: r for r in rows(out)}
+    shutil.copy(image_paths[0], restored)
+    service = LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), OPTIONS)
+    retried = run_local_dataset(paths, service, out, retry_errors=True, shard_size=3)
+    assert retried.labeled == 1 and retried.skipped == 5
+    after = {r["path"]: r for r in rows(out)}
+    assert sorted(after) == sorted(paths) and "labels" in after[str(restored)]
+    assert all(after[p] == before[p] for p in image_paths[:5])  # the other rows kept as they were
