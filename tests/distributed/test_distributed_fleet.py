@@ -88,6 +88,9 @@ def test_thousands_of_images_over_two_workers(redis_url, start_worker, small_jpe
     import pyarrow.parquet as pq
 
     assert pq.read_table(out).num_rows == 3003
+    manifest = json.loads((run_output("big") / "manifest.json").read_text())  # by the last shard's worker
+    assert manifest["counts"] == {"rows": 3003, "labeled": 3000, "failed": 3, "bytes": manifest["counts"]["bytes"],
+                                  "shards": 31}  # fmt: skip
 
 
 def test_sigkill_with_default_settings_is_back_within_a_minute(redis_url, start_worker, small_jpegs) -> None:

@@ -39,10 +39,18 @@ from worker.runs.dataset import (
     shard_path,
     write_shard,
 )
+from worker.runs.dataset_manifest import write_manifest
 from worker.runs.keys import check_run_name
 from worker.runs.protocol import shard_message
 from worker.runs.settings import output_roots
-from worker.runs.shard_list import ShardListError, children, halves, shard_paths, write_shard_paths
+from worker.runs.shard_list import (
+    ShardListError,
+    children,
+    halves,
+    read_index,
+    shard_paths,
+    write_shard_paths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +215,21 @@ class ShardJob:
                                                          written.failed), "finishing a shard")  # fmt: skip
         if not finished:
             log.warning("run %s shard %s: finished by another worker too (same rows)", self.run, self.shard)
+        self._manifest_if_last(self._spec(service, options), options)
         return self._result(images=len(paths), labeled=written.labeled, failed=written.failed, attempt=attempt)
+
+    def _manifest_if_last(self, spec: DatasetSpec, options: dict[str, Any]) -> None:
+        """The worker that finishes a run's last shard writes its manifest beside the shards."""
+        status = self.ledger.status(self.run, self.settings.queue)
+        if not status.finished() or read_index(self.output) is None:
+            return
+        done = [s.shard_id for s in self.ledger.shard_states(self.run) if s.state == "done"]
+        try:
+            write_manifest(self.output, run_id=self.run, shard_ids=done, spec=spec, remove_strays=True,
+                           settings={"shard_size": read_index(self.output)["shard_size"], **options["options"],
+                                     "top_k": self.settings.top_k})  # fmt: skip
+        except DatasetError as exc:  # the rows stay; only the summary file is missing
+            log.error("run %s: no manifest written: %s", self.run, exc)
 
     def _service(self, features: bool) -> LabelingService:
         health = self.process.health
