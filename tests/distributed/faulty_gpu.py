@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import os
 
-import worker.runners as runners
+from runner_patch import wrap_engine_calls
 
 GOOD_BATCHES = int(os.environ.get("LABELER_TEST_GOOD_BATCHES", "2"))
 FAILING_CALLS = {int(n) for n in os.environ.get("LABELER_TEST_FAILING_CALLS", "").split(",") if n}
-_real_create_runner = runners.create_runner
 
 
-def _create_runner_that_loses_its_gpu(*args, **kwargs):
-    runner = _real_create_runner(*args, **kwargs)
-    real_infer = runner._infer
-    calls = {"n": 0}
-
-    def infer(crops, want_features):
-        calls["n"] += 1
-        failing = calls["n"] in FAILING_CALLS if FAILING_CALLS else calls["n"] > 1 + GOOD_BATCHES
-        if failing:  # call 1 is the warm-up at load
-            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected fault)")
-        return real_infer(crops, want_features)
-
-    runner._infer = infer
-    return runner
+def _lose_the_gpu(call: int) -> None:
+    failing = call in FAILING_CALLS if FAILING_CALLS else call > 1 + GOOD_BATCHES
+    if failing:  # call 1 is the warm-up at load
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected fault)")
 
 
-runners.create_runner = _create_runner_that_loses_its_gpu
+wrap_engine_calls(_lose_the_gpu)

@@ -10,25 +10,14 @@ from __future__ import annotations
 import os
 import time
 
-import worker.runners as runners
+from runner_patch import wrap_engine_calls
 
 BATCH_SLEEP_S = float(os.environ.get("LABELER_TEST_BATCH_SLEEP_S", "1.0"))
-_real_create_runner = runners.create_runner
 
 
-def _create_slow_runner(*args, **kwargs):
-    runner = _real_create_runner(*args, **kwargs)
-    real_infer = runner._infer
-    calls = {"n": 0}
-
-    def infer(crops, want_features):
-        calls["n"] += 1
-        if calls["n"] > 1:  # call 1 is the warm-up at load
-            time.sleep(BATCH_SLEEP_S)
-        return real_infer(crops, want_features)
-
-    runner._infer = infer
-    return runner
+def _slow_down(call: int) -> None:
+    if call > 1:  # call 1 is the warm-up at load
+        time.sleep(BATCH_SLEEP_S)
 
 
-runners.create_runner = _create_slow_runner
+wrap_engine_calls(_slow_down)

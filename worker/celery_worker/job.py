@@ -359,6 +359,8 @@ class PathsJob:
 
         unique = list(dict.fromkeys(self.paths))
         answered = label_with(self.process, service, unique, self.features, keep)
+        if service.failure is not None:
+            self.process.health.stop_worker(f"labeling service gave up: {service.failure}")
         if engine_failed or answered < len(unique):
             raise Reject("the engine failed or the worker is stopping; the job goes back", requeue=True)
         ordered = [records[p] for p in unique]

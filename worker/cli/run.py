@@ -177,10 +177,15 @@ def run(
         sys.exit(130)
     finally:
         bar.close()
+    _finish(summary, f"results in {os.path.abspath(out_path)}", spec.warnings)
+
+
+def _finish(summary, where: str, warnings: tuple[str, ...] = ()) -> None:
+    """The summary on stderr, where the labels are, the bundle's warnings again; exit 1 if not complete."""
     for line in summary.lines():
         click.echo(line, err=True)
-    click.echo(f"results in {os.path.abspath(out_path)}", err=True)
-    for warning in spec.warnings:
+    click.echo(where, err=True)
+    for warning in warnings:
         click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
     if not summary.complete:
         sys.exit(1)
@@ -211,11 +216,7 @@ def _run_into_dataset(
         sys.exit(130)
     finally:
         bar.close()
-    for line in summary.lines():
-        click.echo(line, err=True)
-    click.echo(f"dataset in {os.path.abspath(out_dir)}/labels/*.parquet", err=True)
-    if not summary.complete:
-        sys.exit(1)
+    _finish(summary, f"dataset in {os.path.abspath(out_dir)}/labels/*.parquet", service.runner.spec.warnings)
 
 
 COMMANDS = [inspect, run]
