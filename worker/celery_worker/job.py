@@ -206,7 +206,7 @@ class ShardJob:
         service = self._service(features)
         done = label_with(self.process, service, todo, features, lambda taken: self._keep(taken, records))
         self._end_unfinished(service, done, len(todo))
-        if self.process.leases.lost(self.run, self.shard):
+        if not self.redis(lambda: self.process.leases.confirm(self.run, self.shard), "confirming a shard's lease"):
             log.warning("run %s shard %s: lease lost meanwhile; another worker labels it", self.run, self.shard)
             return self._result(skipped="lost")
         written = write_shard(self.output, self.shard, [records[p] for p in paths], self._spec(service, options),

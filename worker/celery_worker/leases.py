@@ -60,6 +60,22 @@ class LeaseKeeper:
         with self._lock:
             return (run, shard) in self._lost
 
+    def confirm(self, run: str, shard: str) -> bool:
+        """Whether this process still holds the shard's lease, asked of Redis now (and renewed).
+        The heartbeat hears of a lost lease only when a renewal gets through: a worker cut off
+        from Redis while the sweeper gave its shard to another must ask before it writes the
+        shard's file. Raises Redis errors (the job retries)."""
+        with self._lock:
+            owner = self._held.get((run, shard))
+            if owner is None or (run, shard) in self._lost:
+                return False
+        if self._ledger().renew(run, owner, [shard], self.lease_s):
+            log.warning("run %s: lease lost on shard %s: another worker has it now", run, shard)
+            with self._lock:
+                self._lost.add((run, shard))
+            return False
+        return True
+
     def renew_now(self) -> None:
         """Renew every held lease once (the heartbeat does this each `heartbeat_s`)."""
         with self._lock:
