@@ -18,7 +18,7 @@ GOOD_BATCHES = int(os.environ.get("LABELER_TEST_GOOD_BATCHES", "2"))
 FAILING_CALLS = {int(n) for n in os.environ.get("LABELER_TEST_FAILING_CALLS", "").split(",") if n}
 
 
-def _lose_the_gpu(call: int) -> None:
+def _lose_the_gpu(call: int, _images: int) -> None:
     failing = call in FAILING_CALLS if FAILING_CALLS else call > 1 + GOOD_BATCHES
     if failing:  # call 1 is the warm-up at load
         raise RuntimeError("CUDA error: an illegal memory access was encountered (injected fault)")

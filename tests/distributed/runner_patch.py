@@ -10,8 +10,8 @@ import worker.runners as runners
 _real_create_runner = runners.create_runner
 
 
-def wrap_engine_calls(before_call: Callable[[int], None]) -> None:
-    """Make every runner created from now on call `before_call(n)` before its n-th engine call."""
+def wrap_engine_calls(before_call: Callable[[int, int], None]) -> None:
+    """Make every runner created from now on call `before_call(n, images)` before its n-th engine call."""
 
     def create(*args, **kwargs):
         runner = _real_create_runner(*args, **kwargs)
@@ -20,7 +20,7 @@ def wrap_engine_calls(before_call: Callable[[int], None]) -> None:
 
         def infer(crops, want_features):
             calls["n"] += 1
-            before_call(calls["n"])
+            before_call(calls["n"], len(crops))
             return real_infer(crops, want_features)
 
         runner._infer = infer

@@ -5,7 +5,7 @@ Topology, made by the test (you are root) with fresh names and a free 10.x.y.0/2
 
     root namespace (pytest: enqueues, reads the ledger)  .1 --veth--+
     ns "redis": redis-server (password, AOF) on .2:6379      --veth--+-- bridge br0 in ns "sw"
-    ns "cut":   worker `cut` (slowed, tests/distributed/slow_engine.py) --veth--+
+    ns "cut":   worker `cut` (slowed, tests/distributed/slow_gpu.py) --veth--+
     ns "peer":  worker `peer`                                 --veth--+
 
 The cut is `ip link set p-cut down` on the cut worker's veth, at the switch's end: its link loses
@@ -223,7 +223,7 @@ def test_a_worker_cut_off_mid_shard_loses_its_lease_and_its_late_job_changes_not
     settings = {"lease_s": LEASE_S, "heartbeat_s": HEARTBEAT_S, "sweep_interval_s": SWEEP_S, "concurrency": 1,
                 "batch_size": BATCH, "task_deadline_s": 120, "visibility_timeout_s": 300}  # fmt: skip
     cut = hosts.worker("cut", worker_env(server.url, tiny_bundle, **settings, test_batch_sleep_s=0.25,
-                                         test_hold_after=HELD_AFTER, test_hold_file=hold), ["--include", "slow_engine"])  # fmt: skip
+                                         test_hold_after=HELD_AFTER, test_hold_file=hold), ["--include", "slow_gpu"])  # fmt: skip
     peer = hosts.worker("peer", worker_env(server.url, tiny_bundle, **settings))
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda worker: worker.start(ready_timeout=90), [cut, peer]))
