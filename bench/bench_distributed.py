@@ -1,16 +1,19 @@
-"""Distributed throughput (one worker, through Redis) against `labeler run` on the same images.
+"""Distributed throughput (one worker, through Redis, writing the Parquet dataset) against `labeler run`.
 
-    python bench/bench_distributed.py [--model BUNDLE] [--images 300] [--chunk-size 50] [--rounds 2]
+    python bench/bench_distributed.py [--model BUNDLE] [--images 300] [--shard-size 50] [--rounds 2]
 
 Same bundle, same batch size (32), same max wait (20 ms), decode and ONNX Runtime threads one per
 core on both sides. Rounds alternate local and distributed so machine noise hits both.
 - local: `labeler run DIR` as a subprocess; its own summary line gives images/s (from the loaded
-  model to the last record written; the load is reported apart).
+  model to the last record written; the load is reported apart). It writes JSONL (its Parquet
+  `--out DIR/` layout is not in this checkout yet).
 - warm in-process: the same pipeline (LabelingService + JSONL writer) with the model loaded before
   the clock starts: the strict baseline, since the distributed worker is warm too.
 - distributed: a `labeler worker` subprocess on a private redis-server (password, AOF everysec),
-  warmed up with one small run (model loaded); images/s from the first job published to the last
-  record in Redis, so enqueue, queue latency and Redis writes all count.
+  default lease settings, warmed up with one small run (model loaded); the run is enqueued with
+  `enqueue_run` in shards of `--shard-size` (its path lists written to the run's output folder);
+  images/s from the enqueue's start to the last shard marked done in the ledger, so the shard
+  list, queue latency, each shard's Parquet file (written and fsynced) and the ledger all count.
 Ratios distributed / each local figure; target >= 0.95 on this machine. The machine is shared, so
 wall-clock rates swing with other people's load; CPU seconds per image (bench process for the warm
 local run; worker + redis-server + enqueue for distributed) are printed too, as the steadier
@@ -30,11 +33,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests" / "distributed")]
-from common import bundle_or_default, machine_description, make_photo_set  # noqa: E402
-from distributed_helpers import QUEUE, CeleryWorker, RedisServer, run_counts, wait_run_done, worker_env  # noqa: E402
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # this checkout, not an installed copy
+from common import (  # noqa: E402
+    LabelerWorker,
+    RedisServer,
+    bundle_or_default,
+    machine_description,
+    machine_load,
+    make_photo_set,
+    wait_for,
+    worker_env,
+)
 
-from worker.client.enqueue import enqueue_paths  # noqa: E402
+from worker.client.enqueue import enqueue_run  # noqa: E402
+from worker.runs.dataset import iter_records  # noqa: E402
+from worker.runs.ledger import RunLedger  # noqa: E402
+
+QUEUE = "labeler"
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -79,19 +94,28 @@ def warm_local_rate(bundle: Path, paths: list[str], out: Path, batch: int) -> tu
         return len(paths) / (time.perf_counter() - started), (time.process_time() - cpu) / len(paths)
 
 
+def run_done(client, run: str, timeout: float, interval: float):
+    ledger = RunLedger(client)
+    return wait_for(
+        lambda: (s := ledger.status(run, QUEUE)).finished() and s, timeout, f"run {run}", interval
+    )
+
+
 def distributed_rate(
-    client, worker_pid: int, run: str, paths: list[str], chunk_size: int
+    client, worker_pid: int, run: str, paths: list[str], output: Path, shard_size: int
 ) -> tuple[float, float]:
-    """(images/s from first publish to last record, CPU s/image of worker + Redis + enqueue)."""
+    """(images/s from the enqueue's start to the last shard done, CPU s/image of worker + Redis + enqueue)."""
     started, worker_cpu, redis_cpu = time.perf_counter(), process_cpu_s(worker_pid), redis_cpu_s(client)
     own = time.process_time()
-    enqueue_paths(client, run, paths, QUEUE, chunk_size)
+    enqueue_run(client, run, paths, str(output), QUEUE, shard_size)
     own = time.process_time() - own
-    counts = wait_run_done(client, run, 3600, interval=0.05)  # polling costs Redis CPU too
+    status = run_done(client, run, 3600, interval=0.05)  # polling costs Redis CPU too
     elapsed = time.perf_counter() - started
     worker_cpu = process_cpu_s(worker_pid) - worker_cpu
     redis_cpu = redis_cpu_s(client) - redis_cpu
-    assert counts["done"] == len(paths) and counts["failed"] == 0, counts
+    assert status.done == len(paths) and status.failed == 0, status
+    rows = sum(1 for _ in iter_records(output))
+    assert rows == len(paths), rows
     n = len(paths)
     print(f"  distributed CPU ms/img: worker {worker_cpu / n * 1000:.2f}, redis-server {redis_cpu / n * 1000:.2f}, "
           f"enqueue {own / n * 1000:.2f}")  # fmt: skip
@@ -104,33 +128,27 @@ def main() -> None:
     )
     parser.add_argument("--model", type=Path, help="bundle (default: the embedded default ResNet-50)")
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--chunk-size", type=int, default=50)
+    parser.add_argument("--shard-size", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     args.model = bundle_or_default(args.model)
-    print(f"machine: {machine_description()}, load average {os.getloadavg()[0]:.1f}")
-    print(f"model {args.model}, {args.images} images, chunk {args.chunk_size}, batch {args.batch_size}")
+    print(f"machine: {machine_description()}, {machine_load()}")
+    print(f"model {args.model}, {args.images} images, shards of {args.shard_size}, batch {args.batch_size}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         paths = [str(p) for p in make_photo_set(folder, args.images)]
         server = RedisServer(Path(tmp)).start()
-        env = worker_env(
-            server.url, args.model, batch_size=args.batch_size, max_wait_ms=20, decode_threads=0,
-            intra_op_threads=0, task_deadline_s=1800, deadline_grace_s=15, visibility_timeout_s=3600,
-            restore_interval_s=10, restore_throttle=10, flush_records=256,
-        )  # fmt: skip
-        env.pop("OMP_NUM_THREADS", None)
-        worker = CeleryWorker(
-            "bench", env, Path(tmp), [sys.executable, "-m", "worker", "worker", "-n", "bench@%h"]
-        )
+        runs = Path(tmp) / "runs"
+        env = worker_env(server.url, args.model, runs, batch_size=args.batch_size, max_wait_ms=20)
+        worker = LabelerWorker("bench", env, Path(tmp))
         try:
             worker.start()
             client = server.client()
             # Warm-up: load the model and run full batches once (ONNX Runtime plans memory per shape).
             warmup = paths[: 2 * args.batch_size]
-            enqueue_paths(client, "warmup", warmup, QUEUE, len(warmup))
-            wait_run_done(client, "warmup", 600)
+            enqueue_run(client, "warmup", warmup, str(runs / "warmup"), QUEUE, len(warmup))
+            run_done(client, "warmup", 600, 0.25)
             ratios, warm_ratios, cpu_ratios = [], [], []
             for round_number in range(args.rounds):
                 measure = {
@@ -141,7 +159,7 @@ def main() -> None:
                         args.model, paths, Path(tmp) / "warm.jsonl", args.batch_size
                     ),
                     "remote": lambda r=round_number: distributed_rate(
-                        client, worker.process.pid, f"bench-{r}", paths, args.chunk_size
+                        client, worker.process.pid, f"bench-{r}", paths, runs / f"bench-{r}", args.shard_size
                     ),
                 }
                 order = list(measure) if round_number % 2 == 0 else list(reversed(measure))
@@ -163,7 +181,7 @@ def main() -> None:
                 f"{statistics.median(warm_ratios):.3f}; CPU per image warm/distributed "
                 f"{statistics.median(cpu_ratios):.3f} (target >= 0.95)"
             )
-            assert run_counts(client, "bench-0")["total"] == args.images
+            print(f"after: {machine_load()}")
         finally:
             worker.stop()
             server.stop()
