@@ -9,8 +9,9 @@ activity written to Redis with each flush of records.
    thread: no observer (the baseline, measured in the same run, runs interleaved) against
    `WorkerMetrics` as the observer. Median images/s of `--repeats` runs each.
 2. On a private redis-server (password, AOF everysec, as deploy configures it): `--flushes`
-   flushes of 256 top-5 records with `RunStore.write_records` alone (the baseline) against
-   `write_records` + `activity_store.note_records` (what a worker does per flush).
+   groups of 256 top-5 records written as shard files with `write_shard` alone (the baseline: what
+   a worker does with its records) against `write_shard` + `activity.note_records` (the per-worker
+   activity a worker adds per `LABELER_FLUSH_RECORDS` records).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from distributed_helpers import RedisServer  # noqa: E402
 
 from worker.celery_worker.metrics import WorkerMetrics  # noqa: E402
 from worker.runs import activity as activity_store  # noqa: E402
-from worker.runs.store import RunStore  # noqa: E402
+from worker.runs.dataset import DatasetSpec, write_shard  # noqa: E402
 
 
 def label_all(bundle: Path, paths: list[str], observer: WorkerMetrics | None) -> float:
@@ -92,21 +93,21 @@ def flush_overhead(folder: Path, flushes: int) -> None:
     server = RedisServer(folder).start()
     try:
         client = server.client()
-        store = RunStore(client)
+        spec = DatasetSpec(model_sha256="0" * 64, precision="fp32")
         batches = [records(i) for i in range(flushes)]
         timings: dict[str, float] = {}
         for mode in ("baseline", "activity", "baseline", "activity"):
             client.flushall()
             started = time.perf_counter()
-            for batch in batches:
-                store.write_records("bench", batch)
+            for number, batch in enumerate(batches):
+                write_shard(folder / "dataset", f"{number:06d}", batch, spec, worker="bench@host")
                 if mode == "activity":
                     activity_store.note_records(client, "labeler", "bench", "bench@host", batch)
             timings[mode] = time.perf_counter() - started  # second pass of each mode kept (warm)
         per_image = {mode: seconds / (flushes * 256) * 1e6 for mode, seconds in timings.items()}
-        print(f"flush of 256 records, write_records only (baseline): {per_image['baseline']:.2f} us/record")
+        print(f"256 records, write_shard only (baseline): {per_image['baseline']:.2f} us/record")
         print(
-            f"flush of 256 records, + note_records:                {per_image['activity']:.2f} us/record  "
+            f"256 records, + note_records:              {per_image['activity']:.2f} us/record  "
             f"ratio {timings['activity'] / timings['baseline']:.3f}"
         )
     finally:
