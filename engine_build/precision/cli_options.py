@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from engine_build.precision.fallback import DEFAULT_MAX_LAYERS
+
 _SOURCE_OPTIONS = ("weights", "onnx_file", "keras", "keras_file", "keras_model")
 
 
@@ -140,7 +142,7 @@ def precision_options(command: Callable[..., None]) -> Callable[..., None]:
         click.option(
             "--int8-fallback-budget",
             type=click.IntRange(min=1),
-            default=8,
+            default=DEFAULT_MAX_LAYERS,
             show_default=True,
             help="Most layers --int8-fallback auto may keep in FP32.",
         ),

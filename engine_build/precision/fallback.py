@@ -26,7 +26,7 @@ from engine_build.precision.evaluate import run_onnx
 from engine_build.precision.gate import GateResult, GateThresholds, compare
 
 MODES = ("auto", "none")
-DEFAULT_MAX_LAYERS = 8
+DEFAULT_MAX_LAYERS = 32  # a cap, not a target: the search keeps the fewest layers that pass
 DEFAULT_SENSITIVITY_IMAGES = 128
 
 
@@ -192,24 +192,38 @@ def search_fallback(
     reference = run_onnx(fp32, input_name, crops)
     ranking = rank_layers(qdq, fp32, input_name, crops, reference, thresholds)
     result = FallbackResult([], ranking)
-    for count in range(1, min(settings.max_layers, len(ranking) - 1) + 1):
-        candidate = fall_back(qdq, fp32, [s.layer for s in ranking[:count]])
-        verdict = gate(candidate)
-        result.tried.append(
-            {
-                "fp32_layers": count,
-                "top1_agreement": verdict.top1_agreement,
-                "top5_overlap": verdict.top5_overlap,
-                "mean_score_diff": verdict.mean_score_diff,
-                "passed": verdict.passed,
-            }
-        )
-        result.layers, result.gate, result.model = ranking[:count], verdict, candidate
-        echo(
-            f"int8 fallback: {count} layer(s) in FP32 -> top-1 {verdict.top1_agreement:.4f}, "
-            f"top-5 {verdict.top5_overlap:.4f}, mean diff {verdict.mean_score_diff:.5f}"
-            + (" PASS" if verdict.passed else "")
-        )
-        if verdict.passed:
-            break
+    most = min(settings.max_layers, len(ranking) - 1)
+    if most < 1:
+        return result
+    verdicts: dict[int, tuple[GateResult, Any]] = {}
+
+    def passes(count: int) -> bool:
+        if count not in verdicts:
+            candidate = fall_back(qdq, fp32, [s.layer for s in ranking[:count]])
+            verdict = gate(candidate)
+            verdicts[count] = (verdict, candidate)
+            result.tried.append({"fp32_layers": count, "top1_agreement": verdict.top1_agreement,
+                                 "top5_overlap": verdict.top5_overlap, "mean_score_diff": verdict.mean_score_diff,
+                                 "passed": verdict.passed})  # fmt: skip
+            echo(
+                f"int8 fallback: {count} layer(s) in FP32 -> top-1 {verdict.top1_agreement:.4f}, "
+                f"top-5 {verdict.top5_overlap:.4f}, mean diff {verdict.mean_score_diff:.5f}"
+                + (" PASS" if verdict.passed else "")
+            )
+        return verdicts[count][0].passed
+
+    # Agreement grows with the layers kept out of INT8 (most harmful first), so the fewest that pass
+    # are found by doubling, then halving the gap: about 2 log2(n) gate runs instead of n.
+    failed, count = 0, 1
+    while count < most and not passes(count):
+        failed, count = count, min(2 * count, most)
+    if count >= most and not passes(most):
+        best = most
+    else:
+        best = count
+        while best - failed > 1:
+            middle = (failed + best) // 2
+            failed, best = (failed, middle) if passes(middle) else (middle, best)
+    result.layers = ranking[:best]
+    result.gate, result.model = verdicts[best]
     return result
