@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from worker.cli import main
 from worker.pipeline.build import ServiceConfig
-from worker.pipeline.decode_stage import CpuDecodeStage, create_stage
+from worker.pipeline.decode_choice import create_stage
+from worker.pipeline.decode_stage import CpuDecodeStage
 from worker.runners.base import RunnerError
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
 from worker.runs.settings import Settings, SettingsError

@@ -20,8 +20,9 @@ from test_preprocess_parity import MAX_MEAN_GREY, MAX_P99_GREY, photo_bytes
 pytest.importorskip("nvidia.nvimgcodec", reason="nvImageCodec (the gpu-decode extra) is not installed")
 torch = pytest.importorskip("torch")
 
-from worker.pipeline import decode_stage  # noqa: E402
-from worker.pipeline.decode_stage import CpuDecodeStage, Deferred, create_stage  # noqa: E402
+from worker.pipeline import decode_choice  # noqa: E402
+from worker.pipeline.decode_choice import create_stage  # noqa: E402
+from worker.pipeline.decode_stage import CpuDecodeStage, Deferred  # noqa: E402
 from worker.pipeline.errors import ImageError  # noqa: E402
 from worker.pipeline.gpu_decode import DecodeStageError, GpuDecodeStage  # noqa: E402
 from worker.pipeline.preprocess import decode_and_crop  # noqa: E402
@@ -256,7 +257,7 @@ def test_create_stage_resolves_cpu_gpu_auto_for_the_torch_runner(tiny_bundle, mo
     assert not create_stage("gpu", torch_runner).optional
     with pytest.raises(RunnerError, match="unknown decode stage"):
         create_stage("nvjpeg", torch_runner)
-    monkeypatch.setattr(decode_stage.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(decode_choice.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RunnerError, match="nvImageCodec is not installed"):
         create_stage("gpu", torch_runner)
     assert isinstance(create_stage("auto", torch_runner), CpuDecodeStage)

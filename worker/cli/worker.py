@@ -81,7 +81,7 @@ def worker_command(
 ) -> None:
     """Run a Celery worker that labels jobs from the queue (the engine loads inside this process)."""
     from worker.pipeline.build import ServiceConfig, create_service_runner
-    from worker.pipeline.decode_stage import create_stage
+    from worker.pipeline.decode_choice import create_stage
     from worker.runners import RunnerError
     from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
 

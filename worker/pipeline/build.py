@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from worker.pipeline.decode_stage import create_stage
+from worker.pipeline.decode_choice import create_stage
 from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS
 from worker.pipeline.reading import DEFAULT_MAX_BYTES, ReadPolicy
 from worker.pipeline.service import LabelingService, ServiceObserver, ServiceOptions
