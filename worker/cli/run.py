@@ -42,8 +42,7 @@ def inspect(bundle: Path) -> None:
     "--allowed-root",
     "allowed_roots",
     multiple=True,
-    type=click.Path(path_type=Path),
-    help="Only read files under this directory (repeatable).",
+    help="Only read files under this directory, or objects under this URL prefix (s3://bucket/prefix/); repeatable.",
 )
 @click.option("--resume", is_flag=True, help="Skip inputs that already have a record in --out.")
 @click.option(
@@ -93,7 +92,7 @@ def run(
     out_text: str,
     shard_size: int,
     embedding_dtype: str,
-    allowed_roots: tuple[Path, ...],
+    allowed_roots: tuple[str, ...],
     resume: bool,
     retry_errors: bool,
     top_k: int,
@@ -115,7 +114,7 @@ def run(
 
     from worker.local.run import run_local
     from worker.pipeline.build import ServiceConfig, build_service
-    from worker.pipeline.inputs import iter_input_paths
+    from worker.pipeline.inputs import InputError, iter_input_paths
     from worker.runners import RunnerError
 
     bundle = resolve_bundle(model_dir)
@@ -131,7 +130,7 @@ def run(
         intra_op_threads=threads,
         top_k=top_k,
         embeddings=embeddings,
-        allowed_roots=tuple(str(r) for r in allowed_roots),
+        allowed_roots=allowed_roots,
         max_bytes=max_bytes,
         max_pixels=max_pixels,
         decode=decode,
@@ -165,7 +164,7 @@ def run(
             on_record=lambda _rec: bar.update(1),
             on_total=on_total,
         )
-    except (RunnerError, OSError) as exc:
+    except (RunnerError, InputError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         bar.close()
@@ -193,7 +192,7 @@ def _run_into_dataset(
     from tqdm import tqdm
 
     from worker.local.dataset_run import DatasetExists, run_local_dataset
-    from worker.pipeline.inputs import iter_input_paths
+    from worker.pipeline.inputs import InputError, iter_input_paths
     from worker.runners import RunnerError
     from worker.runs.shard_list import ShardListError
 
@@ -203,7 +202,7 @@ def _run_into_dataset(
         summary = run_local_dataset(iter_input_paths(inputs), service, out_dir, resume=resume,
                                     retry_errors=retry_errors, shard_size=shard_size,
                                     embedding_dtype=embedding_dtype, on_record=lambda _rec: bar.update(1))  # fmt: skip
-    except (DatasetExists, ShardListError, RunnerError, OSError) as exc:
+    except (DatasetExists, ShardListError, RunnerError, InputError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         bar.close()
