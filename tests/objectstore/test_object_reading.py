@@ -95,3 +95,15 @@ def test_allowed_roots_setting_keeps_urls_whole():
     settings = Settings.from_env({"LABELER_ALLOWED_ROOTS": "/data:s3://images/in/:/more"})
     assert settings.allowed_roots == ("/data", "s3://images/in/", "/more")
     assert Settings.from_env(settings.env()).allowed_roots == settings.allowed_roots
+
+
+def test_the_size_cap_is_checked_before_any_download(s3_admin, s3_prefix, labeler_s3_env, monkeypatch):
+    s3_admin.pipe(f"{IMAGES_BUCKET}/{s3_prefix}/huge.jpg", b"z" * 300_000)
+    fs = storage.filesystem("s3")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded an object over the cap")
+
+    monkeypatch.setattr(fs, "cat_file", no_download)
+    policy = ReadPolicy.create([], max_bytes=1000)
+    assert code_of(f"s3://{IMAGES_BUCKET}/{s3_prefix}/huge.jpg", policy) == ErrorCode.TOO_LARGE
