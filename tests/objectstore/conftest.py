@@ -9,18 +9,15 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from objectstore_helpers import SeaweedS3
+from objectstore_helpers import SeaweedS3, running_server
 
 from worker.runs import storage
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
-    try:
+    with running_server(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

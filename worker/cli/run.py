@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from worker.cli.bundle import resolve_bundle
+from worker.runs.object_path import ObjectPath
+from worker.runs.storage import is_url
 from worker.sidecar import ModelSpec, summarize
 
 
@@ -139,6 +141,12 @@ def run(
         service = build_service(bundle, config)
     except RunnerError as exc:
         raise click.ClickException(str(exc)) from None
+    if is_url(out_text):  # an object store holds datasets only: one PUT per file, no appending
+        if not out_text.endswith("/"):
+            raise click.UsageError(f"--out {out_text}: an object URL must be a dataset prefix ending in /")
+        _run_into_dataset(inputs, service, ObjectPath(out_text), resume, retry_errors, shard_size,
+                          embedding_dtype, progress)  # fmt: skip
+        return
     out_path = Path(out_text)
     if out_text.endswith(os.sep) or out_path.is_dir():
         _run_into_dataset(inputs, service, out_path, resume, retry_errors, shard_size, embedding_dtype, progress)
@@ -186,7 +194,7 @@ def run(
 
 
 def _run_into_dataset(
-    inputs: tuple[str, ...], service, out_dir: Path, resume: bool, retry_errors: bool, shard_size: int,
+    inputs: tuple[str, ...], service, out_dir: Path | ObjectPath, resume: bool, retry_errors: bool, shard_size: int,
     embedding_dtype: str, progress: bool | None,
 ) -> None:  # fmt: skip
     from tqdm import tqdm
@@ -212,7 +220,8 @@ def _run_into_dataset(
         bar.close()
     for line in summary.lines():
         click.echo(line, err=True)
-    click.echo(f"dataset in {os.path.abspath(out_dir)}/labels/*.parquet", err=True)
+    where = out_dir.url if isinstance(out_dir, ObjectPath) else os.path.abspath(out_dir)
+    click.echo(f"dataset in {where}/labels/*.parquet", err=True)
     if not summary.complete:
         sys.exit(1)
 

@@ -22,13 +22,15 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Spellings of one store: an allowed root written s3:// also confines s3a:// URLs.
 _ALIASES = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
 S3_ENDPOINT_ENV = "LABELER_S3_ENDPOINT_URL"
-# The client's own retries per request; the reader retries whole reads on top (object_reading.py).
+# botocore retries each request (throttling, 5xx, connection errors, with jittered backoff); the
+# reader retries whole reads on top (object_reading.py). s3fs's own retry loop is turned off
+# (1 try) so the attempts multiply only once: a dead store costs 3 x 3 short tries per image.
 S3_CLIENT_CONFIG: dict[str, Any] = {
-    "connect_timeout": 10,
+    "connect_timeout": 5,
     "read_timeout": 60,
     "retries": {"max_attempts": 3, "mode": "standard"},
 }
-S3FS_RETRIES = 2
+S3FS_RETRIES = 1
 
 
 class StorageUnavailable(RuntimeError):
@@ -95,7 +97,8 @@ def _create(protocol: str, endpoint: str) -> Any:
         raise StorageUnavailable(_missing(protocol)) from None
     options: dict[str, Any] = {}
     if protocol == "s3":
-        options = {"config_kwargs": dict(S3_CLIENT_CONFIG)}
+        # No listing cache: other writers (a fleet's workers) change the prefixes we list.
+        options = {"config_kwargs": dict(S3_CLIENT_CONFIG), "use_listings_cache": False}
         if endpoint:
             options["endpoint_url"] = endpoint
     try:
