@@ -6,6 +6,7 @@ Calls read_image_bytes (the reader the decode threads use) with s3:// URLs as th
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -71,22 +72,29 @@ def test_a_store_that_keeps_failing_is_read_failed_after_backoff(labeler_s3_env,
     assert time.monotonic() - started < 60
 
 
-def test_without_the_client_package_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("missing", ["fsspec", "s3fs"])
+def test_without_the_client_package_a_clear_error(monkeypatch, missing):
     import builtins
+
+    from worker.pipeline.inputs import InputError, iter_input_paths
 
     real_import = builtins.__import__
 
-    def no_fsspec(name, *args, **kwargs):
-        if name == "fsspec" or name.startswith("fsspec."):
+    def without(name, *args, **kwargs):
+        if name == missing or name.startswith(missing + "."):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
 
     storage.clear_cache()
-    monkeypatch.setattr(builtins, "__import__", no_fsspec)
+    monkeypatch.delitem(sys.modules, "s3fs", raising=False)
+    monkeypatch.setattr(builtins, "__import__", without)
     with pytest.raises(ImageError) as caught:
         read_image_bytes("s3://bucket/a.jpg", ReadPolicy())
     assert caught.value.code == ErrorCode.INTERNAL_ERROR
     assert "resnet-labeler[s3]" in caught.value.message
+    with pytest.raises(InputError, match=r"resnet-labeler\[s3\]"):
+        list(iter_input_paths(["s3://bucket/prefix/"]))
+    storage.clear_cache()
 
 
 def test_allowed_roots_setting_keeps_urls_whole():
