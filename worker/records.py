@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     DECODE_FAILED = "decode_failed"
     OUTSIDE_ALLOWED_ROOTS = "outside_allowed_roots"
     INFERENCE_FAILED = "inference_failed"
+    READ_FAILED = "read_failed"  # an object store kept failing after retries with backoff
     INTERNAL_ERROR = "internal_error"
 
 

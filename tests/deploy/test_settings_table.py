@@ -16,7 +16,7 @@ from worker.runs.settings import Settings, env_name
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-ROW = re.compile(r"^\| `(LABELER_[A-Z_]+)` \| (.*?) \| (.*?) \| (.*) \|$")
+ROW = re.compile(r"^\| `(LABELER_[A-Z0-9_]+)` \| (.*?) \| (.*?) \| (.*) \|$")
 SETTING_NAMES = {env_name(item.name) for item in fields(Settings)}
 
 

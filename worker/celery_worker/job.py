@@ -51,6 +51,7 @@ from worker.runs.shard_list import (
     shard_paths,
     write_shard_paths,
 )
+from worker.runs.storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ class ShardJob:
 
     def _confined_output(self, output: str) -> Path:
         """The dataset folder, only under a root this worker may write (LABELER_OUTPUT_ROOTS)."""
+        if is_url(output):
+            raise BadJob(f"output {output!r}: workers write datasets into folders only (not object URLs yet)")
         real = os.path.realpath(output)
         for root in output_roots(self.settings):
             if real == root or real.startswith(root.rstrip(os.sep) + os.sep):

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from worker.cli.bundle import resolve_bundle
+from worker.runs.object_path import ObjectPath
+from worker.runs.storage import is_url
 from worker.sidecar import ModelSpec, summarize
 
 
@@ -42,8 +44,7 @@ def inspect(bundle: Path) -> None:
     "--allowed-root",
     "allowed_roots",
     multiple=True,
-    type=click.Path(path_type=Path),
-    help="Only read files under this directory (repeatable).",
+    help="Only read files under this directory, or objects under this URL prefix (s3://bucket/prefix/); repeatable.",
 )
 @click.option("--resume", is_flag=True, help="Skip inputs that already have a record in --out.")
 @click.option(
@@ -93,7 +94,7 @@ def run(
     out_text: str,
     shard_size: int,
     embedding_dtype: str,
-    allowed_roots: tuple[Path, ...],
+    allowed_roots: tuple[str, ...],
     resume: bool,
     retry_errors: bool,
     top_k: int,
@@ -115,7 +116,7 @@ def run(
 
     from worker.local.run import run_local
     from worker.pipeline.build import ServiceConfig, build_service
-    from worker.pipeline.inputs import iter_input_paths
+    from worker.pipeline.inputs import InputError, iter_input_paths
     from worker.runners import RunnerError
 
     bundle = resolve_bundle(model_dir)
@@ -131,7 +132,7 @@ def run(
         intra_op_threads=threads,
         top_k=top_k,
         embeddings=embeddings,
-        allowed_roots=tuple(str(r) for r in allowed_roots),
+        allowed_roots=allowed_roots,
         max_bytes=max_bytes,
         max_pixels=max_pixels,
         decode=decode,
@@ -140,6 +141,12 @@ def run(
         service = build_service(bundle, config)
     except RunnerError as exc:
         raise click.ClickException(str(exc)) from None
+    if is_url(out_text):  # an object store holds datasets only: one PUT per file, no appending
+        if not out_text.endswith("/"):
+            raise click.UsageError(f"--out {out_text}: an object URL must be a dataset prefix ending in /")
+        _run_into_dataset(inputs, service, ObjectPath(out_text), resume, retry_errors, shard_size,
+                          embedding_dtype, progress)  # fmt: skip
+        return
     out_path = Path(out_text)
     if out_text.endswith(os.sep) or out_path.is_dir():
         _run_into_dataset(inputs, service, out_path, resume, retry_errors, shard_size, embedding_dtype, progress)
@@ -165,7 +172,7 @@ def run(
             on_record=lambda _rec: bar.update(1),
             on_total=on_total,
         )
-    except (RunnerError, OSError) as exc:
+    except (RunnerError, InputError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         bar.close()
@@ -192,13 +199,13 @@ def _finish(summary, where: str, warnings: tuple[str, ...] = ()) -> None:
 
 
 def _run_into_dataset(
-    inputs: tuple[str, ...], service, out_dir: Path, resume: bool, retry_errors: bool, shard_size: int,
+    inputs: tuple[str, ...], service, out_dir: Path | ObjectPath, resume: bool, retry_errors: bool, shard_size: int,
     embedding_dtype: str, progress: bool | None,
 ) -> None:  # fmt: skip
     from tqdm import tqdm
 
     from worker.local.dataset_run import DatasetExists, run_local_dataset
-    from worker.pipeline.inputs import iter_input_paths
+    from worker.pipeline.inputs import InputError, iter_input_paths
     from worker.runners import RunnerError
     from worker.runs.shard_list import ShardListError
 
@@ -208,7 +215,7 @@ def _run_into_dataset(
         summary = run_local_dataset(iter_input_paths(inputs), service, out_dir, resume=resume,
                                     retry_errors=retry_errors, shard_size=shard_size,
                                     embedding_dtype=embedding_dtype, on_record=lambda _rec: bar.update(1))  # fmt: skip
-    except (DatasetExists, ShardListError, RunnerError, OSError) as exc:
+    except (DatasetExists, ShardListError, RunnerError, InputError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         bar.close()
@@ -216,7 +223,8 @@ def _run_into_dataset(
         sys.exit(130)
     finally:
         bar.close()
-    _finish(summary, f"dataset in {os.path.abspath(out_dir)}/labels/*.parquet", service.runner.spec.warnings)
+    where = out_dir.url if isinstance(out_dir, ObjectPath) else os.path.abspath(out_dir)
+    _finish(summary, f"dataset in {where}/labels/*.parquet", service.runner.spec.warnings)
 
 
 COMMANDS = [inspect, run]

@@ -11,6 +11,7 @@ import click
 
 from worker.cli.bundle import resolve_bundle
 from worker.cli.common import BROKER_HELP, load_settings
+from worker.runs.storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def default_node_name(gpu: int | None, pid: int | None = None) -> str:
     "allowed_roots",
     multiple=True,
     type=click.Path(),
-    help="Only read files under DIR (repeatable).",
+    help="Only read files under DIR, or objects under a URL prefix (s3://bucket/prefix/); repeatable.",
 )
 @click.option("--broker", help=BROKER_HELP)
 @click.option("--queue", help="Queue to consume (default: $LABELER_QUEUE or 'labeler').")
@@ -89,7 +90,7 @@ def worker_command(
         backend = "tensorrt"
     settings = load_settings(
         model=os.path.abspath(model_dir) if model_dir else None,
-        allowed_roots=tuple(os.path.abspath(r) for r in allowed_roots),
+        allowed_roots=tuple(r if is_url(r) else os.path.abspath(r) for r in allowed_roots),
         broker_url=broker,
         queue=queue,
         backend=backend,

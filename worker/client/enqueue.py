@@ -22,6 +22,7 @@ from worker.runs.keys import check_run_name
 from worker.runs.ledger import RunLedger
 from worker.runs.protocol import shard_message
 from worker.runs.shard_list import cut_shards
+from worker.runs.storage import is_url
 
 ENQUEUE_LEASE_S = 60.0  # renewed every batch and backpressure poll; a killed enqueue lapses
 PUBLISH_BATCH = 16  # shards per ledger round trip (80k paths at the default size: workers start early)
@@ -68,6 +69,8 @@ def enqueue_run(
     """Cut `paths` into the run's shards (or reuse its stored list) and publish those not done."""
     check_run_name(run)
     ledger = RunLedger(client, prefix)
+    if is_url(output):  # workers write shards with local renames today; object output is labeler run's
+        raise EnqueueError(f"--output {output}: a distributed run writes into a folder (s3:// output: labeler run --out)")
     output = os.path.realpath(output)
     stored = ledger.create_run(run, output, shard_size, options or {}, queue)
     if stored["output"] != output:

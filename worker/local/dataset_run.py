@@ -21,6 +21,7 @@ from worker.pipeline.service import LabelingService, ServiceFailed
 from worker.records import Record, error_code, is_engine_failure, is_error
 from worker.runs.dataset import DatasetError, DatasetSpec, iter_records, shard_files, write_shard
 from worker.runs.dataset_manifest import check_columns, write_manifest
+from worker.runs.object_path import ObjectPath, as_location
 from worker.runs.shard_list import cut_shards, stored_root_shards
 
 DEFAULT_SHARD_SIZE = 5000
@@ -43,7 +44,7 @@ class _Shard:
 def run_local_dataset(
     paths: Iterable[str],
     service: LabelingService,
-    out_dir: Path,
+    out_dir: Path | ObjectPath,
     *,
     resume: bool = False,
     retry_errors: bool = False,
@@ -53,7 +54,7 @@ def run_local_dataset(
     worker: str = "labeler-run",
 ) -> RunSummary:
     """Label every path once into the dataset `out_dir`; returns the run's summary."""
-    out_dir = Path(out_dir)
+    out_dir = as_location(out_dir)
     if (stored_root_shards(out_dir) or shard_files(out_dir)) and not (resume or retry_errors):
         raise DatasetExists(f"{out_dir} holds a dataset: add --resume to continue it, or choose a new folder")
     summary = RunSummary()
@@ -118,7 +119,7 @@ def run_local_dataset(
     return summary
 
 
-def _todo(out_dir: Path, shard: _Shard, written: dict[str, Path], retry_errors: bool, summary: RunSummary) -> list[str]:
+def _todo(out_dir: Path | ObjectPath, shard: _Shard, written: dict, retry_errors: bool, summary: RunSummary) -> list[str]:
     """The paths of `shard` to label now; the rest keep the rows its file has."""
     if shard.shard_id not in written:
         return list(shard.paths)
@@ -131,7 +132,7 @@ def _todo(out_dir: Path, shard: _Shard, written: dict[str, Path], retry_errors: 
     return todo
 
 
-def _write_all(finished: queue.Queue, out_dir: Path, spec: DatasetSpec, worker: str, summary: RunSummary,
+def _write_all(finished: queue.Queue, out_dir: Path | ObjectPath, spec: DatasetSpec, worker: str, summary: RunSummary,
                done_shards: list[str]) -> None:  # fmt: skip
     while (shard := finished.get()) is not _DONE:
         if shard.broken:

@@ -3,6 +3,8 @@
 Paths come from queues and list files written by other people, so every read is treated as
 untrusted: symlinks are resolved before the root check, FIFOs and devices are refused without
 blocking (O_NONBLOCK + fstat), and a file larger than the cap is refused before it is read.
+Object URLs (s3://bucket/key, gs://, az://) go to worker/pipeline/object_reading.py under the same
+policy: URL roots confine URLs, directory roots confine files, and neither admits the other.
 """
 
 from __future__ import annotations
@@ -15,26 +17,38 @@ from dataclasses import dataclass, field
 
 from worker.pipeline.errors import ImageError
 from worker.records import ErrorCode
+from worker.runs.storage import canonical_url, is_url
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class ReadPolicy:
-    """Where reads may happen and how much may be read. No roots means anywhere."""
+    """Where reads may happen and how much may be read. No roots means anywhere.
+
+    Roots are directories (resolved) or URL prefixes (`s3://bucket/prefix/`, kept as written with
+    a canonical protocol); `read_attempts` and `backoff_s` apply to object stores only.
+    """
 
     allowed_roots: tuple[str, ...] = field(default=())
     max_bytes: int = DEFAULT_MAX_BYTES
+    read_attempts: int = 3
+    backoff_s: float = 0.25
 
     @classmethod
     def create(cls, allowed_roots: Iterable[str] = (), max_bytes: int = DEFAULT_MAX_BYTES) -> ReadPolicy:
-        roots = tuple(os.path.realpath(os.path.expanduser(r)) for r in allowed_roots)
+        roots = tuple(_normalize_root(r) for r in allowed_roots)
         return cls(allowed_roots=roots, max_bytes=max_bytes)
+
+    def url_roots(self) -> tuple[str, ...]:
+        return tuple(root for root in self.allowed_roots if is_url(root))
 
     def check_allowed(self, real_path: str) -> None:
         if not self.allowed_roots:
             return
         for root in self.allowed_roots:
+            if is_url(root):
+                continue
             if real_path == root or real_path.startswith(root.rstrip(os.sep) + os.sep):
                 return
         raise ImageError(
@@ -43,8 +57,18 @@ class ReadPolicy:
         )
 
 
+def _normalize_root(root: str) -> str:
+    return canonical_url(root) if is_url(root) else os.path.realpath(os.path.expanduser(root))
+
+
 def read_image_bytes(path: str, policy: ReadPolicy) -> bytes:
-    """Return the file's bytes or raise ImageError with a stable code."""
+    """Return the file's (or object's) bytes or raise ImageError with a stable code."""
+    if is_url(path):
+        from worker.pipeline.object_reading import read_object_bytes
+
+        if policy.allowed_roots and not policy.url_roots():
+            raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, "object URLs are not under any allowed root")
+        return read_object_bytes(path, policy.url_roots(), policy.max_bytes, policy.read_attempts, policy.backoff_s)
     real_path = os.path.realpath(path)
     policy.check_allowed(real_path)
     try:

@@ -3,15 +3,19 @@
 Write under a temporary name in the same folder, flush and fsync it, os.replace() it over the final
 name, then fsync the folder so the rename itself survives a power cut. Readers only ever see the old
 file or the new one; a writer killed before the rename leaves a temporary file nobody reads.
+In object storage (worker/runs/object_path.py) the same promise is one PUT of the whole file.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from worker.runs.object_path import ObjectPath
 
 TEMP_SUFFIX = ".tmp"
 
@@ -28,8 +32,10 @@ def temp_glob(final: Path) -> str:
     return f".{final.name}.*{TEMP_SUFFIX}"
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename, create or unlink in `folder` durable."""
+def fsync_dir(folder: Path | ObjectPath) -> None:
+    """Make a rename, create or unlink in `folder` durable (an object store's are already)."""
+    if isinstance(folder, ObjectPath):
+        return
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -37,8 +43,11 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def ensure_dir(folder: Path) -> None:
-    """Create `folder` (and parents) durably: a new folder's own entry lives in its parent."""
+def ensure_dir(folder: Path | ObjectPath) -> None:
+    """Create `folder` (and parents) durably: a new folder's own entry lives in its parent. An
+    object store has no folders to create."""
+    if isinstance(folder, ObjectPath):
+        return
     missing = []
     current = folder
     while not current.exists():
@@ -49,9 +58,14 @@ def ensure_dir(folder: Path) -> None:
         fsync_dir(created.parent)
 
 
-def atomic_write(final: Path, write: Callable[[BinaryIO], None]) -> int:
+def atomic_write(final: Path | ObjectPath, write: Callable[[BinaryIO], None]) -> int:
     """Run `write(handle)` into a temporary file, then make it `final` atomically and durably.
-    Returns the bytes written. On any error the temporary file is removed and `final` is untouched."""
+    Returns the bytes written. On any error the temporary file is removed and `final` is untouched.
+    An object is written whole from memory with one PUT (a shard file is tens of MB at most)."""
+    if isinstance(final, ObjectPath):
+        buffer = io.BytesIO()
+        write(buffer)
+        return final.write_bytes(buffer.getvalue())
     temp = temp_name(final)
     try:
         with open(temp, "xb") as handle:

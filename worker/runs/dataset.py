@@ -6,6 +6,7 @@ instead of adding rows. The folder is a plain Parquet dataset: pyarrow, pandas a
 (`SELECT ... FROM 'DIR/labels/*.parquet'`) read it without this module. Schema: docs/dataset.md.
 
 Needs only pyarrow (and NumPy): it loads on a client machine without Celery or the engine.
+DIR may be an object URL (`s3://bucket/prefix/`): each file is then one PUT (worker/runs/object_path.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from worker.runs.dataset_schema import (
     check_schema_version,
     records_to_table,
 )
+from worker.runs.object_path import ObjectPath, as_location, open_for_parquet
 
 LABELS_DIR = "labels"
 # A shard id: at least six zero-padded digits, then one ".0" / ".1" per bisection (000123.1.0).
@@ -48,7 +50,7 @@ class ShardFile:
     """What the ledger records for a written shard."""
 
     shard_id: str
-    path: Path
+    path: Path | ObjectPath
     rows: int
     labeled: int
     failed: int
@@ -67,11 +69,11 @@ def shard_sort_key(shard_id: str) -> tuple[int, ...]:
     return tuple(int(part) for part in shard_id.split("."))
 
 
-def labels_dir(out_dir: Path | str) -> Path:
-    return Path(out_dir) / LABELS_DIR
+def labels_dir(out_dir: Path | str | ObjectPath) -> Path | ObjectPath:
+    return as_location(out_dir) / LABELS_DIR
 
 
-def shard_path(out_dir: Path | str, shard_id: str) -> Path:
+def shard_path(out_dir: Path | str | ObjectPath, shard_id: str) -> Path | ObjectPath:
     """Where shard `shard_id` of the run writing into `out_dir` lives."""
     return labels_dir(out_dir) / f"part-{check_shard_id(shard_id)}.parquet"
 
@@ -123,16 +125,20 @@ def _write_parquet(table: pa.Table, handle: Any) -> None:
     )
 
 
-def shard_files(out_dir: Path | str) -> dict[str, Path]:
+def shard_files(out_dir: Path | str | ObjectPath) -> dict[str, Path | ObjectPath]:
     """The shard files present (for resume), in shard order. Temporary files are not shards."""
     folder = labels_dir(out_dir)
-    if not folder.is_dir():
-        return {}
-    found = {}
-    for entry in os.scandir(folder):
-        match = _SHARD_FILE.match(entry.name)
-        if match and entry.is_file():
-            found[match["id"]] = Path(entry.path)
+    found: dict[str, Path | ObjectPath] = {}
+    if isinstance(folder, ObjectPath):
+        for child in folder.iterdir():
+            match = _SHARD_FILE.match(child.name)
+            if match:
+                found[match["id"]] = child
+    elif folder.is_dir():
+        for entry in os.scandir(folder):
+            match = _SHARD_FILE.match(entry.name)
+            if match and entry.is_file():
+                found[match["id"]] = Path(entry.path)
     return {shard_id: found[shard_id] for shard_id in sorted(found, key=shard_sort_key)}
 
 
@@ -154,8 +160,8 @@ def remove_stale_temps(
     """Delete temporary files that writers killed before their rename left behind, of one shard
     or of all. Only files older than `older_than_s`: a younger one may be a live writer's."""
     folder = labels_dir(out_dir)
-    if not folder.is_dir():
-        return []
+    if isinstance(folder, ObjectPath) or not folder.is_dir():
+        return []  # an object store has no temporary files: a PUT is whole or absent
     pattern = temp_glob(shard_path(out_dir, shard_id)) if shard_id else f".part-*{TEMP_SUFFIX}"
     cutoff = time.time() - older_than_s
     removed = []
@@ -185,9 +191,14 @@ def iter_batches(
             raise DatasetError(f"{labels_dir(out_dir)}: no file for shard(s) {', '.join(missing[:10])}")
         paths = [present[shard_id] for shard_id in wanted]
     for path in paths:
-        with pq.ParquetFile(path) as parquet:
-            check_schema_version(parquet.schema_arrow, str(path))
-            yield from parquet.iter_batches(batch_size=batch_rows)
+        source = open_for_parquet(path)
+        try:
+            with pq.ParquetFile(source) as parquet:
+                check_schema_version(parquet.schema_arrow, str(path))
+                yield from parquet.iter_batches(batch_size=batch_rows)
+        finally:
+            if source is not path:
+                source.close()
 
 
 def iter_records(

@@ -24,12 +24,13 @@ from worker.runs.dataset_schema import (
     check_schema_version,
     dataset_schema,
 )
+from worker.runs.object_path import ObjectPath, as_location, file_size, open_for_parquet
 
 MANIFEST = "manifest.json"
 
 
-def manifest_path(out_dir: Path | str) -> Path:
-    return Path(out_dir) / MANIFEST
+def manifest_path(out_dir: Path | str | ObjectPath) -> Path | ObjectPath:
+    return as_location(out_dir) / MANIFEST
 
 
 def write_manifest(
@@ -87,9 +88,14 @@ def read_manifest(out_dir: Path | str) -> dict[str, Any] | None:
     return manifest
 
 
-def check_columns(path: Path, spec: DatasetSpec) -> Any:
+def check_columns(path: Path | ObjectPath, spec: DatasetSpec) -> Any:
     """The file's footer, once its columns are the run's; DatasetError says what differs."""
-    metadata = pq.read_metadata(path)
+    source = open_for_parquet(path)
+    try:
+        metadata = pq.read_metadata(source)
+    finally:
+        if source is not path:
+            source.close()
     schema = metadata.schema.to_arrow_schema()
     check_schema_version(schema, str(path))
     if not schema.equals(dataset_schema(spec), check_metadata=False):
@@ -97,7 +103,7 @@ def check_columns(path: Path, spec: DatasetSpec) -> Any:
     return metadata
 
 
-def _shard_entry(shard_id: str, path: Path, spec: DatasetSpec) -> dict[str, Any]:
+def _shard_entry(shard_id: str, path: Path | ObjectPath, spec: DatasetSpec) -> dict[str, Any]:
     """A shard's counts from its footer (row counts and error_code null counts: no data read)."""
     metadata = check_columns(path, spec)
     schema = metadata.schema.to_arrow_schema()
@@ -120,5 +126,5 @@ def _shard_entry(shard_id: str, path: Path, spec: DatasetSpec) -> dict[str, Any]
         "rows": metadata.num_rows,
         "labeled": metadata.num_rows - failed,
         "failed": failed,
-        "bytes": path.stat().st_size,
+        "bytes": file_size(path),
     }

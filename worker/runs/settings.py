@@ -9,10 +9,12 @@ with `dataclasses.replace`. The Redis URL carries the password, ACL user and TLS
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+_LIST_SEPARATOR = re.escape(os.pathsep) + "(?!//)"
 
 
 class SettingsError(ValueError):
@@ -52,6 +54,9 @@ class Settings:
     top_k: int = 5
     embeddings: bool = False  # records carry the 2048-d pooled features (needs a PyTorch-built bundle)
     max_bytes: int = 64 * 1024 * 1024
+    # An S3-compatible store's endpoint (MinIO, SeaweedFS, Ceph); empty: AWS (or AWS_ENDPOINT_URL).
+    # Read by worker/runs/storage.py; credentials come from the standard AWS places, never from here.
+    s3_endpoint_url: str = ""
     max_pixels: int = 128 * 1024 * 1024  # decompression-bomb guard: largest image decoded
     decode: str = "cpu"  # decode stage: cpu (OpenCV), gpu (nvImageCodec + torch-cuda), auto
     flush_records: int = 256  # records per per-worker activity update (one Redis round trip)
@@ -122,8 +127,8 @@ def env_name(field_name: str) -> str:
 
 def _parse(name: str, raw: str, default: object) -> object:
     try:
-        if isinstance(default, tuple):
-            return tuple(part for part in raw.split(os.pathsep) if part)
+        if isinstance(default, tuple):  # a ':' before '//' is a URL's (s3://bucket/prefix/), not a separator
+            return tuple(part for part in re.split(_LIST_SEPARATOR, raw) if part)
         if isinstance(default, bool):
             return raw.lower() in ("1", "true", "yes", "on")
         if isinstance(default, int):

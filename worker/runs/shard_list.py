@@ -21,6 +21,7 @@ from pathlib import Path
 
 from worker.runs.atomic import atomic_write, ensure_dir
 from worker.runs.dataset import check_shard_id, shard_sort_key
+from worker.runs.object_path import ObjectPath, as_location
 
 SHARDS_DIR = "shards"
 INDEX_FILE = "index.json"
@@ -32,8 +33,8 @@ class ShardListError(ValueError):
     """The stored shard list and what an enqueue was given disagree, or the list is damaged."""
 
 
-def shards_dir(out_dir: Path | str) -> Path:
-    return Path(out_dir) / SHARDS_DIR
+def shards_dir(out_dir: Path | str | ObjectPath) -> Path | ObjectPath:
+    return as_location(out_dir) / SHARDS_DIR
 
 
 def root_shard_id(index: int) -> str:
@@ -118,7 +119,7 @@ def read_index(out_dir: Path | str) -> dict | None:
 def stored_root_shards(out_dir: Path | str) -> list[str]:
     """Root shard ids with a path list, in order (000000, 000001, ...)."""
     folder = shards_dir(out_dir)
-    if not folder.is_dir():
+    if not isinstance(folder, ObjectPath) and not folder.is_dir():
         return []
     ids = [p.stem for p in folder.glob("*.json") if p.name != INDEX_FILE and "." not in p.stem]
     return sorted(ids, key=shard_sort_key)

@@ -1,0 +1,146 @@
+"""Object URLs as inputs: `s3://bucket/prefix/` listings, single objects, and lists or manifests
+that live in a bucket.
+
+A prefix may hold millions of keys, so it is listed page by page (S3 ListObjectsV2, no delimiter)
+and yielded as it arrives; S3 returns keys in UTF-8 byte order, which is Python's string order, so
+the walk is deterministic (sorted by key) without holding the listing. Other fsspec protocols are
+walked directory by directory, each directory sorted, as local directories are. Only keys with an
+image extension are kept, as in directories. A listing that cannot be read at all (no such bucket,
+access denied) is an InputError: there is no image to give a record to.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+from worker.pipeline.inputs import (
+    IMAGE_EXTENSIONS,
+    MANIFEST_EXTENSIONS,
+    InputError,
+    csv_column,
+    iter_manifest_values,
+    parquet_column,
+)
+from worker.runs.storage import StorageUnavailable, filesystem_for, join_url, split_url
+
+LIST_PAGE_SIZE = 1000  # S3's own maximum per ListObjectsV2 page
+
+
+def iter_url_input(url: str, page_size: int = LIST_PAGE_SIZE) -> Iterator[str]:
+    """Expand one URL input: a prefix into its image objects, a manifest into its paths, an object
+    as itself (a missing one still gets its not_found record when read)."""
+    extension = _extension(url)
+    if extension in IMAGE_EXTENSIONS:
+        yield url
+    elif extension in MANIFEST_EXTENSIONS and not url.endswith("/") and _is_object(url):
+        yield from _iter_object_manifest(url)
+    elif is_prefix(url):
+        yield from iter_prefix_images(url, page_size)
+    else:
+        yield url
+
+
+def is_prefix(url: str) -> bool:
+    """Whether the URL names a prefix ("directory") rather than an object."""
+    if url.endswith("/"):
+        return True
+    if _extension(url) in IMAGE_EXTENSIONS:
+        return False
+    fs, path = _fs(url)
+    with _listing_errors(url):
+        return bool(fs.isdir(path))
+
+
+def iter_prefix_images(url: str, page_size: int = LIST_PAGE_SIZE) -> Iterator[str]:
+    """Image objects under a prefix, sorted by key, listed lazily page by page."""
+    protocol, rest = split_url(url)
+    fs, _ = _fs(url)
+    bucket, _, key = rest.partition("/")
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    if protocol == "s3" and hasattr(fs, "call_s3"):
+        keys = _s3_keys(fs, bucket, prefix, page_size, url)
+    else:
+        keys = _walk_keys(fs, f"{bucket}/{prefix}".rstrip("/"), bucket, url)
+    for object_key in keys:
+        if os.path.splitext(object_key)[1].lower() in IMAGE_EXTENSIONS:
+            yield join_url(protocol, f"{bucket}/{object_key}")
+
+
+@contextmanager
+def open_object_text(url: str) -> Iterator[TextIO]:
+    """A text (UTF-8) stream over an object: a list of paths living in a bucket."""
+    fs, path = _fs(url)
+    with _listing_errors(url):
+        handle = fs.open(path, "rb")
+    with handle, io.TextIOWrapper(handle, encoding="utf-8", newline="") as text:
+        yield text
+
+
+def _iter_object_manifest(url: str) -> Iterator[str]:
+    fs, path = _fs(url)
+    with _listing_errors(url), fs.open(path, "rb") as handle:
+        if url.lower().endswith(".parquet"):
+            yield from iter_manifest_values(parquet_column(handle, url))
+        else:
+            with io.TextIOWrapper(handle, encoding="utf-8", newline="") as text:
+                yield from iter_manifest_values(csv_column(text, url))
+
+
+def _s3_keys(fs: Any, bucket: str, prefix: str, page_size: int, url: str) -> Iterator[str]:
+    request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
+    while True:
+        with _listing_errors(url):
+            page = fs.call_s3("list_objects_v2", **request)
+        for item in page.get("Contents", []):
+            yield item["Key"]
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return
+        request["ContinuationToken"] = token
+
+
+def _walk_keys(fs: Any, root: str, bucket: str, url: str) -> Iterator[str]:
+    with _listing_errors(url):
+        for directory, dirs, files in fs.walk(root):
+            dirs.sort()
+            base = directory.rstrip("/")
+            for name in sorted(files):
+                full = f"{base}/{name}"
+                yield full[len(bucket) + 1 :]
+
+
+def _is_object(url: str) -> bool:
+    fs, path = _fs(url)
+    with _listing_errors(url):
+        return bool(fs.isfile(path))
+
+
+def _fs(url: str) -> tuple[Any, str]:
+    try:
+        return filesystem_for(url)
+    except StorageUnavailable as exc:
+        raise InputError(str(exc)) from None
+
+
+def _extension(url: str) -> str:
+    return os.path.splitext(url.rstrip("/").rsplit("/", 1)[-1])[1].lower()
+
+
+@contextmanager
+def _listing_errors(url: str) -> Iterator[None]:
+    """The store's failures as InputErrors that name the URL and never the client's text (which
+    could carry an endpoint's userinfo)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{url}: no such bucket or object") from None
+    except PermissionError:
+        raise InputError(f"{url}: access denied (credentials or bucket policy)") from None
+    except Exception as exc:  # botocore's connection errors are not OSErrors
+        raise InputError(f"{url}: the store failed ({type(exc).__name__})") from None
