@@ -85,8 +85,12 @@ def test_without_the_client_package_a_clear_error(monkeypatch, missing):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
 
+    import importlib
+
+    classes = importlib.import_module("fsspec.registry")._registry  # fsspec's cache of imported classes
     storage.clear_cache()
-    monkeypatch.delitem(sys.modules, "s3fs", raising=False)
+    monkeypatch.delitem(classes, "s3", raising=False)
+    monkeypatch.setitem(sys.modules, missing, None)  # any import of it fails, importlib's too
     monkeypatch.setattr(builtins, "__import__", without)
     with pytest.raises(ImageError) as caught:
         read_image_bytes("s3://bucket/a.jpg", ReadPolicy())
