@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 import cv2
@@ -77,79 +78,16 @@ def bundle_or_default(model: Path | None) -> Path:
 # configures it, and real `python -m worker worker` subprocesses configured by LABELER_* only.
 
 REPO = Path(__file__).resolve().parents[1]
-REDIS_PASSWORD = "bench-secret-5c1d"
+# The private redis-server and worker subprocesses are the distributed tests' own helpers.
+sys.path.insert(0, str(REPO / "tests" / "distributed"))
+from distributed_helpers import CeleryWorker, RedisServer, free_port, wait_for  # noqa: E402
+
+__all__ = ["LabelerWorker", "RedisServer", "free_port", "wait_for"]
 
 
 def machine_load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class RedisServer:
-    """A private redis-server on a free port (password; AOF everysec unless `aof=False`)."""
-
-    def __init__(self, data_dir: Path, aof: bool = True) -> None:
-        self.data_dir = data_dir
-        self.aof = aof
-        self.port = free_port()
-        self.process = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/0"
-
-    def client(self):
-        import redis
-
-        return redis.Redis.from_url(self.url)
-
-    def start(self) -> RedisServer:
-        import subprocess
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", REDIS_PASSWORD,
-                "--dir", str(self.data_dir), "--appendonly", "yes" if self.aof else "no",
-                "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction"]  # fmt: skip
-        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._ready, 15, "redis-server")
-        return self
-
-    def _ready(self) -> bool:
-        import redis
-
-        try:
-            return bool(self.client().ping())
-        except (redis.exceptions.BusyLoadingError, redis.exceptions.ConnectionError):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited; see {self.data_dir / 'redis.log'}") from None
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(15)
-        self.process = None
 
 
 def worker_env(url: str, bundle: Path, output_root: Path, **overrides: object) -> dict[str, str]:
@@ -163,52 +101,12 @@ def worker_env(url: str, bundle: Path, output_root: Path, **overrides: object) -
     return env
 
 
-class LabelerWorker:
-    """One `python -m worker worker` subprocess in its own process group; its log in `log_dir`."""
-
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.env = env
-        self.log_path = log_dir / f"{name}.log"
-        self.process = None
+class LabelerWorker(CeleryWorker):
+    """One `python -m worker worker` subprocess (the tests' CeleryWorker), ready within two minutes."""
 
     def start(self, ready_timeout: float = 120) -> LabelerWorker:
-        import subprocess
-        import sys
-
-        argv = [sys.executable, "-m", "worker", "worker", "-n", f"{self.name}@%h", "-l", "INFO"]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)  # fmt: skip
-        wait_for(self._ready, ready_timeout, f"worker {self.name} to be ready", interval=0.2)
+        super().start(ready_timeout)
         return self
-
-    def _ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"worker {self.name} exited early:\n{self.log()[-3000:]}")
-        return " ready." in self.log()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: no warm shutdown, no acks, no lease released."""
-        import signal
-
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(15)
-
-    def stop(self) -> None:
-        import subprocess
-
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.kill()
 
 
 def tiny_bundle(folder: Path) -> Path:

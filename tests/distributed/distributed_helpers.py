@@ -47,8 +47,9 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
 class RedisServer:
     """A private redis-server requiring a password, with AOF on, restartable in place."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, aof: bool = True) -> None:
         self.data_dir = data_dir
+        self.aof = aof  # off only for benchmarks that measure what the disk costs
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -63,11 +64,12 @@ class RedisServer:
         return [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
             "--requirepass", PASSWORD, "--dir", str(self.data_dir),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec", "--save", "",
             "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
         ]  # fmt: skip
 
     def start(self) -> RedisServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         args = self.server_args()
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
