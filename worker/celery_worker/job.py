@@ -291,18 +291,27 @@ class ShardJob:
                                                      self.settings.max_attempts, 1, force=True), "claiming a shard")  # fmt: skip
         if claim.verdict != "run":
             return self._result(skipped=claim.verdict)
+        self.process.leases.hold(self.run, self.shard, self.owner)  # loading an engine may outlast a lease
+        try:
+            return self._write_error_row(paths[0], attempts)
+        finally:
+            self.process.leases.drop(self.run, self.shard)
+
+    def _write_error_row(self, path: str, attempts: int) -> dict[str, Any]:
         reason = f"its worker was lost or failed {attempts} times labeling this image (it crashes or exhausts the worker)"
-        record = error_record(paths[0], ErrorCode.INTERNAL_ERROR, reason)
+        record = error_record(path, ErrorCode.INTERNAL_ERROR, reason)
         spec = DatasetSpec(model_sha256="0" * 64, precision=self.settings.precision)
         try:
             service = self.process.service()
             spec = self._spec(service, self.ledger.run_settings(self.run) or {"options": {}})
         except Exception:  # noqa: BLE001 - the error row needs no engine
-            log.exception("no engine to describe the model in the error row of %s", paths[0])
+            log.exception("no engine to describe the model in the error row of %s", path)
+        if not self.redis(lambda: self.process.leases.confirm(self.run, self.shard), "confirming a shard's lease"):
+            return self._result(skipped="lost")
         write_shard(self.output, self.shard, [record], spec, worker=self.process.worker_name)
-        self.redis(lambda: self.ledger.finish(self.run, self.shard, self.owner, 0, 1), "finishing a shard")
-        self.redis(lambda: self.ledger.dead_letter(self.run, self.shard, f"{paths[0]}: {reason}"), "dead-lettering")
-        log.error("run %s shard %s: %s gets an error row: %s", self.run, self.shard, paths[0], reason)
+        if self.redis(lambda: self.ledger.finish(self.run, self.shard, self.owner, 0, 1), "finishing a shard"):
+            self.redis(lambda: self.ledger.dead_letter(self.run, self.shard, f"{path}: {reason}"), "dead-lettering")
+        log.error("run %s shard %s: %s gets an error row: %s", self.run, self.shard, path, reason)
         return self._result(images=1, labeled=0, failed=1, attempt=attempts)
 
     def _queue(self) -> str:
