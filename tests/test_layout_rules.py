@@ -102,33 +102,32 @@ def test_the_checker_sees_lazy_and_relative_imports() -> None:
     ]
 
 
+def run_without(blocked: tuple[str, ...], code: str) -> str:
+    """Run `code` in a fresh interpreter where the `blocked` modules cannot be imported; its stdout."""
+    prelude = f"import sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
+    result = subprocess.run([sys.executable, "-c", prelude + code], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_client_side_loads_without_opencv_celery_or_an_engine() -> None:
     """What `labeler enqueue/status/results/report` need, imported with cv2, celery, onnxruntime
     and engine_build made unimportable."""
     code = (
-        "import sys\n"
-        "for name in ('cv2', 'celery', 'onnxruntime', 'engine_build', 'torch'):\n"
-        "    sys.modules[name] = None\n"
         "import worker.client.enqueue, worker.client.export, worker.client.retry, worker.client.status\n"
         "import worker.client.report, worker.runs.ledger, worker.runs.activity, worker.runs.protocol\n"
         "import worker.runs.settings, worker.runs.dataset, worker.runs.shard_list\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert run_without(("cv2", "celery", "onnxruntime", "engine_build", "torch"), code).strip() == "ok"
 
 
 def test_client_commands_run_without_opencv_onnxruntime_or_torch() -> None:
     """The command line itself (which registers every command) loads on a client machine."""
     code = (
-        "import sys\n"
-        "for name in ('cv2', 'onnxruntime', 'torch'):\n"
-        "    sys.modules[name] = None\n"
         "from worker.cli import main\n"
         "for command in ('enqueue', 'status', 'results', 'retry', 'report'):\n"
         "    main([command, '--help'], standalone_mode=False)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("Usage:") == 5
+    assert run_without(("cv2", "onnxruntime", "torch"), code).count("Usage:") == 5

@@ -17,6 +17,7 @@ Also here: the job that labels a few paths and returns their records in its resu
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -51,7 +52,7 @@ from worker.runs.shard_list import (
     shard_paths,
     write_shard_paths,
 )
-from worker.runs.storage import is_url
+from worker.runs.storage import is_under, is_url
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +152,27 @@ class ShardJob:
         if is_url(output):
             raise BadJob(f"output {output!r}: workers write datasets into folders only (not object URLs yet)")
         real = os.path.realpath(output)
-        for root in output_roots(self.settings):
-            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
-                return Path(real)
+        if any(is_under(real, root) for root in output_roots(self.settings)):
+            return Path(real)
         raise BadJob(f"output {output!r} is outside the output roots this worker may write")
 
     def redis(self, action: Callable[[], T], what: str) -> T:
         return with_redis_retry(action, what, self.settings.redis_retry_s)
+
+    @functools.cached_property
+    def run_settings(self) -> dict[str, Any]:
+        """The run's options and queue as its first enqueue stored them, read once per job."""
+        stored = self.redis(lambda: self.ledger.run_settings(self.run), "reading the run")
+        return stored or {"options": {}, "queue": None}
+
+    @property
+    def queue(self) -> str:
+        return self.run_settings.get("queue") or self.settings.queue
+
+    @property
+    def wants_embeddings(self) -> bool:
+        """The run asked for embeddings (enqueue --embeddings), or this worker gives them always."""
+        return bool(self.run_settings["options"].get("embeddings")) or self.settings.embeddings
 
     # -- the job ----------------------------------------------------------------------------------
 
@@ -204,33 +219,35 @@ class ShardJob:
             records = {r["path"]: r for r in iter_records(self.output, shard_ids=[self.shard])}
             codes = set(state.retry_codes)
             todo = [p for p in paths if p not in records or (is_error(records[p]) and (not codes or error_code(records[p]) in codes))]
-        options = self.redis(lambda: self.ledger.run_settings(self.run), "reading the run") or {"options": {}}
-        features = self._wants_embeddings(options)
+        features = self.wants_embeddings
         service = self._service(features)
         done = label_with(self.process, service, todo, features, lambda taken: self._keep(taken, records))
         self._end_unfinished(service, done, len(todo))
         if not self.redis(lambda: self.process.leases.confirm(self.run, self.shard), "confirming a shard's lease"):
             log.warning("run %s shard %s: lease lost meanwhile; another worker labels it", self.run, self.shard)
             return self._result(skipped="lost")
-        written = write_shard(self.output, self.shard, [records[p] for p in paths], self._spec(service, options),
+        spec = self._spec(service)
+        written = write_shard(self.output, self.shard, [records[p] for p in paths], spec,
                               worker=self.process.worker_name)  # fmt: skip
         finished = self.redis(lambda: self.ledger.finish(self.run, self.shard, self.owner, written.labeled,
                                                          written.failed), "finishing a shard")  # fmt: skip
         if not finished:
             log.warning("run %s shard %s: finished by another worker too (same rows)", self.run, self.shard)
-        self._manifest_if_last(self._spec(service, options), options)
+        self._manifest_if_last(spec)
         return self._result(images=len(paths), labeled=written.labeled, failed=written.failed, attempt=attempt)
 
-    def _manifest_if_last(self, spec: DatasetSpec, options: dict[str, Any]) -> None:
+    def _manifest_if_last(self, spec: DatasetSpec) -> None:
         """The worker that finishes a run's last shard writes its manifest beside the shards."""
-        status = self.ledger.status(self.run, self.settings.queue)
-        if not status.finished() or read_index(self.output) is None:
+        if not self.ledger.status(self.run, self.queue).finished():
+            return
+        index = read_index(self.output)
+        if index is None:  # the listing is not complete: more shards are coming
             return
         done = [s.shard_id for s in self.ledger.shard_states(self.run) if s.state == "done"]
+        settings = {"shard_size": index["shard_size"], **self.run_settings["options"], "top_k": self.settings.top_k}
         try:
             write_manifest(self.output, run_id=self.run, shard_ids=done, spec=spec, remove_strays=True,
-                           settings={"shard_size": read_index(self.output)["shard_size"], **options["options"],
-                                     "top_k": self.settings.top_k})  # fmt: skip
+                           settings=settings)  # fmt: skip
         except DatasetError as exc:  # the rows stay; only the summary file is missing
             log.error("run %s: no manifest written: %s", self.run, exc)
 
@@ -282,9 +299,9 @@ class ShardJob:
         """Taken `attempts` times without finishing: bisect it, or give its one image an error row."""
         if len(paths) > 1:
             first, second = halves(paths)
-            parts = [(child, len(half), shard_message(self.run, child, str(self.output), self._queue(), origin="labeler-split"))
+            parts = [(child, len(half), shard_message(self.run, child, str(self.output), self.queue, origin="labeler-split"))
                      for child, half in zip(children(self.shard), (first, second), strict=True)]  # fmt: skip
-            self.redis(lambda: self.ledger.split(self.run, self._queue(), self.shard, parts), "splitting a shard")
+            self.redis(lambda: self.ledger.split(self.run, self.queue, self.shard, parts), "splitting a shard")
             log.error("run %s shard %s taken %d times without finishing: split in two", self.run, self.shard, attempts)
             return self._result(skipped="split")
         claim = self.redis(lambda: self.ledger.claim(self.run, self.shard, self.owner, self.settings.lease_s,
@@ -303,7 +320,7 @@ class ShardJob:
         spec = DatasetSpec(model_sha256="0" * 64, precision=self.settings.precision)
         try:
             service = self.process.service()
-            spec = self._spec(service, self.ledger.run_settings(self.run) or {"options": {}})
+            spec = self._spec(service)
         except Exception:  # noqa: BLE001 - the error row needs no engine
             log.exception("no engine to describe the model in the error row of %s", path)
         if not self.redis(lambda: self.process.leases.confirm(self.run, self.shard), "confirming a shard's lease"):
@@ -314,23 +331,10 @@ class ShardJob:
         log.error("run %s shard %s: %s gets an error row: %s", self.run, self.shard, path, reason)
         return self._result(images=1, labeled=0, failed=1, attempt=attempts)
 
-    def _queue(self) -> str:
-        settings = self.ledger.run_settings(self.run) or {}
-        return settings.get("queue") or self.settings.queue
-
-    def _wants_embeddings(self, options: dict[str, Any]) -> bool:
-        """The run asked for embeddings (enqueue --embeddings), or this worker gives them always."""
-        return bool(options["options"].get("embeddings")) or self.settings.embeddings
-
-    def _spec(self, service: LabelingService, options: dict[str, Any]) -> DatasetSpec:
+    def _spec(self, service: LabelingService) -> DatasetSpec:
         runner = service.runner
-        embeddings = self._wants_embeddings(options)
-        return DatasetSpec(
-            model_sha256=runner.spec.model_for(runner.precision)[1] or "0" * 64,
-            precision=runner.precision,
-            embedding_size=runner.spec.feature_size if embeddings else None,
-            embedding_dtype=options["options"].get("embedding_dtype", "float32"),
-        )
+        dtype = self.run_settings["options"].get("embedding_dtype", "float32")
+        return DatasetSpec.for_model(runner.spec, runner.precision, self.wants_embeddings, dtype)
 
     def _result(self, skipped: str | None = None, **counts: int) -> dict[str, Any]:
         result: dict[str, Any] = {"run": self.run, "shard": self.shard, "job_id": self.job_id,

@@ -143,13 +143,7 @@ def _write_all(finished: queue.Queue, out_dir: Path | ObjectPath, spec: DatasetS
 
 def _spec(service: LabelingService, embedding_dtype: str) -> DatasetSpec:
     runner = service.runner
-    embeddings = service.options.embeddings
-    return DatasetSpec(
-        model_sha256=runner.spec.model_for(runner.precision)[1] or "0" * 64,
-        precision=runner.precision,
-        embedding_size=runner.spec.feature_size if embeddings else None,
-        embedding_dtype=embedding_dtype,
-    )
+    return DatasetSpec.for_model(runner.spec, runner.precision, service.options.embeddings, embedding_dtype)
 
 
 __all__ = ["DEFAULT_SHARD_SIZE", "DatasetExists", "run_local_dataset"]

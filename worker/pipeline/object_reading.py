@@ -18,7 +18,7 @@ import time
 
 from worker.pipeline.errors import ImageError
 from worker.records import ErrorCode
-from worker.runs.storage import StorageUnavailable, canonical_url, filesystem_for, split_url
+from worker.runs.storage import StorageUnavailable, canonical_url, filesystem_for, is_under, split_url
 
 DEFAULT_READ_ATTEMPTS = 3
 DEFAULT_BACKOFF_S = 0.25
@@ -37,7 +37,7 @@ def check_url_allowed(url: str, roots: tuple[str, ...]) -> None:
             "the key has empty, '.' or '..' segments, which a store may resolve elsewhere",
         )
     for root in roots:
-        if canonical == root.rstrip("/") or canonical.startswith(root.rstrip("/") + "/"):
+        if is_under(canonical, root, "/"):
             return
     raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, f"{canonical} is not under an allowed root")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from worker.pipeline.errors import ImageError
 from worker.records import ErrorCode
-from worker.runs.storage import canonical_url, is_url
+from worker.runs.storage import canonical_url, is_under, is_url
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -49,7 +49,7 @@ class ReadPolicy:
         for root in self.allowed_roots:
             if is_url(root):
                 continue
-            if real_path == root or real_path.startswith(root.rstrip(os.sep) + os.sep):
+            if is_under(real_path, root):
                 return
         raise ImageError(
             ErrorCode.OUTSIDE_ALLOWED_ROOTS,

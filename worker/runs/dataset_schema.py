@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from worker.sidecar import ModelSpec
+
 # Major.minor: a reader accepts every minor of its major. A minor may only add nullable columns;
 # renaming, retyping or removing a column is a new major.
 SCHEMA_VERSION = "1.0"
@@ -46,6 +48,18 @@ class DatasetSpec:
             raise DatasetError(f"embedding_size must be positive, got {self.embedding_size}")
         if self.embedding_dtype not in EMBEDDING_DTYPES:
             raise DatasetError(f"embedding_dtype must be one of {sorted(EMBEDDING_DTYPES)}")
+
+
+    @classmethod
+    def for_model(cls, model: ModelSpec, precision: str, embeddings: bool, embedding_dtype: str) -> DatasetSpec:
+        """The spec of a run served by the bundle `model` at `precision` (a bundle without a
+        recorded checksum writes zeros)."""
+        return cls(
+            model_sha256=model.model_for(precision)[1] or "0" * 64,
+            precision=precision,
+            embedding_size=model.feature_size if embeddings else None,
+            embedding_dtype=embedding_dtype,
+        )
 
 
 def _element(value_type: pa.DataType) -> pa.Field:

@@ -464,6 +464,3 @@ class RunLedger:
         keys = self.keys(run)
         reopened = self._reopen(keys=[keys.shards, keys.meta], args=[compact_json(list(codes)), *shard_ids])
         return [s.decode() if isinstance(s, bytes) else s for s in reopened]
-
-    def runs(self) -> list[str]:
-        return sorted(s.decode() for s in self.client.smembers(runs_key(self.prefix)))

@@ -37,6 +37,13 @@ class StorageUnavailable(RuntimeError):
     """A URL whose protocol needs a package this install lacks."""
 
 
+def is_under(path: str, root: str, separator: str = os.sep) -> bool:
+    """Whether `path` is `root` or inside it (by whole segments: /data/a is not under /data/ab).
+    Both must already be resolved: real paths, or canonical URLs (separator "/")."""
+    root = root.rstrip(separator)
+    return path == root or path.startswith(root + separator)
+
+
 def url_protocol(path: str) -> str | None:
     """The canonical protocol of a URL (`s3`), or None for a local path (file:// counts as local)."""
     match = _URL.match(path)
