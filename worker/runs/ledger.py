@@ -213,6 +213,11 @@ return reopened
 """
 
 
+def _texts(replies: list) -> list[str]:
+    """A Lua script's list reply as strings (redis-py gives bytes, or str with decode_responses)."""
+    return [reply.decode() if isinstance(reply, bytes) else reply for reply in replies]
+
+
 @dataclass(frozen=True)
 class ShardState:
     shard_id: str
@@ -357,7 +362,7 @@ class RunLedger:
         for shard_id, images in shards:
             args += [shard_id, images]
         states = self._register(keys=[self.keys(run).shards, self.keys(run).meta], args=args)
-        return [s.decode() if isinstance(s, bytes) else s for s in states]
+        return _texts(states)
 
     def status(self, run: str, queue: str) -> RunStatus:
         pipe = self.client.pipeline(transaction=False)
@@ -404,7 +409,7 @@ class RunLedger:
             args=[shard_id, owner, repr(time.time()), lease_s, max_attempts, images, "1" if force else "0",
                   lease_member(run, shard_id)],
         )  # fmt: skip
-        return Claim(verdict.decode() if isinstance(verdict, bytes) else verdict, int(attempts))
+        return Claim(_texts([verdict])[0], int(attempts))
 
     def renew(self, run: str, owner: str, shard_ids: Sequence[str], lease_s: float) -> list[str]:
         """Renew `owner`'s leases; returns the shards it no longer holds."""
@@ -412,7 +417,7 @@ class RunLedger:
             return []
         pairs = [item for shard_id in shard_ids for item in (shard_id, lease_member(run, shard_id))]
         lost = self._renew(keys=[self.keys(run).shards, self.leases], args=[owner, repr(time.time()), lease_s, *pairs])
-        return [s.decode() if isinstance(s, bytes) else s for s in lost]
+        return _texts(lost)
 
     def finish(self, run: str, shard_id: str, owner: str, labeled: int, failed: int) -> bool:
         """Mark the shard done (only its lease holder can); False: the lease was lost meanwhile."""
@@ -438,7 +443,7 @@ class RunLedger:
         for shard_id, message in messages:
             args += [shard_id, lease_member(run, shard_id), message]
         done = self._requeue(keys=[self.keys(run).shards, self.leases, queue], args=args)
-        return [s.decode() if isinstance(s, bytes) else s for s in done]
+        return _texts(done)
 
     def split(self, run: str, queue: str, parent: str, halves: Sequence[tuple[str, int, str]]) -> bool:
         """Replace `parent` by its halves (id, images, message), queued at the front."""
@@ -463,4 +468,4 @@ class RunLedger:
             return []
         keys = self.keys(run)
         reopened = self._reopen(keys=[keys.shards, keys.meta], args=[compact_json(list(codes)), *shard_ids])
-        return [s.decode() if isinstance(s, bytes) else s for s in reopened]
+        return _texts(reopened)
