@@ -212,15 +212,16 @@ def run_output(run: str) -> Path:
     return OUTPUT_ROOT / "runs" / run
 
 
-def dataset_records(run: str) -> list[dict]:
+def dataset_records(run: str, output: str | Path | None = None) -> list[dict]:
+    """The rows of a run's dataset: in OUTPUT_ROOT/runs/<run>, or in `output` (a folder or URL)."""
     from worker.runs.dataset import iter_records
 
-    return list(iter_records(run_output(run)))
+    return list(iter_records(output or run_output(run)))
 
 
-def assert_exactly_once(client: redis.Redis, run: str, paths: list[str]) -> dict[str, dict]:
+def assert_exactly_once(client: redis.Redis, run: str, paths: list[str], output: str | Path | None = None) -> dict[str, dict]:
     """Every path has exactly one row in the run's dataset, and the ledger's counts agree."""
-    rows = dataset_records(run)
+    rows = dataset_records(run, output)
     records = {row["path"]: row for row in rows}
     assert len(rows) == len(records), "a path has more than one row"
     assert sorted(records) == sorted(set(paths))

@@ -179,6 +179,9 @@ def test_malformed_jobs_fail_clearly_without_harming_the_worker(contract_worker,
         ("labeler.label_shard.v2", {"run": "bad run name!", "shard": "000000", "output": "/tmp/x"}),
         ("labeler.label_shard.v2", {"run": "ok", "shard": "../../etc", "output": str(run_output("ok"))}),
         ("labeler.label_shard.v2", {"run": "ok", "shard": "000000", "output": "/etc/labeler-out"}),
+        # this worker's output roots are folders: no bucket is under them, nor a key with `..`
+        ("labeler.label_shard.v2", {"run": "ok", "shard": "000000", "output": "s3://labels/ok"}),
+        ("labeler.label_shard.v2", {"run": "ok", "shard": "000000", "output": f"s3://{run_output('ok')}/../x"}),
         ("labeler.label_paths.v2", {"paths": "not-a-list"}),
     ]
     for task, kwargs in bad:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import queue
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from worker.runs.dataset import (
 )
 from worker.runs.dataset_manifest import write_manifest
 from worker.runs.keys import check_run_name
+from worker.runs.object_path import ObjectPath, canonical_output
 from worker.runs.protocol import shard_message
 from worker.runs.settings import output_roots
 from worker.runs.shard_list import (
@@ -52,7 +52,7 @@ from worker.runs.shard_list import (
     shard_paths,
     write_shard_paths,
 )
-from worker.runs.storage import is_under, is_url
+from worker.runs.storage import is_under, is_url, url_is_under
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +147,16 @@ class ShardJob:
         self.owner = process.leases.new_owner(process.worker_name)
         self.labeled = self.failed = self.engine_failed = 0
 
-    def _confined_output(self, output: str) -> Path:
-        """The dataset folder, only under a root this worker may write (LABELER_OUTPUT_ROOTS)."""
-        if is_url(output):
-            raise BadJob(f"output {output!r}: workers write datasets into folders only (not object URLs yet)")
-        real = os.path.realpath(output)
-        if any(is_under(real, root) for root in output_roots(self.settings)):
-            return Path(real)
+    def _confined_output(self, output: str) -> Path | ObjectPath:
+        """The dataset's folder or bucket prefix, only under a root this worker may write
+        (LABELER_OUTPUT_ROOTS); a URL with `.`, `..` or empty segments is under none."""
+        resolved = canonical_output(output)
+        roots = output_roots(self.settings)
+        if is_url(resolved):
+            if url_is_under(resolved, roots):
+                return ObjectPath(resolved)
+        elif any(is_under(resolved, root) for root in roots):
+            return Path(resolved)
         raise BadJob(f"output {output!r} is outside the output roots this worker may write")
 
     def redis(self, action: Callable[[], T], what: str) -> T:

@@ -26,7 +26,7 @@ from worker.records import ErrorCode, is_error
 @click.option(
     "--output",
     type=click.Path(file_okay=False),
-    help="The run's dataset folder, on storage the workers share (default: FIRST_OUTPUT_ROOT/RUN).",
+    help="The run's dataset: a folder on storage the workers share, or s3://bucket/prefix/ (default: FIRST_OUTPUT_ROOT/RUN).",
 )
 @click.option("--broker", help=BROKER_HELP)
 @click.option("--queue", help="Queue to publish to (default: $LABELER_QUEUE or 'labeler').")
@@ -64,6 +64,7 @@ def enqueue_command(
     from worker.runs.keys import RunNameError
     from worker.runs.settings import output_roots
     from worker.runs.shard_list import ShardListError
+    from worker.runs.storage import StorageUnavailable
 
     settings = load_settings(broker_url=broker, queue=queue, shard_size=shard_size, max_queued_jobs=max_queued)
     run = run_name or time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(3).hex()
@@ -94,7 +95,7 @@ def enqueue_command(
             options={"embeddings": embeddings, "embedding_dtype": embedding_dtype},
             on_progress=on_progress,
         )
-    except (RunNameError, EnqueueError, ShardListError, InputError, OSError) as exc:
+    except (RunNameError, EnqueueError, ShardListError, InputError, OSError, StorageUnavailable) as exc:
         raise click.ClickException(str(exc)) from None
     except redis.exceptions.RedisError as exc:
         raise click.ClickException(f"Redis: {exc} (enqueue again with --run {run} to resume)") from None

@@ -9,20 +9,18 @@ done (or whose worker was lost); an interrupted enqueue resumes its listing wher
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 
 import redis
 
 from worker.runs.keys import check_run_name
 from worker.runs.ledger import RunLedger
+from worker.runs.object_path import as_location, canonical_output
 from worker.runs.protocol import shard_message
 from worker.runs.shard_list import cut_shards
-from worker.runs.storage import is_url
 
 ENQUEUE_LEASE_S = 60.0  # renewed every batch and backpressure poll; a killed enqueue lapses
 PUBLISH_BATCH = 16  # shards per ledger round trip (80k paths at the default size: workers start early)
@@ -69,9 +67,7 @@ def enqueue_run(
     """Cut `paths` into the run's shards (or reuse its stored list) and publish those not done."""
     check_run_name(run)
     ledger = RunLedger(client, prefix)
-    if is_url(output):  # workers write shards with local renames today; object output is labeler run's
-        raise EnqueueError(f"--output {output}: a distributed run writes into a folder (s3:// output: labeler run --out)")
-    output = os.path.realpath(output)
+    output = canonical_output(output)
     stored = ledger.create_run(run, output, shard_size, options or {}, queue)
     if stored["output"] != output:
         raise EnqueueError(f"run {run} writes into {stored['output']}, not {output}: drop --output to resume it")
@@ -80,7 +76,7 @@ def enqueue_run(
     started = time.monotonic()
     ledger.renew_enqueue_lease(run, ENQUEUE_LEASE_S)
     try:
-        for batch in _batches(cut_shards(Path(output), paths, shard_size), PUBLISH_BATCH):
+        for batch in _batches(cut_shards(as_location(output), paths, shard_size), PUBLISH_BATCH):
             ledger.renew_enqueue_lease(run, ENQUEUE_LEASE_S)
             summary.reused_list = summary.reused_list or all(shard.stored for shard in batch)
             states = ledger.register_shards(run, [(shard.shard_id, len(shard.paths)) for shard in batch])

@@ -18,7 +18,13 @@ import time
 
 from worker.pipeline.errors import ImageError
 from worker.records import ErrorCode
-from worker.runs.storage import StorageUnavailable, canonical_url, filesystem_for, is_under, split_url
+from worker.runs.storage import (
+    StorageUnavailable,
+    canonical_url,
+    filesystem_for,
+    has_unsafe_segments,
+    url_is_under,
+)
 
 DEFAULT_READ_ATTEMPTS = 3
 DEFAULT_BACKOFF_S = 0.25
@@ -28,18 +34,13 @@ def check_url_allowed(url: str, roots: tuple[str, ...]) -> None:
     """Raise outside_allowed_roots unless `url` names a key under one of the URL roots."""
     if not roots:
         return
-    canonical = canonical_url(url)
-    _, rest = split_url(canonical)
-    segments = rest.split("/")
-    if any(segment in ("", ".", "..") for segment in segments[1:]) or not segments[0]:
+    if has_unsafe_segments(url):
         raise ImageError(
             ErrorCode.OUTSIDE_ALLOWED_ROOTS,
             "the key has empty, '.' or '..' segments, which a store may resolve elsewhere",
         )
-    for root in roots:
-        if is_under(canonical, root, "/"):
-            return
-    raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, f"{canonical} is not under an allowed root")
+    if not url_is_under(url, roots):
+        raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, f"{canonical_url(url)} is not under an allowed root")
 
 
 def read_object_bytes(

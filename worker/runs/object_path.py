@@ -28,6 +28,13 @@ def as_location(out_dir: Path | str | ObjectPath) -> Path | ObjectPath:
     return ObjectPath(out_dir) if is_url(str(out_dir)) else Path(out_dir)
 
 
+def canonical_output(output: str) -> str:
+    """One spelling per output location, as the ledger stores it and workers compare it against
+    their roots: a folder resolved (symlinks, `..`), a URL with its canonical protocol and no
+    trailing slash (s3a://b/p/ -> s3://b/p)."""
+    return ObjectPath(output).url if is_url(output) else os.path.realpath(output)
+
+
 class ObjectPath:
     """`proto://bucket/key` with the Path methods the dataset layout needs."""
 

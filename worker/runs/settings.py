@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from worker.runs.storage import canonical_url, is_url
+
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 _LIST_SEPARATOR = re.escape(os.pathsep) + "(?!//)"
 
@@ -61,8 +63,9 @@ class Settings:
     decode: str = "cpu"  # decode stage: cpu (OpenCV), gpu (nvImageCodec + torch-cuda), auto
     flush_records: int = 256  # records per per-worker activity update (one Redis round trip)
     metrics_port: int = 0  # the worker's Prometheus /metrics port; 0: no endpoint
-    # Where datasets go: a run's output must be under one of these (the first is the default parent,
-    # `<root>/<run>`); empty: $LABELER_HOME/runs (default ~/.cache/resnet-labeler/runs).
+    # Where datasets go: a run's output must be under one of these folders or bucket prefixes
+    # (s3://bucket/prefix/; the first is the default parent, `<root>/<run>`); empty:
+    # $LABELER_HOME/runs (default ~/.cache/resnet-labeler/runs).
     output_roots: tuple[str, ...] = ()
     # Client.
     shard_size: int = 5000
@@ -117,8 +120,10 @@ def default_output_root() -> str:
 
 
 def output_roots(settings: Settings) -> tuple[str, ...]:
-    """The folders datasets may be written under, resolved (symlinks and `..`)."""
-    return tuple(os.path.realpath(root) for root in (settings.output_roots or (default_output_root(),)))
+    """Where datasets may be written: folders resolved (symlinks and `..`), bucket prefixes
+    (`s3://bucket/prefix/`) with their canonical protocol and no trailing slash."""
+    roots = settings.output_roots or (default_output_root(),)
+    return tuple(canonical_url(root).rstrip("/") if is_url(root) else os.path.realpath(root) for root in roots)
 
 
 def env_name(field_name: str) -> str:

@@ -44,6 +44,21 @@ def is_under(path: str, root: str, separator: str = os.sep) -> bool:
     return path == root or path.startswith(root + separator)
 
 
+def has_unsafe_segments(url: str) -> bool:
+    """Whether a URL's bucket is empty or its key has empty, `.` or `..` segments: a filer-backed
+    store may resolve those to another key, so no root check can trust them."""
+    segments = split_url(url)[1].split("/")
+    return not segments[0] or any(segment in ("", ".", "..") for segment in segments[1:])
+
+
+def url_is_under(url: str, roots: tuple[str, ...]) -> bool:
+    """Whether `url` is a safe key under one of the canonical URL `roots` (others are ignored)."""
+    canonical = canonical_url(url)
+    if has_unsafe_segments(canonical):
+        return False
+    return any(is_under(canonical, root, "/") for root in roots if is_url(root))
+
+
 def url_protocol(path: str) -> str | None:
     """The canonical protocol of a URL (`s3`), or None for a local path (file:// counts as local)."""
     match = _URL.match(path)
