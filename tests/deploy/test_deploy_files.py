@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
@@ -132,11 +133,20 @@ def test_gpu_image_is_on_nvidia_cuda_and_installs_tensorrt() -> None:
         "devel",
         "runtime",
     ]
-    assert '".[tensorrt,gpu-metrics]"' in text
-    extras = (REPO / "pyproject.toml").read_text()
-    assert re.search(r"^tensorrt = \[", extras, re.MULTILINE) and re.search(
-        r"^gpu-metrics = \[", extras, re.MULTILINE
-    )
+    assert {"tensorrt", "gpu-metrics"} <= installed_extras(text)
+
+
+def installed_extras(dockerfile: str) -> set[str]:
+    """The project extras named by the Dockerfile's one `pip install ".[a,b]"` line."""
+    [line] = re.findall(r'^RUN pip install .*"\.(?:\[([^]]*)\])?"', dockerfile, re.MULTILINE)
+    return set(filter(None, line.split(",")))
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
+def test_images_install_the_s3_client_and_only_extras_that_exist(name: str) -> None:
+    extras = installed_extras((DEPLOY / "docker" / name).read_text())
+    defined = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "s3" in extras and extras <= set(defined), extras
 
 
 def test_gpu_entrypoint_is_a_valid_shell_script() -> None:
