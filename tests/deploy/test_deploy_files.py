@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -26,11 +27,37 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KEDA_DIR = Path(__file__).resolve().parent / "keda_validate"
 WORKER_STOP_BUDGET_S = Settings().redis_retry_s + 30  # a final write may retry this long, plus batches
+AWS_SECRET_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+STORAGE_SETTINGS = {"LABELER_ALLOWED_ROOTS", "LABELER_OUTPUT_ROOTS", "LABELER_S3_ENDPOINT_URL"}
+PLACEHOLDER = "CHANGE_ME"
 
 
 def duration_s(text: str) -> float:
     units = {"h": 3600, "m": 60, "s": 1}
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", text))
+
+
+def aws_credentials(monkeypatch, env: dict[str, str]) -> tuple[str, str] | None:
+    """The keys botocore (the S3 client's credential chain) finds with only `env` set."""
+    import botocore.session
+
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup from a test
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    credentials = botocore.session.Session().get_credentials()
+    return None if credentials is None else (credentials.access_key, credentials.secret_key)
+
+
+def interpolated(value: str) -> str:
+    """A Compose value with each ${VAR:-default} (or ${VAR:?message}) as it is with VAR unset."""
+    return re.sub(r"\$\{[A-Z_]+(?::-([^}]*)|:\?[^}]*)?\}", lambda m: m.group(1) or "", value)
+
+
+def git_ignored(path: Path) -> bool:
+    return subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(path)]).returncode == 0
 
 
 # -- docker compose ---------------------------------------------------------------------------
@@ -111,6 +138,35 @@ def test_prometheus_scrapes_every_worker_and_the_celery_exporter() -> None:
     mounts = " ".join(services["prometheus"]["volumes"])
     assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+
+
+def test_compose_workers_get_storage_settings_and_a_git_ignored_secret(monkeypatch, tmp_path) -> None:
+    config = compose()
+    example = DEPLOY / "aws-credentials.example"
+    for name, svc in config["services"].items():
+        if not name.startswith("worker-gpu"):
+            continue
+        env = {key: str(value) for key, value in svc["environment"].items()}
+        assert set(env) >= STORAGE_SETTINGS, name
+        assert not AWS_SECRET_VARIABLES & set(env), f"{name}: keys belong in the secret file"
+        Settings.from_env({key: interpolated(env[key]) for key in STORAGE_SETTINGS})
+        [secret] = svc["secrets"]
+        assert env["AWS_SHARED_CREDENTIALS_FILE"] == f"/run/secrets/{secret}"  # Compose's mount point
+        source = DEPLOY / interpolated(config["secrets"][secret]["file"])
+        assert source.name != example.name and git_ignored(source), f"{source} could be committed"
+        # The worker, given the example in the secret's place, finds exactly its placeholder keys.
+        mounted = tmp_path / secret
+        mounted.write_text(example.read_text())
+        found = aws_credentials(monkeypatch, {"AWS_SHARED_CREDENTIALS_FILE": str(mounted)})
+        assert found == (PLACEHOLDER, PLACEHOLDER)
+
+
+def test_env_example_storage_lines_parse_as_settings() -> None:
+    lines = (DEPLOY / ".env.example").read_text().splitlines()
+    examples = dict(line.lstrip("#").split("=", 1) for line in lines if line.startswith("#LABELER_"))
+    assert set(examples) == STORAGE_SETTINGS
+    settings = Settings.from_env(examples)
+    assert any(root.startswith("s3://") for root in settings.allowed_roots + settings.output_roots)
 
 
 # -- Dockerfiles ------------------------------------------------------------------------------
