@@ -253,6 +253,29 @@ def test_systemd_stop_is_graceful_and_outlasts_a_batch() -> None:
     assert unit["User"] != "root"
 
 
+def unit_values(key: str) -> list[str]:
+    """Every value of `key=` in the unit (keys such as Environment= may repeat)."""
+    return [line.split("=", 1)[1] for line in UNIT.read_text().splitlines() if line.startswith(f"{key}=")]
+
+
+def test_systemd_storage_keys_come_from_a_loaded_credential(monkeypatch, tmp_path) -> None:
+    """AWS_SHARED_CREDENTIALS_FILE names the file LoadCredential= puts in the credentials directory
+    (%d), loaded from a root-only file that is neither worker.env nor in its environment."""
+    [credential] = unit_values("LoadCredential")
+    name, source = credential.split(":", 1)
+    environment = dict(value.split("=", 1) for value in unit_values("Environment"))
+    assert environment["AWS_SHARED_CREDENTIALS_FILE"] == f"%d/{name}"
+    assert source.startswith("/etc/labeler/") and source not in unit_values("EnvironmentFile")
+    assert f"install -m 0600 deploy/aws-credentials.example {source}" in UNIT.read_text()  # root-only
+    worker_env = (DEPLOY / "systemd" / "worker.env").read_text()
+    assert not re.findall(r"^\s*(AWS_[A-Z_]+)=", worker_env, re.MULTILINE)
+    assert set(re.findall(r"^(LABELER_[A-Z0-9_]+)=", worker_env, re.MULTILINE)) >= STORAGE_SETTINGS
+    # What the worker sees: %d is its credentials directory, holding the file under its name.
+    (tmp_path / name).write_text((DEPLOY / "aws-credentials.example").read_text())
+    path = environment["AWS_SHARED_CREDENTIALS_FILE"].replace("%d", str(tmp_path))
+    assert aws_credentials(monkeypatch, {"AWS_SHARED_CREDENTIALS_FILE": path}) == (PLACEHOLDER, PLACEHOLDER)
+
+
 def test_systemd_metrics_ports_differ_per_gpu() -> None:
     """Run the unit's shell line (with `env` in place of the worker) for GPUs 0-15."""
     exec_start = re.search(r"^ExecStart=/bin/sh -c '(.*)'$", UNIT.read_text(), re.MULTILINE).group(1)
