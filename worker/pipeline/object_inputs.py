@@ -107,7 +107,7 @@ def _walk_keys(fs: Any, root: str, bucket: str, url: str) -> Iterator[str]:
     with _listing_errors(url):
         for directory, dirs, files in fs.walk(root):
             dirs.sort()
-            base = directory.rstrip("/")
+            base = directory.strip("/")  # some filesystems (memory://) root their paths at "/"
             for name in sorted(files):
                 full = f"{base}/{name}"
                 yield full[len(bucket) + 1 :]
