@@ -102,16 +102,20 @@ def test_a_run_writes_its_dataset_to_a_bucket_through_a_worker_killed_mid_run(
 ):
     """Images and dataset both in buckets: a worker SIGKILLed while it holds a shard, the run still
     ends with one object per shard (deterministic names, no temporaries) and exactly one row per
-    image, read back with pyarrow from the bucket; the manifest counts them."""
+    image, read back with pyarrow from the bucket; the manifest counts them. An object missing
+    then uploaded is labeled by `labeler retry`, its shard's object rewritten in the bucket."""
     import pyarrow.dataset as ds
 
     prefix = f"t-{uuid.uuid4().hex[:10]}"
-    s3_server.client().pipe(crops(photos, f"{IMAGES_BUCKET}/{prefix}/{{:04d}}.jpg", 240))
+    images = crops(photos, f"{IMAGES_BUCKET}/{prefix}/{{:04d}}.jpg", 240)
+    late_key = f"{IMAGES_BUCKET}/{prefix}/0007.jpg"
+    late_bytes = images.pop(late_key)  # named by the run, uploaded only before the retry
+    s3_server.client().pipe(images)
     use_server(s3_server, monkeypatch)
     roots = ["--allowed-root", f"s3://{IMAGES_BUCKET}/{prefix}/"]
     settings = {"s3_endpoint_url": s3_server.endpoint, "output_roots": f"s3://{LABELS_BUCKET}/{prefix}/"}
     doomed = start_worker(redis_url, "b1", roots, concurrency=2, **settings)
-    paths = list(iter_input_paths([f"s3://{IMAGES_BUCKET}/{prefix}/"]))
+    paths = sorted([*iter_input_paths([f"s3://{IMAGES_BUCKET}/{prefix}/"]), f"s3://{late_key}"])
     output = f"s3://{LABELS_BUCKET}/{prefix}/runs/bucket-run/"  # the trailing slash is dropped
     client = redis.Redis.from_url(redis_url)
     summary = enqueue_run(client, "bucket-run", paths, output, QUEUE, shard_size=20)
@@ -143,7 +147,15 @@ def test_a_run_writes_its_dataset_to_a_bucket_through_a_worker_killed_mid_run(
     exported = tmp_path / "rows.jsonl"
     result = CliRunner().invoke(main, ["results", "bucket-run", "--broker", redis_url, "--out", str(exported)])
     assert result.exit_code == 0, result.output
-    assert len(exported.read_text().splitlines()) == 240
+    rows = {r["path"]: r for r in map(json.loads, exported.read_text().splitlines())}
+    assert len(rows) == 240 and rows[f"s3://{late_key}"]["error"]["code"] == "not_found"
+    admin.pipe_file(late_key, late_bytes)
+    retried = CliRunner().invoke(main, ["retry", "bucket-run", "--broker", redis_url, "--queue", QUEUE])
+    assert retried.exit_code == 0 and "1 shards with failed images" in retried.output, retried.output
+    wait_for(lambda: (lambda c: c["failed"] == 0 and c["done"] == c["images"])(run_counts(client, "bucket-run")), 60,
+             "the retried shard")  # fmt: skip
+    records = assert_exactly_once(client, "bucket-run", paths, output=output)
+    assert len(records[f"s3://{late_key}"]["labels"]) == 5
 
 
 def test_cli_enqueue_takes_bucket_inputs_and_a_bucket_output(redis_url, s3_server, photos, monkeypatch, tmp_path):
