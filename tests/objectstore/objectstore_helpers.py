@@ -9,6 +9,7 @@ wrong secret are both real refusals by the server.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -274,10 +275,11 @@ class SlowLink:
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(
-            self._pump(client_reader, upstream_writer, delayed=True),
-            self._pump(upstream_reader, client_writer, delayed=False),
-        )
+        with contextlib.suppress(asyncio.CancelledError):  # stop(): quietly (asyncio logs cancelled handlers)
+            await asyncio.gather(
+                self._pump(client_reader, upstream_writer, delayed=True),
+                self._pump(upstream_reader, client_writer, delayed=False),
+            )
 
     async def _pump(self, reader: Any, writer: Any, delayed: bool) -> None:
         import asyncio
