@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +222,28 @@ def test_local_run_stops_when_the_engine_gives_up_and_resume_finishes(tiny_bundl
     resumed = run_local(image_paths, healthy, out, resume=True)
     assert resumed.complete and resumed.labeled == broken.not_labeled
     assert sorted(json.loads(line)["path"] for line in out.read_text().splitlines()) == image_paths
+
+
+def test_local_files_make_no_fetch_threads_and_import_no_object_store_client(tiny_bundle, image_paths):
+    """The fetch stage starts with the first URL: a CPU worker without s3fs labels files as before."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from worker.pipeline.service import LabelingService, ServiceOptions
+from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
+records = []
+options = ServiceOptions(max_batch_size=2, decode_threads=1, fetch_concurrency=8)
+with LabelingService(OnnxRuntimeRunner({str(tiny_bundle)!r}, intra_op_threads=1), options) as service:
+    for path in {image_paths[:3]!r}:
+        service.submit(path, records.append)
+    service.drain()
+    assert service.fetcher._pool is None and service.fetcher.high_water == 0
+assert len(records) == 3 and all("labels" in r for r in records), records
+loaded = sorted(m for m in ("fsspec", "s3fs", "aiobotocore", "botocore") if m in sys.modules)
+assert not loaded, loaded
+"""
+    repo = str(Path(__file__).resolve().parents[1])  # this tree's code, not an installed copy's
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stderr

@@ -9,12 +9,14 @@ wrong secret are both real refusals by the server.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import secrets
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -199,3 +201,111 @@ def running_server(data_dir: Path) -> Iterator[SeaweedS3]:
         yield server
     finally:
         server.stop()
+
+
+class SlowLink:
+    """A loopback TCP proxy in front of `port` that holds each chunk a client sends for `delay_s`
+    before passing it on: a store one network round trip away, over real sockets (no mock).
+
+    It counts what a test asks about the traffic: `connections` accepted, and `high_water`, the
+    most requests held at once (requests overlapping on the wire). Runs on its own event loop thread.
+    """
+
+    def __init__(self, port: int, delay_s: float) -> None:
+        self.target_port = port
+        self.delay_s = delay_s
+        self.port = 0
+        self.connections = 0
+        self.requests = 0
+        self.held = 0
+        self.high_water = 0
+        self._loop: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> SlowLink:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="slow-link", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the slow link did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+            self._thread.join(10)
+            self._loop = None
+
+    def reset_counts(self) -> None:
+        self.connections = self.requests = self.high_water = 0
+
+    def _serve(self, ready: threading.Event) -> None:
+        import asyncio
+
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(self._main(ready))
+        finally:
+            self._loop.close()
+
+    async def _main(self, ready: threading.Event) -> None:
+        import asyncio
+
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        ready.set()
+        await self._stopping.wait()
+        server.close()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _handle(self, client_reader: Any, client_writer: Any) -> None:
+        import asyncio
+
+        self.connections += 1
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_writer.close()
+            return
+        with contextlib.suppress(asyncio.CancelledError):  # stop(): quietly (asyncio logs cancelled handlers)
+            await asyncio.gather(
+                self._pump(client_reader, upstream_writer, delayed=True),
+                self._pump(upstream_reader, client_writer, delayed=False),
+            )
+
+    async def _pump(self, reader: Any, writer: Any, delayed: bool) -> None:
+        import asyncio
+
+        try:
+            while chunk := await reader.read(1 << 16):
+                if delayed:
+                    self.requests += 1
+                    self.held += 1
+                    self.high_water = max(self.high_water, self.held)
+                    try:
+                        await asyncio.sleep(self.delay_s)
+                    finally:
+                        self.held -= 1
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+
+@contextmanager
+def slow_link(port: int, delay_s: float) -> Iterator[SlowLink]:
+    link = SlowLink(port, delay_s).start()
+    try:
+        yield link
+    finally:
+        link.stop()

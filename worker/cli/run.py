@@ -63,6 +63,8 @@ def inspect(bundle: Path) -> None:
     "--max-wait-ms", type=float, default=20.0, show_default=True, help="Longest wait to fill a batch."
 )
 @click.option("--decode-threads", type=int, default=0, help="Decode threads (0: one per core).")
+@click.option("--fetch-concurrency", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Object URLs (s3://) read at once, overlapping decoding (0: read on the decode threads).")  # fmt: skip
 @click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core).")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
 @click.option(
@@ -102,6 +104,7 @@ def run(
     batch_size: int | None,
     max_wait_ms: float,
     decode_threads: int,
+    fetch_concurrency: int,
     threads: int,
     precision: str,
     backend: str,
@@ -129,6 +132,7 @@ def run(
         batch_size=batch_size or 0,
         max_wait_ms=max_wait_ms,
         decode_threads=decode_threads,
+        fetch_concurrency=fetch_concurrency,
         intra_op_threads=threads,
         top_k=top_k,
         embeddings=embeddings,

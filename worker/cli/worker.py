@@ -55,6 +55,7 @@ def default_node_name(gpu: int | None, pid: int | None = None) -> str:
     "--batch-size", type=int, help="Largest engine batch (default: 32 on the CPU, 128 on a GPU backend)."
 )
 @click.option("--max-wait-ms", type=float, help="Longest wait to fill a batch.")
+@click.option("--fetch-concurrency", type=int, help="Object URLs (s3://) read at once per worker (default 32; 0: on the decode threads).")
 @click.option("--hostname", "-n", help="Celery node name (default labeler-gpuN@HOST with --gpu, else labeler-PID@HOST).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option(
@@ -75,6 +76,7 @@ def worker_command(
     concurrency: int | None,
     batch_size: int | None,
     max_wait_ms: float | None,
+    fetch_concurrency: int | None,
     hostname: str | None,
     loglevel: str,
     pool: str | None,
@@ -99,6 +101,7 @@ def worker_command(
         concurrency=concurrency,
         batch_size=batch_size,
         max_wait_ms=max_wait_ms,
+        fetch_concurrency=fetch_concurrency,
         pool=pool,
     )
     bundle = resolve_bundle(Path(settings.model) if settings.model else None, echo=log.warning)

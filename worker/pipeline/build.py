@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from worker.pipeline.decode_choice import create_stage
+from worker.pipeline.fetching import DEFAULT_FETCH_CONCURRENCY
 from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS
 from worker.pipeline.reading import DEFAULT_MAX_BYTES, ReadPolicy
 from worker.pipeline.service import LabelingService, ServiceObserver, ServiceOptions
@@ -28,6 +29,7 @@ class ServiceConfig:
     batch_size: int = 0  # 0: the backend's default (32 on the CPU, 128 on a GPU backend)
     max_wait_ms: float = 20.0
     decode_threads: int = 0  # 0: one per core
+    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY  # object URLs read at once (0: on the decode threads)
     intra_op_threads: int = 0  # ONNX Runtime's threads (0: one per core); GPU backends ignore it
     top_k: int = 5
     embeddings: bool = False
@@ -64,6 +66,7 @@ def service_options(runner: Runner, config: ServiceConfig, observer: ServiceObse
         max_batch_size=config.batch_size or runner.default_batch_size,
         max_wait_s=config.max_wait_ms / 1000.0,
         decode_threads=config.decode_threads,
+        fetch_concurrency=config.fetch_concurrency,
         top_k=config.top_k,
         embeddings=config.embeddings,
         read_policy=ReadPolicy.create(list(config.allowed_roots), config.max_bytes),

@@ -15,3 +15,9 @@ class ImageError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+def unexpected_error(exc: Exception) -> ImageError:
+    """An `internal_error` for a failure no check foresaw: the image gets a record (the caller logs
+    the traceback), and one odd input never stops the pipeline."""
+    return ImageError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")

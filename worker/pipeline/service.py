@@ -1,5 +1,8 @@
 """The labeling service: a decode thread pool feeding one inference thread through the batcher.
 
+Object URLs are read first by the fetch stage (worker/pipeline/fetching.py), many at a time on
+their own threads, and only their bytes reach the decode pool; local files are read on the pool.
+
 Decoding is the decode stage's (worker/pipeline/decode_stage.py): OpenCV on the pool by default;
 with `--decode gpu` the pool only reads and checks files, the stage decodes each batch on the GPU
 on the inference thread, and images it cannot decode go back to the pool for OpenCV.
@@ -29,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,7 +40,8 @@ import numpy as np
 from worker.machine import usable_cores
 from worker.pipeline.batcher import STOP, collect_batch
 from worker.pipeline.decode_stage import CpuDecodeStage, DecodeStage, Deferred
-from worker.pipeline.errors import ImageError
+from worker.pipeline.errors import ImageError, unexpected_error
+from worker.pipeline.fetching import DEFAULT_FETCH_CONCURRENCY, FetchStage
 from worker.pipeline.labels import top_k_labels
 from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
 from worker.pipeline.reading import ReadPolicy, read_image_bytes
@@ -66,7 +71,10 @@ class ServiceOptions:
     max_batch_size: int = 32
     max_wait_s: float = 0.02
     decode_threads: int = 0  # 0: one per core
-    max_in_flight: int = 0  # 0: four batches' worth
+    # Images submitted and not answered yet (bytes, crops): the memory bound. 0: four batches plus
+    # one per fetch thread, so URL reads fill the fetch stage and still leave batches to decode.
+    max_in_flight: int = 0
+    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY  # URL reads at once (0: on the decode threads)
     top_k: int = 5
     embeddings: bool = False
     read_policy: ReadPolicy = field(default_factory=ReadPolicy)
@@ -107,7 +115,8 @@ class LabelingService:
         self.options = options or ServiceOptions()
         limit = runner.max_batch_size
         self.batch_size = min(self.options.max_batch_size, limit) if limit else self.options.max_batch_size
-        self._in_flight_limit = self.options.max_in_flight or 4 * self.batch_size
+        self.fetcher = FetchStage(self.options.fetch_concurrency, self.options.read_policy)
+        self._in_flight_limit = self.options.max_in_flight or 4 * self.batch_size + self.fetcher.concurrency
         self._ready: queue.Queue = queue.Queue()
         self._slots = threading.Semaphore(self._in_flight_limit)
         self._idle = threading.Condition()
@@ -146,7 +155,11 @@ class LabelingService:
         self._slots.acquire()
         with self._idle:
             self._in_flight += 1
-        self._pool.submit(self._prepare, path, callback, features or self.options.embeddings)
+        features = features or self.options.embeddings
+        if self.fetcher.takes(path):
+            self.fetcher.submit(path, partial(self._fetched, path, callback, features, time.perf_counter()))
+        else:
+            self._pool.submit(self._prepare, path, callback, features)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every submitted image has its record. False on timeout."""
@@ -160,6 +173,7 @@ class LabelingService:
         self.drain()
         self._ready.put(STOP)
         self._thread.join()
+        self.fetcher.close()
         self._pool.shutdown(wait=True)
 
     def __enter__(self) -> LabelingService:
@@ -168,17 +182,34 @@ class LabelingService:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _prepare(self, path: str, callback: RecordCallback, features: bool) -> None:
+    def _fetched(
+        self, path: str, callback: RecordCallback, features: bool, started: float,
+        data: bytes | None, error: ImageError | None,
+    ) -> None:  # fmt: skip
+        """On a fetch thread: the object's bytes go to the decode pool, a failed read is ready now."""
+        if error is None:
+            self._pool.submit(self._prepare, path, callback, features, data, started)
+        else:
+            self._put_ready(_Prepared(path, callback, error=error, features=features), started)
+
+    def _prepare(
+        self, path: str, callback: RecordCallback, features: bool, data: bytes | None = None, started: float = 0
+    ) -> None:
+        """On the pool: read the file (unless the fetch stage brought its bytes), decode, crop."""
         item = _Prepared(path, callback, features=features)
-        started = time.perf_counter()
+        started = started or time.perf_counter()
         try:
-            data = read_image_bytes(path, self.options.read_policy)
+            if data is None:
+                data = read_image_bytes(path, self.options.read_policy)
             item.crop = self.stage.prepare(data, self.runner.spec.preprocessing, self.options.max_pixels)
         except ImageError as exc:
             item.error = exc
         except Exception as exc:  # noqa: BLE001 - one odd file must not kill the pipeline
             log.exception("unexpected failure preparing %s", path)
-            item.error = ImageError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            item.error = unexpected_error(exc)
+        self._put_ready(item, started)
+
+    def _put_ready(self, item: _Prepared, started: float) -> None:
         item.ready_at = time.perf_counter()
         self._ready.put(item)
         if self.options.observer is not None:
@@ -227,7 +258,7 @@ class LabelingService:
             item.error = exc
         except Exception as exc:  # noqa: BLE001 - as in _prepare
             log.exception("unexpected failure decoding %s on the CPU", item.path)
-            item.error = ImageError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            item.error = unexpected_error(exc)
         item.ready_at = time.perf_counter()
         self._ready.put(item)
 

@@ -52,6 +52,7 @@ class Settings:
     batch_size: int = 0  # 0: the backend's default (32 on the CPU, 128 on a GPU backend)
     max_wait_ms: float = 20.0
     decode_threads: int = 0
+    fetch_concurrency: int = 32  # object URLs read at once per worker process (0: on the decode threads)
     intra_op_threads: int = 0
     top_k: int = 5
     embeddings: bool = False  # records carry the 2048-d pooled features (needs a PyTorch-built bundle)
@@ -92,6 +93,8 @@ class Settings:
             )
         if self.max_attempts < 1 or self.shard_size < 1 or self.concurrency < 1:
             raise SettingsError("max_attempts, shard_size and concurrency must be at least 1")
+        if self.fetch_concurrency < 0:
+            raise SettingsError("LABELER_FETCH_CONCURRENCY must be 0 (read on the decode threads) or more")
         if not 0 < self.heartbeat_s * 2 < self.lease_s:
             raise SettingsError(
                 f"LABELER_LEASE_S ({self.lease_s}) must exceed twice LABELER_HEARTBEAT_S ({self.heartbeat_s}), "

@@ -25,10 +25,14 @@ S3_ENDPOINT_ENV = "LABELER_S3_ENDPOINT_URL"
 # botocore retries each request (throttling, 5xx, connection errors, with jittered backoff); the
 # reader retries whole reads on top (object_reading.py). s3fs's own retry loop is turned off
 # (1 try) so the attempts multiply only once: a dead store costs 3 x 3 short tries per image.
+# Connections kept open per client: botocore's default is 10; this is the default fetch concurrency
+# (worker/pipeline/fetching.py), and `reserve_connections` raises it for a larger one, so every
+# fetch thread's request reuses an open connection instead of queueing for one.
 S3_CLIENT_CONFIG: dict[str, Any] = {
     "connect_timeout": 5,
     "read_timeout": 60,
     "retries": {"max_attempts": 3, "mode": "standard"},
+    "max_pool_connections": 32,
 }
 S3FS_RETRIES = 1
 
@@ -91,18 +95,28 @@ def canonical_url(url: str) -> str:
 
 
 _lock = threading.Lock()
-_cache: dict[tuple[int, str, str], Any] = {}
+_cache: dict[tuple[int, str, str, int], Any] = {}
+_connections: int = S3_CLIENT_CONFIG["max_pool_connections"]
+
+
+def reserve_connections(count: int) -> None:
+    """S3 clients made from now on keep at least `count` connections (the fetch stage asks for its
+    concurrency); a client made before keeps its pool, and a request beyond it waits for one."""
+    global _connections
+    with _lock:
+        _connections = max(_connections, count)
 
 
 def filesystem(protocol: str) -> Any:
     """The fsspec filesystem for a protocol, one per process (a forked child makes its own: an
     async client's event loop and sockets must not cross a fork)."""
     endpoint = os.environ.get(S3_ENDPOINT_ENV, "").strip()
-    key = (os.getpid(), protocol, endpoint if protocol == "s3" else "")
+    s3 = protocol == "s3"
+    key = (os.getpid(), protocol, endpoint if s3 else "", _connections if s3 else 0)
     with _lock:
         fs = _cache.get(key)
         if fs is None:
-            fs = _cache[key] = _create(protocol, endpoint)
+            fs = _cache[key] = _create(protocol, endpoint, _connections)
         return fs
 
 
@@ -112,7 +126,7 @@ def filesystem_for(url: str) -> tuple[Any, str]:
     return filesystem(protocol), rest
 
 
-def _create(protocol: str, endpoint: str) -> Any:
+def _create(protocol: str, endpoint: str, connections: int) -> Any:
     try:
         import fsspec
     except ImportError:
@@ -120,7 +134,8 @@ def _create(protocol: str, endpoint: str) -> Any:
     options: dict[str, Any] = {}
     if protocol == "s3":
         # No listing cache: other writers (a fleet's workers) change the prefixes we list.
-        options = {"config_kwargs": dict(S3_CLIENT_CONFIG), "use_listings_cache": False}
+        config = {**S3_CLIENT_CONFIG, "max_pool_connections": connections}
+        options = {"config_kwargs": config, "use_listings_cache": False}
         if endpoint:
             options["endpoint_url"] = endpoint
     try:
