@@ -12,9 +12,8 @@ from pathlib import Path
 
 import cv2
 import distributed_helpers
-import numpy as np
 import pytest
-from distributed_helpers import CeleryWorker, RedisServer, worker_env
+from distributed_helpers import CeleryWorker, RedisServer, small_crops, worker_env
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -85,14 +84,8 @@ def start_worker(tmp_path, tiny_bundle) -> Iterator[Callable[..., CeleryWorker]]
 def small_jpegs(tmp_path_factory, photos) -> list[str]:
     """3000 distinct 64x64 JPEGs (crops of the test photographs), as absolute paths."""
     folder = tmp_path_factory.mktemp("small-jpegs")
-    rng = np.random.default_rng(0)
-    sources = list(photos.values())
     paths = []
-    for i in range(3000):
-        photo = sources[i % len(sources)]
-        h, w = photo.shape[:2]
-        y, x = int(rng.integers(0, h - 64)), int(rng.integers(0, w - 64))
-        crop = np.ascontiguousarray(photo[y : y + 64, x : x + 64, ::-1])
+    for i, crop in enumerate(small_crops(photos, 3000, seed=0)):
         path = folder / f"{i // 1000:02d}" / f"img{i:05d}.jpg"
         path.parent.mkdir(exist_ok=True)
         cv2.imwrite(str(path), crop, [cv2.IMWRITE_JPEG_QUALITY, 85])

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -185,6 +185,18 @@ def worker_env(url: str, bundle: Path, **overrides: object) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE)])
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def small_crops(photos: dict, count: int, seed: int) -> Iterator:
+    """`count` distinct 64x64 crops (BGR, for OpenCV) of the test photographs, at random places."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sources = list(photos.values())
+    for i in range(count):
+        photo = sources[i % len(sources)]
+        y, x = int(rng.integers(0, photo.shape[0] - 64)), int(rng.integers(0, photo.shape[1] - 64))
+        yield np.ascontiguousarray(photo[y : y + 64, x : x + 64, ::-1])
 
 
 def run_counts(client: redis.Redis, run: str) -> dict[str, int]:

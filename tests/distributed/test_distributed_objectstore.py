@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 import redis
 from click.testing import CliRunner
-from distributed_helpers import QUEUE, assert_exactly_once, enqueue, run_counts, wait_for, wait_run_done
+from distributed_helpers import (
+    QUEUE,
+    assert_exactly_once,
+    enqueue,
+    run_counts,
+    small_crops,
+    wait_for,
+    wait_run_done,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "objectstore"))
 from objectstore_helpers import (  # noqa: E402
@@ -46,13 +54,7 @@ def s3_server(tmp_path_factory) -> Iterator[SeaweedS3]:
 
 def crops(photos: dict[str, np.ndarray], keys: str, count: int) -> dict[str, bytes]:
     """`count` distinct 64x64 JPEG crops of the test photographs, keyed `keys.format(i)`."""
-    rng = np.random.default_rng(1)
-    objects = {}
-    for i in range(count):
-        photo = list(photos.values())[i % len(photos)]
-        y, x = int(rng.integers(0, photo.shape[0] - 64)), int(rng.integers(0, photo.shape[1] - 64))
-        objects[keys.format(i)] = cv2.imencode(".jpg", photo[y : y + 64, x : x + 64, ::-1])[1].tobytes()
-    return objects
+    return {keys.format(i): cv2.imencode(".jpg", crop)[1].tobytes() for i, crop in enumerate(small_crops(photos, count, seed=1))}
 
 
 def use_server(s3_server: SeaweedS3, monkeypatch) -> None:
@@ -152,8 +154,11 @@ def test_a_run_writes_its_dataset_to_a_bucket_through_a_worker_killed_mid_run(
     admin.pipe_file(late_key, late_bytes)
     retried = CliRunner().invoke(main, ["retry", "bucket-run", "--broker", redis_url, "--queue", QUEUE])
     assert retried.exit_code == 0 and "1 shards with failed images" in retried.output, retried.output
-    wait_for(lambda: (lambda c: c["failed"] == 0 and c["done"] == c["images"])(run_counts(client, "bucket-run")), 60,
-             "the retried shard")  # fmt: skip
+    def relabeled() -> bool:
+        counts = run_counts(client, "bucket-run")
+        return counts["failed"] == 0 and counts["done"] == counts["images"]
+
+    wait_for(relabeled, 60, "the retried shard")
     records = assert_exactly_once(client, "bucket-run", paths, output=output)
     assert len(records[f"s3://{late_key}"]["labels"]) == 5
 
