@@ -10,7 +10,7 @@ import click
 
 from worker.cli.bundle import resolve_bundle
 from worker.runs.object_path import ObjectPath
-from worker.runs.storage import is_url
+from worker.runs.storage import DEFAULT_FETCH_CONCURRENCY, is_url
 from worker.sidecar import ModelSpec, summarize
 
 
@@ -63,7 +63,7 @@ def inspect(bundle: Path) -> None:
     "--max-wait-ms", type=float, default=20.0, show_default=True, help="Longest wait to fill a batch."
 )
 @click.option("--decode-threads", type=int, default=0, help="Decode threads (0: one per core).")
-@click.option("--fetch-concurrency", type=click.IntRange(min=0), default=32, show_default=True,
+@click.option("--fetch-concurrency", type=click.IntRange(min=0), default=DEFAULT_FETCH_CONCURRENCY, show_default=True,
               help="Object URLs (s3://) read at once, overlapping decoding (0: read on the decode threads).")  # fmt: skip
 @click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core).")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")

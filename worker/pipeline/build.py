@@ -13,11 +13,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from worker.pipeline.decode_choice import create_stage
-from worker.pipeline.fetching import DEFAULT_FETCH_CONCURRENCY
 from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS
 from worker.pipeline.reading import DEFAULT_MAX_BYTES, ReadPolicy
 from worker.pipeline.service import LabelingService, ServiceObserver, ServiceOptions
 from worker.runners.base import Runner, RunnerError
+from worker.runs.storage import DEFAULT_FETCH_CONCURRENCY
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from worker.pipeline.reading import ReadPolicy, read_image_bytes
 from worker.runs.storage import is_url, reserve_connections
 
 log = logging.getLogger(__name__)
-DEFAULT_FETCH_CONCURRENCY = 32
 
 # What a fetch hands on: the bytes, or the ImageError that becomes the image's record.
 Fetched = Callable[[bytes | None, ImageError | None], None]

@@ -41,12 +41,13 @@ from worker.machine import usable_cores
 from worker.pipeline.batcher import STOP, collect_batch
 from worker.pipeline.decode_stage import CpuDecodeStage, DecodeStage, Deferred
 from worker.pipeline.errors import ImageError, unexpected_error
-from worker.pipeline.fetching import DEFAULT_FETCH_CONCURRENCY, FetchStage
+from worker.pipeline.fetching import FetchStage
 from worker.pipeline.labels import top_k_labels
 from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
 from worker.pipeline.reading import ReadPolicy, read_image_bytes
 from worker.records import ErrorCode, error_record, label_record
 from worker.runners.base import PendingInference, Runner
+from worker.runs.storage import DEFAULT_FETCH_CONCURRENCY
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from worker.runs.storage import canonical_url, is_url
+from worker.runs.storage import DEFAULT_FETCH_CONCURRENCY, canonical_url, is_url
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 _LIST_SEPARATOR = re.escape(os.pathsep) + "(?!//)"
@@ -52,7 +52,7 @@ class Settings:
     batch_size: int = 0  # 0: the backend's default (32 on the CPU, 128 on a GPU backend)
     max_wait_ms: float = 20.0
     decode_threads: int = 0
-    fetch_concurrency: int = 32  # object URLs read at once per worker process (0: on the decode threads)
+    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY  # object URLs read at once per worker process (0: on the decode threads)
     intra_op_threads: int = 0
     top_k: int = 5
     embeddings: bool = False  # records carry the 2048-d pooled features (needs a PyTorch-built bundle)

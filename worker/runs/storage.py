@@ -28,11 +28,12 @@ S3_ENDPOINT_ENV = "LABELER_S3_ENDPOINT_URL"
 # Connections kept open per client: botocore's default is 10; this is the default fetch concurrency
 # (worker/pipeline/fetching.py), and `reserve_connections` raises it for a larger one, so every
 # fetch thread's request reuses an open connection instead of queueing for one.
+DEFAULT_FETCH_CONCURRENCY = 32  # object reads in flight per process (worker/pipeline/fetching.py)
 S3_CLIENT_CONFIG: dict[str, Any] = {
     "connect_timeout": 5,
     "read_timeout": 60,
     "retries": {"max_attempts": 3, "mode": "standard"},
-    "max_pool_connections": 32,
+    "max_pool_connections": DEFAULT_FETCH_CONCURRENCY,
 }
 S3FS_RETRIES = 1
 
