@@ -13,7 +13,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from worker.runs.storage import DEFAULT_FETCH_CONCURRENCY, canonical_url, is_url
+from worker.runs.object_path import canonical_output
+from worker.runs.storage import DEFAULT_FETCH_CONCURRENCY
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 _LIST_SEPARATOR = re.escape(os.pathsep) + "(?!//)"
@@ -123,10 +124,9 @@ def default_output_root() -> str:
 
 
 def output_roots(settings: Settings) -> tuple[str, ...]:
-    """Where datasets may be written: folders resolved (symlinks and `..`), bucket prefixes
-    (`s3://bucket/prefix/`) with their canonical protocol and no trailing slash."""
-    roots = settings.output_roots or (default_output_root(),)
-    return tuple(canonical_url(root).rstrip("/") if is_url(root) else os.path.realpath(root) for root in roots)
+    """Where datasets may be written, spelled as run outputs are (folders resolved, bucket
+    prefixes with their canonical protocol and no trailing slash), so the two compare."""
+    return tuple(canonical_output(root) for root in settings.output_roots or (default_output_root(),))
 
 
 def env_name(field_name: str) -> str:
