@@ -33,13 +33,13 @@ from objectstore_helpers import (  # noqa: E402
     LABELS_BUCKET,
     PRIVATE_BUCKET,
     SeaweedS3,
+    labeler_environment,
     running_server,
 )
 
 from worker.cli import main  # noqa: E402
 from worker.client.enqueue import enqueue_run  # noqa: E402
 from worker.pipeline.inputs import iter_input_paths  # noqa: E402
-from worker.runs import storage  # noqa: E402
 from worker.runs.ledger import RunLedger  # noqa: E402
 from worker.runs.shard_list import shard_paths  # noqa: E402
 
@@ -57,14 +57,14 @@ def crops(photos: dict[str, np.ndarray], keys: str, count: int) -> dict[str, byt
     return {keys.format(i): cv2.imencode(".jpg", crop)[1].tobytes() for i, crop in enumerate(small_crops(photos, count, seed=1))}
 
 
-def use_server(s3_server: SeaweedS3, monkeypatch) -> None:
+@pytest.fixture
+def as_labeler(s3_server: SeaweedS3, monkeypatch) -> Iterator[dict[str, str]]:
     """This process (the enqueueing client) and the workers it starts talk to the server as `labeler`."""
-    for name, value in s3_server.env().items():  # the workers inherit this process's environment
-        monkeypatch.setenv(name, value)
-    storage.clear_cache()
+    with labeler_environment(s3_server, monkeypatch) as env:
+        yield env
 
 
-def test_workers_label_a_bucket_prefix_exactly_once(redis_url, start_worker, s3_server, photos, monkeypatch):
+def test_workers_label_a_bucket_prefix_exactly_once(redis_url, start_worker, s3_server, photos, as_labeler):
     prefix = f"t-{uuid.uuid4().hex[:10]}"
     objects = crops(photos, f"{IMAGES_BUCKET}/{prefix}/in/{{:03d}}.jpg", 60)
     good = next(iter(objects.values()))
@@ -72,7 +72,6 @@ def test_workers_label_a_bucket_prefix_exactly_once(redis_url, start_worker, s3_
     objects[f"{IMAGES_BUCKET}/{prefix}/out/outside.jpg"] = good
     objects[f"{PRIVATE_BUCKET}/{prefix}/denied.jpg"] = good
     s3_server.client().pipe(objects)
-    use_server(s3_server, monkeypatch)
     roots = ["--allowed-root", f"s3://{IMAGES_BUCKET}/{prefix}/in/", "--allowed-root", f"s3://{PRIVATE_BUCKET}/{prefix}/"]
     # worker_env passes no LABELER_ variable of this process: the endpoint goes as a setting.
     start_worker(redis_url, "w1", roots, s3_endpoint_url=s3_server.endpoint)
@@ -100,7 +99,7 @@ def test_workers_label_a_bucket_prefix_exactly_once(redis_url, start_worker, s3_
 
 
 def test_a_run_writes_its_dataset_to_a_bucket_through_a_worker_killed_mid_run(
-    redis_url, start_worker, s3_server, photos, monkeypatch, tmp_path
+    redis_url, start_worker, s3_server, photos, as_labeler, tmp_path
 ):
     """Images and dataset both in buckets: a worker SIGKILLed while it holds a shard, the run still
     ends with one object per shard (deterministic names, no temporaries) and exactly one row per
@@ -113,7 +112,6 @@ def test_a_run_writes_its_dataset_to_a_bucket_through_a_worker_killed_mid_run(
     late_key = f"{IMAGES_BUCKET}/{prefix}/0007.jpg"
     late_bytes = images.pop(late_key)  # named by the run, uploaded only before the retry
     s3_server.client().pipe(images)
-    use_server(s3_server, monkeypatch)
     roots = ["--allowed-root", f"s3://{IMAGES_BUCKET}/{prefix}/"]
     settings = {"s3_endpoint_url": s3_server.endpoint, "output_roots": f"s3://{LABELS_BUCKET}/{prefix}/"}
     doomed = start_worker(redis_url, "b1", roots, concurrency=2, **settings)
@@ -163,7 +161,7 @@ def test_a_run_writes_its_dataset_to_a_bucket_through_a_worker_killed_mid_run(
     assert len(records[f"s3://{late_key}"]["labels"]) == 5
 
 
-def test_cli_enqueue_takes_bucket_inputs_and_a_bucket_output(redis_url, s3_server, photos, monkeypatch, tmp_path):
+def test_cli_enqueue_takes_bucket_inputs_and_a_bucket_output(redis_url, s3_server, photos, as_labeler, tmp_path):
     """`labeler enqueue` with a prefix listing, an @list and a Parquet manifest that live in a bucket
     (naming some objects twice), into `--output s3://...`: each object once in the shard lists
     stored in the bucket, one message per shard naming the canonical output URL, and no secret
@@ -180,7 +178,6 @@ def test_cli_enqueue_takes_bucket_inputs_and_a_bucket_output(redis_url, s3_serve
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"path": named[2:]}), manifest)
     admin.put_file(str(manifest), f"{IMAGES_BUCKET}/{prefix}/lists/m.parquet")
-    use_server(s3_server, monkeypatch)
     output = f"s3a://{LABELS_BUCKET}/{prefix}/runs/cli/"
     argv = ["enqueue", f"{base}/img/", f"@{base}/lists/list.txt", f"{base}/lists/m.parquet", "--run", "cli",
             "--output", output, "--broker", redis_url, "--queue", QUEUE, "--shard-size", "8", "--no-progress"]  # fmt: skip

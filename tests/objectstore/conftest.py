@@ -9,9 +9,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from objectstore_helpers import SeaweedS3, running_server
-
-from worker.runs import storage
+from objectstore_helpers import SeaweedS3, labeler_environment, running_server
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +33,5 @@ def s3_prefix() -> str:
 @pytest.fixture
 def labeler_s3_env(s3_server: SeaweedS3, monkeypatch) -> dict[str, str]:
     """This process's labeler code talks to the server as the read-only `labeler` identity."""
-    env = s3_server.env()
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    storage.clear_cache()
-    yield env
-    storage.clear_cache()
+    with labeler_environment(s3_server, monkeypatch) as env:
+        yield env

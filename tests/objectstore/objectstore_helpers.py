@@ -203,6 +203,23 @@ def running_server(data_dir: Path) -> Iterator[SeaweedS3]:
         server.stop()
 
 
+@contextmanager
+def labeler_environment(server: SeaweedS3, monkeypatch: Any) -> Iterator[dict[str, str]]:
+    """This process's labeler code (and the workers it starts, which inherit the environment) talks
+    to `server` as the `labeler` identity; the clients made meanwhile are forgotten at both ends,
+    so no other test reuses one made for these keys."""
+    from worker.runs import storage
+
+    env = server.env()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    storage.clear_cache()
+    try:
+        yield env
+    finally:
+        storage.clear_cache()
+
+
 class SlowLink:
     """A loopback TCP proxy in front of `port` that holds each chunk a client sends for `delay_s`
     before passing it on: a store one network round trip away, over real sockets (no mock).
