@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from common import cpu_name  # noqa: E402
 
-from worker.runs.dataset import ROWS_PER_GROUP, iter_records, write_shard  # noqa: E402
-from worker.runs.dataset_schema import DICTIONARY_COLUMNS, DatasetSpec, records_to_table  # noqa: E402
+from worker.dataset.files import ROWS_PER_GROUP, iter_records, write_shard  # noqa: E402
+from worker.dataset.schema import DICTIONARY_COLUMNS, DatasetSpec, records_to_table  # noqa: E402
 
 CLASSES = (REPO / "engine_build" / "data" / "imagenet_classes.txt").read_text().split()
 MODEL_SHA = "3f1c0a9b7e2d4c5f8a6b1e0d9c7f2a4b6e8d0c1f3a5b7d9e2c4f6a8b0d1e3f5a"

@@ -46,8 +46,8 @@ from common import (  # noqa: E402
 )
 
 from worker.client.enqueue import enqueue_run  # noqa: E402
-from worker.runs.dataset import iter_records  # noqa: E402
-from worker.runs.ledger import RunLedger  # noqa: E402
+from worker.dataset.files import iter_records  # noqa: E402
+from worker.ledger.ledger import RunLedger  # noqa: E402
 
 QUEUE = "labeler"
 

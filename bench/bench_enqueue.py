@@ -182,8 +182,8 @@ def key_bytes(client, key: str) -> int:
 def finish_every_shard(client, run: str, images_per_s: float = 3000.0, flush: int = 256) -> None:
     """What workers do to a run, without labeling: claim + finish each shard (the ledger's Lua) and the
     per-worker activity of each flush of `flush` records, two workers, at `images_per_s`."""
-    from worker.runs import activity
-    from worker.runs.ledger import RunLedger
+    from worker.ledger import activity
+    from worker.ledger.ledger import RunLedger
 
     ledger = RunLedger(client)
     now = time.time()

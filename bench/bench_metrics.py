@@ -29,8 +29,8 @@ from common import machine_description, make_photo_set  # noqa: E402
 from distributed_helpers import RedisServer  # noqa: E402
 
 from worker.celery_worker.metrics import WorkerMetrics  # noqa: E402
-from worker.runs import activity as activity_store  # noqa: E402
-from worker.runs.dataset import DatasetSpec, write_shard  # noqa: E402
+from worker.dataset.files import DatasetSpec, write_shard  # noqa: E402
+from worker.ledger import activity as activity_store  # noqa: E402
 
 
 def label_all(bundle: Path, paths: list[str], observer: WorkerMetrics | None) -> float:

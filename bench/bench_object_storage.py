@@ -36,9 +36,9 @@ from common import REPO, bundle_or_default, machine_description, machine_load, m
 sys.path.insert(0, str(REPO / "tests" / "objectstore"))
 from objectstore_helpers import IMAGES_BUCKET, running_server, slow_link  # noqa: E402
 
+from worker.dataset import storage  # noqa: E402
 from worker.local.run import run_local  # noqa: E402
 from worker.pipeline.build import ServiceConfig, build_service  # noqa: E402
-from worker.runs import storage  # noqa: E402
 
 WAYS = {"local": None, "bucket, old": 0, "bucket, fetch": 32}  # way -> fetch concurrency (None: files)
 

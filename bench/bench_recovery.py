@@ -62,8 +62,8 @@ def shard_states(ledger, run: str) -> dict[str, object]:
 def one_round(server: RedisServer, env: dict[str, str], tmp: Path, paths: list[str], shard_size: int,
               number: int, survivor: LabelerWorker) -> dict[str, float]:  # fmt: skip
     from worker.client.enqueue import enqueue_run
-    from worker.runs.dataset import iter_records
-    from worker.runs.ledger import RunLedger
+    from worker.dataset.files import iter_records
+    from worker.ledger.ledger import RunLedger
 
     client = server.client()
     ledger = RunLedger(client)

@@ -15,7 +15,7 @@ from worker.pipeline.decode_choice import create_stage
 from worker.pipeline.decode_stage import CpuDecodeStage
 from worker.runners.base import RunnerError
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
-from worker.runs.settings import Settings, SettingsError
+from worker.settings import Settings, SettingsError
 
 
 def test_a_cpu_worker_imports_the_pipeline_without_torch_or_nvimgcodec():

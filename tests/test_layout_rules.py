@@ -1,8 +1,8 @@
 """The house rules, checked on the code's own imports (every import, lazy ones inside functions too).
 
 - Only the command line (`worker/cli/`) may import `engine_build`: the runtime gets a bundle path.
-- `worker/client/` never imports the Celery worker or the pipeline, and `worker/runs/` (the Redis
-  contract) imports neither Celery nor OpenCV nor the pipeline: a machine that only enqueues and
+- `worker/client/` never imports the Celery worker or the pipeline, and `worker/ledger/` (the Redis
+  contract) and `worker/dataset/` (the dataset on storage) imports neither Celery nor OpenCV nor the pipeline: a machine that only enqueues and
   reads results needs no engine, no OpenCV and no worker.
 - Nothing below the command line imports it.
 """
@@ -25,8 +25,10 @@ RULES = [
     ("worker/runners", ("engine_build", "worker.cli", "worker.pipeline", "worker.celery_worker", "celery")),
     ("worker/local", ("engine_build", "worker.cli", "worker.celery_worker", "worker.client", "celery")),
     ("worker/celery_worker", ("engine_build", "worker.cli", "worker.client")),
-    ("worker/runs", ("engine_build", "worker.cli", "worker.pipeline", "worker.celery_worker", "worker.client",
-                     "worker.runners", "celery", "cv2")),
+    ("worker/ledger", ("engine_build", "worker.cli", "worker.pipeline", "worker.celery_worker", "worker.client",
+                       "worker.runners", "celery", "cv2")),
+    ("worker/dataset", ("engine_build", "worker.cli", "worker.pipeline", "worker.celery_worker", "worker.client",
+                        "worker.runners", "worker.ledger", "celery", "cv2", "redis")),
     ("worker/client", ("engine_build", "worker.cli", "worker.celery_worker", "worker.pipeline", "worker.runners",
                        "celery", "cv2")),
     ("worker/records.py", ("engine_build", "worker.")),
@@ -84,13 +86,13 @@ def test_engine_build_is_imported_only_by_the_command_line() -> None:
 
 def test_the_checker_sees_lazy_and_relative_imports() -> None:
     """A rule that can never fail is no rule: plant each kind of import and see it caught."""
-    planted = REPO / "worker" / "runs" / "_planted_for_test.py"
+    planted = REPO / "worker" / "ledger" / "_planted_for_test.py"
     planted.write_text(
         "def later():\n    from engine_build.weights import random_weights\n\n"
         "from ..pipeline import service\nimport cv2 as opencv\n"
     )
     try:
-        found = violations("worker/runs", ("engine_build", "worker.pipeline", "cv2"))
+        found = violations("worker/ledger", ("engine_build", "worker.pipeline", "cv2"))
     finally:
         planted.unlink()
     assert sorted(hit.split(" imports ")[1] for hit in found) == [
@@ -116,8 +118,8 @@ def test_client_side_loads_without_opencv_celery_or_an_engine() -> None:
     and engine_build made unimportable."""
     code = (
         "import worker.client.enqueue, worker.client.export, worker.client.retry, worker.client.status\n"
-        "import worker.client.report, worker.runs.ledger, worker.runs.activity, worker.runs.protocol\n"
-        "import worker.runs.settings, worker.runs.dataset, worker.runs.shard_list\n"
+        "import worker.client.report, worker.ledger.ledger, worker.ledger.activity, worker.ledger.protocol\n"
+        "import worker.settings, worker.dataset.files, worker.dataset.shard_list\n"
         "print('ok')\n"
     )
     assert run_without(("cv2", "celery", "onnxruntime", "engine_build", "torch"), code).strip() == "ok"

@@ -11,8 +11,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from worker.ledger.protocol import PATHS_TASK, SHARD_TASK, paths_message, shard_message
 from worker.records import ErrorCode, error_record, label_record
-from worker.runs.protocol import PATHS_TASK, SHARD_TASK, paths_message, shard_message
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "queue-contract.md"
 

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from test_service import lost_gpu_runner
 
 from worker.cli import main
+from worker.dataset.files import iter_records, shard_files
 from worker.local.dataset_run import DatasetExists, run_local_dataset
 from worker.pipeline.service import LabelingService, ServiceOptions
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
-from worker.runs.dataset import iter_records, shard_files
 
 OPTIONS = ServiceOptions(max_batch_size=2, max_wait_s=0.0, decode_threads=1, max_in_flight=4)
 

@@ -10,7 +10,7 @@ import pytest
 
 from worker.pipeline.build import ServiceConfig, build_service, create_service_runner
 from worker.runners.base import RunnerError
-from worker.runs.settings import Settings
+from worker.settings import Settings
 from worker.sidecar import ModelSpec
 
 

@@ -1,6 +1,6 @@
 """Print the bundle a GPU worker should serve, building its TensorRT engine first if none fits.
 
-Run by gpu-entrypoint.sh before `labeler worker`. The mounted bundle (LABELER_MODEL, read through worker/runs/settings.py) is read-only:
+Run by gpu-entrypoint.sh before `labeler worker`. The mounted bundle (LABELER_MODEL, read through worker/settings.py) is read-only:
 if it already holds an engine for this GPU model, TensorRT version and precision, it is served as
 is. Otherwise the bundle is copied (without its engines) into ENGINE_CACHE_DIR, keyed by the
 model's checksum, and the engine is built there once; later starts on the same node (and the
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
 
     from engine_build.tensorrt_engine import EngineSettings, build_engine
     from worker.runners.gpu_info import visible_gpu
-    from worker.runs.settings import Settings
+    from worker.settings import Settings
 
     config = Settings.from_env()
     source = Path(config.model or "/models/bundle")

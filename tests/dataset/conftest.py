@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from dataset_records import MODEL_SHA
 
-from worker.runs.dataset_schema import DatasetSpec
+from worker.dataset.schema import DatasetSpec
 
 
 @pytest.fixture

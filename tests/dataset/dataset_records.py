@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from worker.runs.dataset_schema import DatasetSpec
+from worker.dataset.schema import DatasetSpec
 
 CLASSES = (Path(__file__).parents[2] / "engine_build" / "data" / "imagenet_classes.txt").read_text().split()
 MODEL_SHA = hashlib.sha256(b"resnet50 test bundle").hexdigest()
@@ -42,7 +42,7 @@ def make_records(
 
 def write_repeatedly(out: str, worker: str, start: Any, rounds: int) -> None:
     """One of several processes writing the same shard at once: wait at `start`, write `rounds` times."""
-    from worker.runs.dataset import write_shard
+    from worker.dataset.files import write_shard
 
     records = make_records(2000, seed=11)
     start.wait()

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from dataset_records import MODEL_SHA, make_records, write_repeatedly
 
-from worker.runs.dataset import (
+from worker.dataset.files import (
     ROWS_PER_GROUP,
     DatasetError,
     iter_batches,
@@ -35,8 +35,8 @@ from worker.runs.dataset import (
     shard_path,
     write_shard,
 )
-from worker.runs.dataset_manifest import read_manifest, write_manifest
-from worker.runs.dataset_schema import SCHEMA_VERSION, VERSION_KEY, DatasetSpec, dataset_schema
+from worker.dataset.manifest import read_manifest, write_manifest
+from worker.dataset.schema import SCHEMA_VERSION, VERSION_KEY, DatasetSpec, dataset_schema
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
@@ -221,7 +221,7 @@ def test_a_bad_spec_is_refused(fields, message):
 
 def test_the_dataset_modules_load_without_celery_or_the_engine():
     probe = (
-        "import sys, worker.runs.dataset, worker.runs.dataset_manifest; "
+        "import sys, worker.dataset.files, worker.dataset.manifest; "
         "print(sorted(m for m in ('celery', 'worker.service', 'worker.preprocess', 'cv2', 'onnxruntime') "
         "if m in sys.modules))"
     )
@@ -340,10 +340,10 @@ KILL_BEFORE_RENAME = textwrap.dedent(
     """
     import os, signal, sys
     from datetime import UTC, datetime
-    import worker.runs.atomic as atomic
+    import worker.dataset.atomic as atomic
     from dataset_records import MODEL_SHA, make_records, write_repeatedly
-    from worker.runs.dataset import write_shard
-    from worker.runs.dataset_schema import DatasetSpec
+    from worker.dataset.files import write_shard
+    from worker.dataset.schema import DatasetSpec
 
     atomic.os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
     write_shard(sys.argv[1], "000001", make_records(500, seed=9), DatasetSpec(MODEL_SHA, "fp32"), worker="killed")

@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from worker.runs.settings import Settings
+from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

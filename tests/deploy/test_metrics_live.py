@@ -53,7 +53,7 @@ def test_worker_metrics_endpoint_counts_the_run(labeled_run) -> None:
 
 
 def test_worker_activity_is_recorded_per_worker(labeled_run, redis_server) -> None:
-    from worker.runs.activity import timeline, worker_activity
+    from worker.ledger.activity import timeline, worker_activity
 
     client = redis_server.client()
     workers = worker_activity(client, "labeler", labeled_run["run"])

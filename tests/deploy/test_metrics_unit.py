@@ -114,7 +114,7 @@ def test_metrics_endpoint_reports_a_taken_port() -> None:
 
 
 def test_worker_lines_show_rate_and_last_record() -> None:
-    from worker.runs.activity import WorkerActivity, format_workers
+    from worker.ledger.activity import WorkerActivity, format_workers
 
     workers = [
         WorkerActivity("labeler-gpu0@node1", 1000, 3, 100.0, 110.0),

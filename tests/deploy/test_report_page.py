@@ -6,8 +6,8 @@ from collections import Counter
 
 from worker.client.report.data import ReportData, rebucket
 from worker.client.report.page import render_report
-from worker.runs.activity import WorkerActivity
-from worker.runs.ledger import RunStatus
+from worker.ledger.activity import WorkerActivity
+from worker.ledger.ledger import RunStatus
 
 
 def test_rebucket_fills_gaps_and_converts_to_rates() -> None:

@@ -1,4 +1,4 @@
-"""One table of settings (docs/settings.md) that matches worker/runs/settings.py, and deploy/ files
+"""One table of settings (docs/settings.md) that matches worker/settings.py, and deploy/ files
 that only pass the worker settings and flags the code reads."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import click
 import yaml
 
 from worker.cli import main
-from worker.runs.settings import Settings, env_name
+from worker.settings import Settings, env_name
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -41,7 +41,7 @@ def test_settings_table_lists_every_setting_with_its_default() -> None:
     defaults = Settings().env()
     for name, (_flags, default) in rows.items():
         expected = f"`{defaults[name]}`" if defaults[name] else "(empty)"
-        assert default == expected, f"{name}: table says {default}, worker/runs/settings.py says {expected}"
+        assert default == expected, f"{name}: table says {default}, worker/settings.py says {expected}"
 
 
 def test_settings_table_flags_exist_on_the_commands_named() -> None:
@@ -124,7 +124,7 @@ def test_deploy_passes_only_settings_the_code_reads() -> None:
     found = worker_env_vars()
     assert {"LABELER_BROKER_URL", "LABELER_MODEL", "LABELER_METRICS_PORT"} <= set(found)
     unknown = {name: sorted(where) for name, where in found.items() if name not in SETTING_NAMES}
-    assert not unknown, f"deploy/ sets variables worker/runs/settings.py does not read: {unknown}"
+    assert not unknown, f"deploy/ sets variables worker/settings.py does not read: {unknown}"
 
 
 def test_deploy_values_parse_as_settings() -> None:

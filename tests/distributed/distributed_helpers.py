@@ -226,7 +226,7 @@ def run_output(run: str) -> Path:
 
 def dataset_records(run: str, output: str | Path | None = None) -> list[dict]:
     """The rows of a run's dataset: in OUTPUT_ROOT/runs/<run>, or in `output` (a folder or URL)."""
-    from worker.runs.dataset import iter_records
+    from worker.dataset.files import iter_records
 
     return list(iter_records(output or run_output(run)))
 

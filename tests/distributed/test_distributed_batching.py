@@ -12,7 +12,7 @@ import threading
 from worker.celery_worker.app import app, configure
 from worker.celery_worker.job import PathsJob
 from worker.celery_worker.tasks import LabelerTask
-from worker.runs.settings import Settings
+from worker.settings import Settings
 
 
 def test_concurrent_jobs_share_engine_batches(redis_url, tiny_bundle, small_jpegs) -> None:

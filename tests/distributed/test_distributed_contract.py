@@ -30,7 +30,7 @@ from distributed_helpers import (
 )
 
 from worker.cli import main
-from worker.runs.ledger import RunLedger
+from worker.ledger.ledger import RunLedger
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def test_foreign_producer_submits_a_shard_into_a_runs_dataset(contract_worker, r
 
 def test_celery_caller_waits_on_its_own_result(contract_worker, redis_server, small_jpegs) -> None:
     from worker.celery_worker.app import create_app
-    from worker.runs.settings import Settings
+    from worker.settings import Settings
 
     app = create_app(Settings(broker_url=redis_server.url, queue=QUEUE))
     summary = app.send_task("labeler.label_paths.v2", kwargs={"paths": small_jpegs[9:11]}).get(timeout=60)
@@ -172,7 +172,7 @@ def test_pickled_message_is_rejected_and_never_runs(
 
 def test_malformed_jobs_fail_clearly_without_harming_the_worker(contract_worker, redis_server, small_jpegs) -> None:
     from worker.celery_worker.app import create_app
-    from worker.runs.settings import Settings
+    from worker.settings import Settings
 
     app = create_app(Settings(broker_url=redis_server.url, queue=QUEUE))
     bad = [

@@ -10,7 +10,7 @@ import redis
 from distributed_helpers import assert_exactly_once, dataset_records, enqueue, wait_for, wait_run_done
 
 from worker.celery_worker.health import EXIT_ENGINE_BROKEN
-from worker.runs.ledger import RunLedger
+from worker.ledger.ledger import RunLedger
 
 pytestmark = pytest.mark.slow
 

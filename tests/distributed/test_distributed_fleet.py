@@ -24,7 +24,7 @@ from distributed_helpers import (
 )
 
 from worker.cli import main
-from worker.runs.ledger import RunLedger
+from worker.ledger.ledger import RunLedger
 
 pytestmark = pytest.mark.slow
 

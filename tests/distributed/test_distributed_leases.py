@@ -13,7 +13,7 @@ import pytest
 import redis
 from distributed_helpers import assert_exactly_once, enqueue, run_output, wait_for, wait_run_done
 
-from worker.runs.ledger import RunLedger
+from worker.ledger.ledger import RunLedger
 
 pytestmark = pytest.mark.slow
 

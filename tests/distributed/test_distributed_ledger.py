@@ -16,12 +16,12 @@ import redis
 from worker.client.enqueue import EnqueueError, enqueue_run
 from worker.client.export import ExportError, export_records
 from worker.client.status import RateMeter, follow, format_status
+from worker.dataset.shard_list import ShardListError, read_index, shard_paths, stored_root_shards
+from worker.ledger.keys import RunNameError, check_run_name
+from worker.ledger.ledger import RunLedger, RunStatus
+from worker.ledger.protocol import SHARD_TASK, shard_message
 from worker.pipeline.inputs import InputError, iter_input_paths, unique_by_digest
-from worker.runs.keys import RunNameError, check_run_name
-from worker.runs.ledger import RunLedger, RunStatus
-from worker.runs.protocol import SHARD_TASK, shard_message
-from worker.runs.settings import Settings, SettingsError
-from worker.runs.shard_list import ShardListError, read_index, shard_paths, stored_root_shards
+from worker.settings import Settings, SettingsError
 
 OWNER_A, OWNER_B = "a@host#1", "b@host#2"
 

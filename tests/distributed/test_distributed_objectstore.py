@@ -39,9 +39,9 @@ from objectstore_helpers import (  # noqa: E402
 
 from worker.cli import main  # noqa: E402
 from worker.client.enqueue import enqueue_run  # noqa: E402
+from worker.dataset.shard_list import shard_paths  # noqa: E402
+from worker.ledger.ledger import RunLedger  # noqa: E402
 from worker.pipeline.inputs import iter_input_paths  # noqa: E402
-from worker.runs.ledger import RunLedger  # noqa: E402
-from worker.runs.shard_list import shard_paths  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

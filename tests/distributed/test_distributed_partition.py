@@ -54,8 +54,8 @@ from distributed_helpers import (
     worker_env,
 )
 
-from worker.runs.dataset import labels_dir, shard_files, shard_path
-from worker.runs.ledger import RunLedger, ShardState
+from worker.dataset.files import labels_dir, shard_files, shard_path
+from worker.ledger.ledger import RunLedger, ShardState
 
 pytestmark = pytest.mark.slow
 

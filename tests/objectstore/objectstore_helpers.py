@@ -208,7 +208,7 @@ def labeler_environment(server: SeaweedS3, monkeypatch: Any) -> Iterator[dict[st
     """This process's labeler code (and the workers it starts, which inherit the environment) talks
     to `server` as the `labeler` identity; the clients made meanwhile are forgotten at both ends,
     so no other test reuses one made for these keys."""
-    from worker.runs import storage
+    from worker.dataset import storage
 
     env = server.env()
     for name, value in env.items():

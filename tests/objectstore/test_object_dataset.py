@@ -23,8 +23,8 @@ def labeler(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def test_a_dataset_written_to_a_bucket_and_resumed_from_it(
     s3_server, s3_admin, s3_prefix, photo_dir, tiny_bundle, labeler_s3_env
 ):
-    from worker.runs.dataset import iter_records
-    from worker.runs.object_path import ObjectPath
+    from worker.dataset.files import iter_records
+    from worker.dataset.object_path import ObjectPath
 
     names = sorted(p.name for p in photo_dir.glob("*.jpg") if "_large" not in p.name)
     s3_admin.pipe({f"{IMAGES_BUCKET}/{s3_prefix}/in/{n}": (photo_dir / n).read_bytes() for n in names})

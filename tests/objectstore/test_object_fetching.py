@@ -11,12 +11,12 @@ import cv2
 import pytest
 from objectstore_helpers import IMAGES_BUCKET, PRIVATE_BUCKET, slow_link
 
+from worker.dataset import storage
+from worker.dataset.storage import DEFAULT_FETCH_CONCURRENCY
 from worker.pipeline.reading import ReadPolicy
 from worker.pipeline.service import LabelingService, ServiceOptions
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
-from worker.runs import storage
-from worker.runs.settings import Settings
-from worker.runs.storage import DEFAULT_FETCH_CONCURRENCY
+from worker.settings import Settings
 
 DECODE_THREADS = 2
 FETCH = 8

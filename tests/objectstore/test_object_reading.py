@@ -12,10 +12,10 @@ import time
 import pytest
 from objectstore_helpers import IMAGES_BUCKET, PRIVATE_BUCKET, free_ports
 
+from worker.dataset import storage
 from worker.pipeline.errors import ImageError
 from worker.pipeline.reading import ReadPolicy, read_image_bytes
 from worker.records import ErrorCode
-from worker.runs import storage
 
 
 def code_of(url: str, policy: ReadPolicy) -> str:
@@ -102,7 +102,7 @@ def test_without_the_client_package_a_clear_error(monkeypatch, missing):
 
 
 def test_allowed_roots_setting_keeps_urls_whole():
-    from worker.runs.settings import Settings
+    from worker.settings import Settings
 
     settings = Settings.from_env({"LABELER_ALLOWED_ROOTS": "/data:s3://images/in/:/more"})
     assert settings.allowed_roots == ("/data", "s3://images/in/", "/more")

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from worker.cli import main
-from worker.runs import storage
-from worker.runs.dataset import iter_records
-from worker.runs.dataset_manifest import read_manifest
+from worker.dataset import storage
+from worker.dataset.files import iter_records
+from worker.dataset.manifest import read_manifest
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The Celery app: `celery -A worker.celery_worker.app worker` (or `-A worker.app`), or `labeler worker`.
 
-Configured from `worker.runs.settings` only. The choices that make "every image labeled exactly once"
+Configured from `worker.settings` only. The choices that make "every image labeled exactly once"
 hold are here: JSON only (a pickled message is rejected unread), late acks with a prefetch of one,
 requeue when a worker is lost, one visibility timeout for broker and result backend, and a threads
 pool so every job of a process shares one engine (and no CUDA context ever meets a fork).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker.runs.settings import Settings
+from worker.settings import Settings
 
 __all__ = ["app", "create_app"]
 

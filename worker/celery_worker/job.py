@@ -29,9 +29,7 @@ from celery.exceptions import Reject
 
 from worker.celery_worker.process import WorkerProcess
 from worker.celery_worker.redis_retry import REDIS_ERRORS, with_redis_retry
-from worker.pipeline.service import LabelingService, ServiceFailed
-from worker.records import ErrorCode, Record, error_code, error_record, is_engine_failure, is_error
-from worker.runs.dataset import (
+from worker.dataset.files import (
     DatasetError,
     DatasetSpec,
     check_shard_id,
@@ -39,12 +37,9 @@ from worker.runs.dataset import (
     shard_path,
     write_shard,
 )
-from worker.runs.dataset_manifest import write_manifest
-from worker.runs.keys import check_run_name
-from worker.runs.object_path import ObjectPath, canonical_output
-from worker.runs.protocol import shard_message
-from worker.runs.settings import output_roots
-from worker.runs.shard_list import (
+from worker.dataset.manifest import write_manifest
+from worker.dataset.object_path import ObjectPath, canonical_output
+from worker.dataset.shard_list import (
     ShardListError,
     children,
     halves,
@@ -52,7 +47,12 @@ from worker.runs.shard_list import (
     shard_paths,
     write_shard_paths,
 )
-from worker.runs.storage import is_under, is_url, url_is_under
+from worker.dataset.storage import is_under, is_url, url_is_under
+from worker.ledger.keys import check_run_name
+from worker.ledger.protocol import shard_message
+from worker.pipeline.service import LabelingService, ServiceFailed
+from worker.records import ErrorCode, Record, error_code, error_record, is_engine_failure, is_error
+from worker.settings import output_roots
 
 log = logging.getLogger(__name__)
 

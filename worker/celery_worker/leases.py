@@ -1,6 +1,6 @@
 """Leases of the shards a worker process runs, and the sweep that gives a lost worker's shards back.
 
-Each running shard is held under a lease in Redis (runs/ledger.py). The keeper's heartbeat thread
+Each running shard is held under a lease in Redis (ledger/ledger.py). The keeper's heartbeat thread
 renews every lease this process holds each `heartbeat_s`, however slowly its images go, so a
 living worker never loses a shard to a second one; a shard whose renewal is refused (its lease
 lapsed while this worker was cut off, and another took it) is marked lost, and its job then
@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import redis
 
-from worker.runs.ledger import RunLedger
-from worker.runs.protocol import shard_message
+from worker.ledger.ledger import RunLedger
+from worker.ledger.protocol import shard_message
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from celery import Celery
 from worker.celery_worker.health import EngineHealth
 from worker.celery_worker.leases import LeaseKeeper, Sweeper
 from worker.celery_worker.metrics import WorkerMetrics, default_hostname
+from worker.ledger import activity
+from worker.ledger.ledger import RunLedger
+from worker.ledger.redis_client import connect
 from worker.pipeline.build import ServiceConfig, build_service
 from worker.pipeline.service import LabelingService
-from worker.runs import activity
-from worker.runs.ledger import RunLedger
-from worker.runs.redis_client import connect
-from worker.runs.settings import Settings
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, w
 from worker.celery_worker.app import app
 from worker.celery_worker.job import BadJob, PathsJob, ShardJob
 from worker.celery_worker.process import WorkerProcess
-from worker.runs.keys import RunNameError
-from worker.runs.protocol import PATHS_TASK, RETIRED_TASKS, SHARD_TASK
+from worker.ledger.keys import RunNameError
+from worker.ledger.protocol import PATHS_TASK, RETIRED_TASKS, SHARD_TASK
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What the commands that talk to Redis share: settings with flag overrides, and opening a run.
 
-Every such command takes `--broker URL` and otherwise reads LABELER_BROKER_URL (worker/runs/settings.py
+Every such command takes `--broker URL` and otherwise reads LABELER_BROKER_URL (worker/settings.py
 has every setting). Redis errors (auth, connection, TLS) become a one-line message, never a traceback
 with the URL in it.
 """
@@ -12,9 +12,9 @@ import dataclasses
 import click
 import redis
 
-from worker.runs.ledger import RunLedger
-from worker.runs.redis_client import connect
-from worker.runs.settings import Settings, SettingsError
+from worker.ledger.ledger import RunLedger
+from worker.ledger.redis_client import connect
+from worker.settings import Settings, SettingsError
 
 BROKER_HELP = "Redis URL (broker and results); default: $LABELER_BROKER_URL."
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from worker.cli.bundle import resolve_bundle
-from worker.runs.object_path import ObjectPath
-from worker.runs.storage import DEFAULT_FETCH_CONCURRENCY, is_url
+from worker.dataset.object_path import ObjectPath
+from worker.dataset.storage import DEFAULT_FETCH_CONCURRENCY, is_url
 from worker.sidecar import ModelSpec, summarize
 
 
@@ -208,10 +208,10 @@ def _run_into_dataset(
 ) -> None:  # fmt: skip
     from tqdm import tqdm
 
+    from worker.dataset.shard_list import ShardListError
     from worker.local.dataset_run import DatasetExists, run_local_dataset
     from worker.pipeline.inputs import InputError, iter_input_paths
     from worker.runners import RunnerError
-    from worker.runs.shard_list import ShardListError
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=None, unit="img", disable=not show, dynamic_ncols=True, smoothing=0.1)

@@ -1,7 +1,7 @@
 """`labeler enqueue | status | results | retry`: a distributed run from the client's side.
 
 Every command that talks to Redis takes `--broker URL` and otherwise reads LABELER_BROKER_URL
-(see worker/runs/settings.py for every setting).
+(see worker/settings.py for every setting).
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ def enqueue_command(
     from tqdm import tqdm
 
     from worker.client.enqueue import EnqueueError, enqueue_run
+    from worker.dataset.shard_list import ShardListError
+    from worker.dataset.storage import StorageUnavailable
+    from worker.ledger.keys import RunNameError
     from worker.pipeline.inputs import InputError, can_repeat, iter_input_paths, unique_by_digest
-    from worker.runs.keys import RunNameError
-    from worker.runs.settings import output_roots
-    from worker.runs.shard_list import ShardListError
-    from worker.runs.storage import StorageUnavailable
+    from worker.settings import output_roots
 
     settings = load_settings(broker_url=broker, queue=queue, shard_size=shard_size, max_queued_jobs=max_queued)
     run = run_name or time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(3).hex()
@@ -147,7 +147,7 @@ def _follow(settings, run: str, interval: float, bar_wanted: bool) -> None:
 def status_command(run: str, broker: str | None, watch: bool, interval: float, as_json: bool) -> None:
     """Show a run's total, done, failed, pending, images/s and ETA, and each worker's throughput."""
     from worker.client.status import follow, format_status
-    from worker.runs.activity import worker_activity
+    from worker.ledger.activity import worker_activity
 
     settings = load_settings(broker_url=broker)
     store = open_run(settings, run)
@@ -191,7 +191,7 @@ def results_command(run: str, out_path: Path, broker: str | None, errors_only: b
     """Stream every row of RUN's dataset to one file (format by extension), in constant memory.
     The dataset itself (OUTPUT/labels/*.parquet) reads as one table in DuckDB, pandas or pyarrow."""
     from worker.client.export import ExportError, export_records, format_for
-    from worker.runs.dataset import iter_records
+    from worker.dataset.files import iter_records
 
     settings = load_settings(broker_url=broker)
     try:

@@ -11,7 +11,7 @@ import click
 
 from worker.cli.bundle import resolve_bundle
 from worker.cli.common import BROKER_HELP, load_settings
-from worker.runs.storage import is_url
+from worker.dataset.storage import is_url
 
 log = logging.getLogger(__name__)
 

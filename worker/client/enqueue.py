@@ -16,11 +16,11 @@ from itertools import islice
 
 import redis
 
-from worker.runs.keys import check_run_name
-from worker.runs.ledger import RunLedger
-from worker.runs.object_path import as_location, canonical_output
-from worker.runs.protocol import shard_message
-from worker.runs.shard_list import cut_shards
+from worker.dataset.object_path import as_location, canonical_output
+from worker.dataset.shard_list import cut_shards
+from worker.ledger.keys import check_run_name
+from worker.ledger.ledger import RunLedger
+from worker.ledger.protocol import shard_message
 
 ENQUEUE_LEASE_S = 60.0  # renewed every batch and backpressure poll; a killed enqueue lapses
 PUBLISH_BATCH = 16  # shards per ledger round trip (80k paths at the default size: workers start early)

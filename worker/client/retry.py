@@ -15,8 +15,8 @@ from itertools import islice
 
 import redis
 
-from worker.runs.ledger import RunLedger
-from worker.runs.protocol import shard_message
+from worker.ledger.ledger import RunLedger
+from worker.ledger.protocol import shard_message
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from worker.runs.activity import WorkerActivity, format_workers
-from worker.runs.ledger import RunLedger, RunStatus
+from worker.ledger.activity import WorkerActivity, format_workers
+from worker.ledger.ledger import RunLedger, RunStatus
 
 
 class RateMeter:

@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from worker.dataset.files import DatasetError, DatasetSpec, iter_records, shard_files, write_shard
+from worker.dataset.manifest import check_columns, write_manifest
+from worker.dataset.object_path import ObjectPath, as_location
+from worker.dataset.shard_list import cut_shards, stored_root_shards
 from worker.local.run import RunSummary
 from worker.pipeline.service import LabelingService, ServiceFailed
 from worker.records import Record, error_code, is_engine_failure, is_error
-from worker.runs.dataset import DatasetError, DatasetSpec, iter_records, shard_files, write_shard
-from worker.runs.dataset_manifest import check_columns, write_manifest
-from worker.runs.object_path import ObjectPath, as_location
-from worker.runs.shard_list import cut_shards, stored_root_shards
 
 DEFAULT_SHARD_SIZE = 5000
 _DONE = object()

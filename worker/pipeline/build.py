@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from worker.dataset.storage import DEFAULT_FETCH_CONCURRENCY
 from worker.pipeline.decode_choice import create_stage
 from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS
 from worker.pipeline.reading import DEFAULT_MAX_BYTES, ReadPolicy
 from worker.pipeline.service import LabelingService, ServiceObserver, ServiceOptions
 from worker.runners.base import Runner, RunnerError
-from worker.runs.storage import DEFAULT_FETCH_CONCURRENCY
 
 
 @dataclass(frozen=True)

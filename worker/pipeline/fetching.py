@@ -6,7 +6,7 @@ thread per core) a worker had only as many requests in flight as cores, and its 
 round trips. Here each URL is read on a pool of `concurrency` threads, and only its bytes go on to
 the decode pool; local paths skip this stage. The threads hold no sockets of their own: s3fs runs
 every call as a coroutine on fsspec's one IO loop, so the requests share one client and its
-connection pool (`max_pool_connections`, set to match in worker/runs/storage.py).
+connection pool (`max_pool_connections`, set to match in worker/dataset/storage.py).
 
 The read is `read_image_bytes`, the very function the decode threads used: the allowed-root check,
 the HEAD for the size cap, the ranged GET, the retries and the error codes are unchanged. The
@@ -21,9 +21,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from worker.dataset.storage import is_url, reserve_connections
 from worker.pipeline.errors import ImageError, unexpected_error
 from worker.pipeline.reading import ReadPolicy, read_image_bytes
-from worker.runs.storage import is_url, reserve_connections
 
 log = logging.getLogger(__name__)
 

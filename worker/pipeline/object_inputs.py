@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+from worker.dataset.storage import StorageUnavailable, filesystem_for, join_url, split_url
 from worker.pipeline.inputs import (
     IMAGE_EXTENSIONS,
     MANIFEST_EXTENSIONS,
@@ -25,7 +26,6 @@ from worker.pipeline.inputs import (
     iter_manifest_values,
     parquet_column,
 )
-from worker.runs.storage import StorageUnavailable, filesystem_for, join_url, split_url
 
 LIST_PAGE_SIZE = 1000  # S3's own maximum per ListObjectsV2 page
 

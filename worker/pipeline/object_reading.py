@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import time
 
-from worker.pipeline.errors import ImageError
-from worker.records import ErrorCode
-from worker.runs.storage import (
+from worker.dataset.storage import (
     StorageUnavailable,
     canonical_url,
     filesystem_for,
     has_unsafe_segments,
     url_is_under,
 )
+from worker.pipeline.errors import ImageError
+from worker.records import ErrorCode
 
 DEFAULT_READ_ATTEMPTS = 3
 DEFAULT_BACKOFF_S = 0.25

@@ -15,9 +15,9 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from worker.dataset.storage import canonical_url, is_under, is_url
 from worker.pipeline.errors import ImageError
 from worker.records import ErrorCode
-from worker.runs.storage import canonical_url, is_under, is_url
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from worker.dataset.storage import DEFAULT_FETCH_CONCURRENCY
 from worker.machine import usable_cores
 from worker.pipeline.batcher import STOP, collect_batch
 from worker.pipeline.decode_stage import CpuDecodeStage, DecodeStage, Deferred
@@ -47,7 +48,6 @@ from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
 from worker.pipeline.reading import ReadPolicy, read_image_bytes
 from worker.records import ErrorCode, error_record, label_record
 from worker.runners.base import PendingInference, Runner
-from worker.runs.storage import DEFAULT_FETCH_CONCURRENCY
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from worker.dataset.files import iter_records
+from worker.ledger import activity as activity_store
+from worker.ledger.activity import WorkerActivity
+from worker.ledger.ledger import RunLedger, RunStatus
 from worker.records import error_code
-from worker.runs import activity as activity_store
-from worker.runs.activity import WorkerActivity
-from worker.runs.dataset import iter_records
-from worker.runs.ledger import RunLedger, RunStatus
 
 MAX_POINTS = 240  # throughput chart resolution; longer runs are put into wider buckets
 

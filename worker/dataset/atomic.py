@@ -3,7 +3,7 @@
 Write under a temporary name in the same folder, flush and fsync it, os.replace() it over the final
 name, then fsync the folder so the rename itself survives a power cut. Readers only ever see the old
 file or the new one; a writer killed before the rename leaves a temporary file nobody reads.
-In object storage (worker/runs/object_path.py) the same promise is one PUT of the whole file.
+In object storage (worker/dataset/object_path.py) the same promise is one PUT of the whole file.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from worker.runs.object_path import ObjectPath
+from worker.dataset.object_path import ObjectPath
 
 TEMP_SUFFIX = ".tmp"
 

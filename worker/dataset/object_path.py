@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from worker.runs.storage import filesystem_for, is_url, split_url
+from worker.dataset.storage import filesystem_for, is_url, split_url
 
 SINGLE_PUT_LIMIT = 5 * 2**30 - 1  # S3's largest single PUT
 

@@ -19,9 +19,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.runs.atomic import atomic_write, ensure_dir
-from worker.runs.dataset import check_shard_id, shard_sort_key
-from worker.runs.object_path import ObjectPath, as_location
+from worker.dataset.atomic import atomic_write, ensure_dir
+from worker.dataset.files import check_shard_id, shard_sort_key
+from worker.dataset.object_path import ObjectPath, as_location
 
 SHARDS_DIR = "shards"
 INDEX_FILE = "index.json"

@@ -6,7 +6,7 @@ instead of adding rows. The folder is a plain Parquet dataset: pyarrow, pandas a
 (`SELECT ... FROM 'DIR/labels/*.parquet'`) read it without this module. Schema: docs/dataset.md.
 
 Needs only pyarrow (and NumPy): it loads on a client machine without Celery or the engine.
-DIR may be an object URL (`s3://bucket/prefix/`): each file is then one PUT (worker/runs/object_path.py).
+DIR may be an object URL (`s3://bucket/prefix/`): each file is then one PUT (worker/dataset/object_path.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from worker.runs.atomic import TEMP_SUFFIX, atomic_write, ensure_dir, fsync_dir, temp_glob
-from worker.runs.dataset_schema import (
+from worker.dataset.atomic import TEMP_SUFFIX, atomic_write, ensure_dir, fsync_dir, temp_glob
+from worker.dataset.object_path import ObjectPath, as_location, open_for_parquet
+from worker.dataset.schema import (
     DICTIONARY_COLUMNS,
     DatasetError,
     DatasetSpec,
@@ -32,7 +33,6 @@ from worker.runs.dataset_schema import (
     check_schema_version,
     records_to_table,
 )
-from worker.runs.object_path import ObjectPath, as_location, open_for_parquet
 
 LABELS_DIR = "labels"
 # A shard id: at least six zero-padded digits, then one ".0" / ".1" per bisection (000123.1.0).

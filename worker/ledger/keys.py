@@ -9,10 +9,10 @@ Keys (prefix `P`, default `labeler`; run name `R`):
   images, shards, done, failed, shards_done, first_record_at, last_record_at, enqueuing_until
   (while an enqueue runs: a lease it renews, removed when done). Counts move only when a shard is
   marked done, in Lua, atomically: exact under redelivery.
-- `P:run:R:shards`      hash, shard id -> the shard's state, a small JSON (runs/ledger.py).
+- `P:run:R:shards`      hash, shard id -> the shard's state, a small JSON (ledger/ledger.py).
 - `P:run:R:dead`        list of shards given up on (JSON: shard, run, reason, at).
 - `P:run:R:workers`     hash, `<worker>|images`, `<worker>|failed`, `<worker>|first_at`,
-  `<worker>|last_at` (worker = Celery node name): per-worker throughput (runs/activity.py).
+  `<worker>|last_at` (worker = Celery node name): per-worker throughput (ledger/activity.py).
 - `P:run:R:timeline`    hash, bucket start (epoch seconds) -> images written: the report's chart.
 
 Every key of a run shares `P:run:R:`, so deleting `P:run:R:*` removes the run.

@@ -15,16 +15,16 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from worker.runs.atomic import atomic_write
-from worker.runs.dataset import remove_shard, shard_files, shard_sort_key
-from worker.runs.dataset_schema import (
+from worker.dataset.atomic import atomic_write
+from worker.dataset.files import remove_shard, shard_files, shard_sort_key
+from worker.dataset.object_path import ObjectPath, as_location, file_size, open_for_parquet
+from worker.dataset.schema import (
     SCHEMA_VERSION,
     DatasetError,
     DatasetSpec,
     check_schema_version,
     dataset_schema,
 )
-from worker.runs.object_path import ObjectPath, as_location, file_size, open_for_parquet
 
 MANIFEST = "manifest.json"
 

@@ -2,7 +2,7 @@
 
 Records carry no timestamps and the run's meta hash only counts totals, so workers add, with each
 flush of records (one extra round trip per `LABELER_FLUSH_RECORDS` records), to the run's
-`workers` and `timeline` hashes (runs/keys.py). These count work done, so a job redelivered after
+`workers` and `timeline` hashes (ledger/keys.py). These count work done, so a job redelivered after
 a crash counts its rewritten records again; the run's own `done`/`failed` stay exact.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import redis
 
+from worker.ledger.keys import RunKeys
 from worker.records import is_error
-from worker.runs.keys import RunKeys
 
 BUCKET_S = 10
 

@@ -13,8 +13,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from worker.runs.object_path import canonical_output
-from worker.runs.storage import DEFAULT_FETCH_CONCURRENCY
+from worker.dataset.object_path import canonical_output
+from worker.dataset.storage import DEFAULT_FETCH_CONCURRENCY
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 _LIST_SEPARATOR = re.escape(os.pathsep) + "(?!//)"
@@ -59,7 +59,7 @@ class Settings:
     embeddings: bool = False  # records carry the 2048-d pooled features (needs a PyTorch-built bundle)
     max_bytes: int = 64 * 1024 * 1024
     # An S3-compatible store's endpoint (MinIO, SeaweedFS, Ceph); empty: AWS (or AWS_ENDPOINT_URL).
-    # Read by worker/runs/storage.py; credentials come from the standard AWS places, never from here.
+    # Read by worker/dataset/storage.py; credentials come from the standard AWS places, never from here.
     s3_endpoint_url: str = ""
     max_pixels: int = 128 * 1024 * 1024  # decompression-bomb guard: largest image decoded
     decode: str = "cpu"  # decode stage: cpu (OpenCV), gpu (nvImageCodec + torch-cuda), auto

@@ -1,6 +1,6 @@
 """The run ledger in Redis: per run and per shard only, never per image.
 
-A shard's state is one small JSON value in the run's `shards` hash (runs/keys.py):
+A shard's state is one small JSON value in the run's `shards` hash (ledger/keys.py):
 `{"s": state, "n": images, "l": labeled, "f": failed, "a": attempts, "o": owner, "u": lease until}`,
 state one of `queued`, `running`, `done`, `split`. Every transition is one Lua script, so two
 workers, a sweeper and a client can never both win one:
@@ -28,8 +28,8 @@ from typing import Any
 
 import redis
 
+from worker.ledger.keys import RunKeys, lease_member, leases_key, parse_lease_member, runs_key
 from worker.records import compact_json
-from worker.runs.keys import RunKeys, lease_member, leases_key, parse_lease_member, runs_key
 
 # KEYS: shards, meta. ARGV: now, then (shard id, images) pairs. New shards only; returns, per pair,
 # the shard's state after the call ("queued" for new ones), so the caller publishes what needs it.
