@@ -41,6 +41,8 @@ class Settings:
     lease_s: float = 30.0  # a running shard's lease: a lost worker's shard is queued again after this
     heartbeat_s: float = 10.0  # how often a worker renews the leases of the shards it runs
     sweep_interval_s: float = 5.0  # how often each worker looks for lapsed leases to requeue
+    reconcile_interval_s: float = 30.0  # how often each worker looks for orphaned shards and missing manifests
+    orphan_after_s: float = 60.0  # a queued shard without a message for this long is published again
     result_expires_s: int = 7 * 24 * 3600
     redis_retry_s: float = 60.0  # how long a job keeps retrying Redis writes before requeueing
     # Worker: model and batching.

@@ -1,15 +1,18 @@
 """One shard job, read top to bottom: take the shard under a lease, label its paths with the
-process's shared service, write its Parquet file, mark it done. It ends in exactly one of these ways:
+process's shared service, write its Parquet file, mark it done. It ends in exactly one outcome
+(celery_worker/outcomes.py, where each becomes ledger and Celery actions):
 
-- finished: the shard's file is durable and the ledger says done (then Celery acks);
-- skipped: the shard is done already, split, or held by another living worker (a redelivered or
-  duplicated message costs nothing);
-- handed back (Reject with requeue, lease released): a Redis outage, its own deadline, a warm
-  shutdown, or an engine failure (`inference_failed` records are never kept: the images are not at
-  fault);
-- split: the shard was taken `max_attempts` times without finishing (it kills workers): its halves
-  are queued instead, until the image that kills workers is alone and gets an error row;
-- lost: its lease was taken over while this worker was cut off; it writes nothing.
+- Finished: the shard's file is durable and the ledger says done;
+- Skipped: the shard is done already, split, held by another living worker (a redelivered or
+  duplicated message costs nothing), its run is failed, or its lease was taken over while this
+  worker was cut off (lost: it writes nothing);
+- HandedBack: its own deadline, a warm shutdown, an engine that failed or would not load
+  (`inference_failed` records are never kept: the images are not at fault, and no attempt is spent);
+- Split: the shard was taken too often without finishing (it kills workers): its halves are
+  queued instead, until the image that kills workers is alone and gets an error row;
+- Refused: the job cannot be served; when the reason holds for the whole run (an output outside
+  this worker's roots, a missing shard list, embeddings its bundle cannot give) the run is marked
+  failed, so the waiting client hears why instead of waiting forever.
 
 Also here: the job that labels a few paths and returns their records in its result (no run).
 """
@@ -23,10 +26,20 @@ import queue
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 from celery.exceptions import Reject
 
+from worker.celery_worker.outcomes import (
+    BadJob,
+    Finished,
+    HandedBack,
+    Outcome,
+    Refused,
+    Skipped,
+    Split,
+    settle,
+)
 from worker.celery_worker.process import WorkerProcess
 from worker.celery_worker.redis_retry import REDIS_ERRORS, with_redis_retry
 from worker.dataset.files import (
@@ -37,19 +50,19 @@ from worker.dataset.files import (
     shard_path,
     write_shard,
 )
-from worker.dataset.manifest import write_manifest
 from worker.dataset.object_path import ObjectPath, canonical_output
 from worker.dataset.shard_list import (
     ShardListError,
     children,
     halves,
-    read_index,
     shard_paths,
     write_shard_paths,
 )
 from worker.dataset.storage import is_under, is_url, url_is_under
 from worker.ledger.keys import check_run_name
 from worker.ledger.protocol import shard_message
+from worker.ledger.run_manifest import write_manifest_if_finished
+from worker.ledger.states import Verdict
 from worker.pipeline.service import LabelingService, ServiceFailed
 from worker.records import ErrorCode, Record, error_code, error_record, is_engine_failure, is_error
 from worker.settings import output_roots
@@ -58,10 +71,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PATHS_JOB_LIMIT = 1000  # a labels-in-the-result job carries its records back through Redis
-
-
-class BadJob(ValueError):
-    """A job this worker must refuse outright (requeueing it would only fail again)."""
 
 
 def _string(kwargs: dict, name: str) -> str:
@@ -142,22 +151,12 @@ class ShardJob:
             self.shard = check_shard_id(_string(kwargs, "shard"))
         except DatasetError as exc:
             raise BadJob(str(exc)) from None
-        self.output = self._confined_output(_string(kwargs, "output"))
+        self.asked_output = _string(kwargs, "output")
+        self.output: Path | ObjectPath | str = self.asked_output
         self.given_paths = _paths(kwargs["paths"]) if "paths" in kwargs else None
         self.owner = process.leases.new_owner(process.worker_name)
+        self.holds_lease = False
         self.labeled = self.failed = self.engine_failed = 0
-
-    def _confined_output(self, output: str) -> Path | ObjectPath:
-        """The dataset's folder or bucket prefix, only under a root this worker may write
-        (LABELER_OUTPUT_ROOTS); a URL with `.`, `..` or empty segments is under none."""
-        resolved = canonical_output(output)
-        roots = output_roots(self.settings)
-        if is_url(resolved):
-            if url_is_under(resolved, roots):
-                return ObjectPath(resolved)
-        elif any(is_under(resolved, root) for root in roots):
-            return Path(resolved)
-        raise BadJob(f"output {output!r} is outside the output roots this worker may write")
 
     def redis(self, action: Callable[[], T], what: str) -> T:
         return with_redis_retry(action, what, self.settings.redis_retry_s)
@@ -177,32 +176,78 @@ class ShardJob:
         """The run asked for embeddings (enqueue --embeddings), or this worker gives them always."""
         return bool(self.run_settings["options"].get("embeddings")) or self.settings.embeddings
 
+    # -- what settle() asks of the job -------------------------------------------------------------
+
+    def release(self, uncount: bool) -> None:
+        """Give the shard back now, not after its lease runs out."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            self.ledger.release(self.run, self.shard, self.owner, uncount=uncount)
+        self.holds_lease = False
+
+    def fail_run(self, reason: str) -> None:
+        if self.redis(lambda: self.ledger.fail_run(self.run, reason), "failing the run"):
+            log.error("run %s failed: %s", self.run, reason)
+
+    def stop_worker(self, reason: str) -> None:
+        if not self.process.stopping.is_set():
+            self.process.health.stop_worker(reason)
+
+    def result(self, **fields: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"run": self.run, "shard": self.shard, "job_id": self.job_id,
+                               "file": str(shard_path(self.output, self.shard))}  # fmt: skip
+        return out | fields
+
     # -- the job ----------------------------------------------------------------------------------
 
-    def label(self) -> dict[str, Any]:
-        paths = self._paths()
-        # A half of a split shard is split again at its first loss: a shard that kills workers
-        # reaches its one bad image in log2(size) more losses, not three times that.
-        attempts = self.settings.max_attempts if "." not in self.shard else 1
-        claim = self.redis(lambda: self.ledger.claim(self.run, self.shard, self.owner, self.settings.lease_s,
-                                                     attempts, len(paths)), "claiming a shard")  # fmt: skip
-        if claim.verdict in ("done", "split", "busy"):
-            return self._result(skipped=claim.verdict)
-        if claim.verdict == "exhausted":
-            return self._give_up(paths, claim.attempts)
-        self.process.leases.hold(self.run, self.shard, self.owner)
+    def run_job(self) -> dict[str, Any]:
+        """Label the shard and settle how it ended (outcomes.py)."""
         try:
-            return self._label(paths, claim.attempts)
-        except Reject:
-            raise
+            outcome = self.label()
         except Exception:
-            with contextlib.suppress(*REDIS_ERRORS):  # back to the queue now, not after the lease
-                self.ledger.release(self.run, self.shard, self.owner, uncount=False)
+            if self.holds_lease:  # back to the queue now, not after the lease (tasks.py requeues)
+                self.release(uncount=False)
             raise
         finally:
             self.process.leases.drop(self.run, self.shard)
+        return settle(self, outcome)
 
-    def _paths(self) -> list[str]:
+    def label(self) -> Outcome:
+        refusal = self._confine_output()
+        if refusal is not None:
+            return refusal
+        paths = self._paths()
+        if isinstance(paths, Refused):
+            return paths
+        # A half of a split shard is split again at its first loss: a shard that kills workers
+        # reaches its one bad image in log2(size) more losses, not three times that.
+        attempts = self.settings.max_attempts if "." not in self.shard else 1
+        held = self.process.leases.count() + 1
+        claim = self.redis(lambda: self.ledger.claim(self.run, self.shard, self.owner, self.settings.lease_s,
+                                                     attempts, len(paths), held=held), "claiming a shard")  # fmt: skip
+        if claim.verdict in (Verdict.DONE, Verdict.SPLIT, Verdict.BUSY, Verdict.RUN_FAILED):
+            return Skipped(claim.verdict.value)
+        if claim.verdict == Verdict.EXHAUSTED:
+            return self._give_up(paths, claim.attempts)
+        self.holds_lease = True
+        self.process.leases.hold(self.run, self.shard, self.owner)
+        return self._label(paths, claim.attempts)
+
+    def _confine_output(self) -> Refused | None:
+        """The dataset's folder or bucket prefix, only under a root this worker may write
+        (LABELER_OUTPUT_ROOTS); a URL with `.`, `..` or empty segments is under none."""
+        resolved = canonical_output(self.asked_output)
+        roots = output_roots(self.settings)
+        if is_url(resolved):
+            if url_is_under(resolved, roots):
+                self.output = ObjectPath(resolved)
+                return None
+        elif any(is_under(resolved, root) for root in roots):
+            self.output = Path(resolved)
+            return None
+        return Refused(f"output {self.asked_output!r} is outside the output roots this worker may write "
+                       f"({', '.join(roots)}): set LABELER_OUTPUT_ROOTS on the workers to cover it", whole_run=True)  # fmt: skip
+
+    def _paths(self) -> list[str] | Refused:
         if self.given_paths is not None:  # a service's own shard: store its list so it can be recovered
             try:
                 shard_paths(self.output, self.shard)
@@ -212,9 +257,9 @@ class ShardJob:
         try:
             return shard_paths(self.output, self.shard)
         except ShardListError as exc:
-            raise BadJob(str(exc)) from None
+            return Refused(f"{exc} (is the run's output folder shared with this worker?)", whole_run=True)
 
-    def _label(self, paths: list[str], attempt: int) -> dict[str, Any]:
+    def _label(self, paths: list[str], attempt: int) -> Outcome:
         state = self.ledger.shard_state(self.run, self.shard)
         records: dict[str, Record] = {}
         todo = paths
@@ -224,47 +269,48 @@ class ShardJob:
             todo = [p for p in paths if p not in records or (is_error(records[p]) and (not codes or error_code(records[p]) in codes))]
         features = self.wants_embeddings
         service = self._service(features)
+        if not isinstance(service, LabelingService):
+            return service
         done = label_with(self.process, service, todo, features, lambda taken: self._keep(taken, records))
-        self._end_unfinished(service, done, len(todo))
+        unfinished = self._unfinished(service, done, len(todo))
+        if unfinished is not None:
+            return unfinished
         if not self.redis(lambda: self.process.leases.confirm(self.run, self.shard), "confirming a shard's lease"):
             log.warning("run %s shard %s: lease lost meanwhile; another worker labels it", self.run, self.shard)
-            return self._result(skipped="lost")
+            self.holds_lease = False
+            return Skipped("lost")
         spec = self._spec(service)
         written = write_shard(self.output, self.shard, [records[p] for p in paths], spec,
                               worker=self.process.worker_name)  # fmt: skip
         finished = self.redis(lambda: self.ledger.finish(self.run, self.shard, self.owner, written.labeled,
                                                          written.failed), "finishing a shard")  # fmt: skip
+        self.holds_lease = False
         if not finished:
             log.warning("run %s shard %s: finished by another worker too (same rows)", self.run, self.shard)
         self._manifest_if_last(spec)
-        return self._result(images=len(paths), labeled=written.labeled, failed=written.failed, attempt=attempt)
+        return Finished(images=len(paths), labeled=written.labeled, failed=written.failed, attempt=attempt)
 
     def _manifest_if_last(self, spec: DatasetSpec) -> None:
-        """The worker that finishes a run's last shard writes its manifest beside the shards."""
-        if not self.ledger.status(self.run, self.queue).finished():
-            return
-        index = read_index(self.output)
-        if index is None:  # the listing is not complete: more shards are coming
-            return
-        done = [s.shard_id for s in self.ledger.shard_states(self.run) if s.state == "done"]
-        settings = {"shard_size": index["shard_size"], **self.run_settings["options"], "top_k": self.settings.top_k}
+        """The worker that finishes a run's last shard writes its manifest (the reconciler writes
+        it for a run whose last shard finished while nobody could)."""
         try:
-            write_manifest(self.output, run_id=self.run, shard_ids=done, spec=spec, remove_strays=True,
-                           settings=settings)  # fmt: skip
+            write_manifest_if_finished(self.ledger, self.run, self.queue, spec, self.settings.top_k)
         except DatasetError as exc:  # the rows stay; only the summary file is missing
             log.error("run %s: no manifest written: %s", self.run, exc)
 
-    def _service(self, features: bool) -> LabelingService:
+    def _service(self, features: bool) -> LabelingService | Outcome:
         health = self.process.health
         if health.failure is not None:  # this worker is stopping; do not reload a broken engine
-            self._hand_back(health.failure, worker_fault=True)
+            return HandedBack(health.failure, worker_fault=True)
         try:
             service = self.process.service()
         except Exception as exc:
             log.critical("cannot load the model, handing job %s back: %s", self.job_id, exc)
-            self._hand_back(f"model failed to load: {exc}", worker_fault=True)
+            return HandedBack(f"model failed to load: {exc}", worker_fault=True, stop_worker=True)
         if features and not service.runner.spec.features_output:
-            raise BadJob("the run asks for embeddings but this worker's bundle has no features output")
+            return Refused("the run asks for embeddings but this worker's bundle has no features output "
+                           "(serve a bundle built from PyTorch weights, or enqueue without --embeddings)",
+                           whole_run=True)  # fmt: skip
         return service
 
     def _keep(self, taken: list[Record], records: dict[str, Record]) -> None:
@@ -275,49 +321,40 @@ class ShardJob:
         if kept:
             self.process.note_activity(self.run, kept)
 
-    def _end_unfinished(self, service: LabelingService, answered: int, wanted: int) -> None:
+    def _unfinished(self, service: LabelingService, answered: int, wanted: int) -> Outcome | None:
+        """How the job ends when not every image got its record (None: they all did)."""
         if service.failure is not None:
             reason = f"labeling service gave up: {service.failure}"
             if self.engine_failed or answered < wanted:
-                self._hand_back(reason, worker_fault=True)
-            self.process.health.stop_worker(reason)  # this shard got all its records; the worker still stops
-        if self.engine_failed:
-            self._hand_back(f"{self.engine_failed} images met an engine failure; the shard goes back for them")
+                return HandedBack(reason, worker_fault=True, stop_worker=True)
+            self.stop_worker(reason)  # this shard got all its records; the worker still stops
+        if self.engine_failed:  # the engine's fault, not the images': no attempt is spent
+            return HandedBack(f"{self.engine_failed} images met an engine failure; the shard goes back for them",
+                              worker_fault=True)  # fmt: skip
         if answered < wanted:
             if self.process.stopping.is_set():
-                self._hand_back("warm shutdown", worker_fault=True)
-            self._hand_back(f"deadline of {self.settings.task_deadline_s:.0f} s passed with {wanted - answered} images left")
+                return HandedBack("warm shutdown", worker_fault=True)
+            return HandedBack(f"deadline of {self.settings.task_deadline_s:.0f} s passed with {wanted - answered} images left")
+        return None
 
-    def _hand_back(self, reason: str, worker_fault: bool = False) -> NoReturn:
-        """Release the lease and requeue the message. A worker's fault (broken engine, warm
-        shutdown) spends no attempt, and a broken engine stops the worker."""
-        log.warning("run %s shard %s handed back: %s", self.run, self.shard, reason)
-        self.redis(lambda: self.ledger.release(self.run, self.shard, self.owner, uncount=worker_fault),
-                   "releasing a shard")  # fmt: skip
-        if worker_fault and not self.process.stopping.is_set() and reason != "warm shutdown":
-            self.process.health.stop_worker(reason)
-        raise Reject(reason, requeue=True)
-
-    def _give_up(self, paths: list[str], attempts: int) -> dict[str, Any]:
-        """Taken `attempts` times without finishing: bisect it, or give its one image an error row."""
+    def _give_up(self, paths: list[str], attempts: int) -> Outcome:
+        """Taken too often without finishing: bisect it, or give its one image an error row."""
         if len(paths) > 1:
             first, second = halves(paths)
             parts = [(child, len(half), shard_message(self.run, child, str(self.output), self.queue, origin="labeler-split"))
                      for child, half in zip(children(self.shard), (first, second), strict=True)]  # fmt: skip
             self.redis(lambda: self.ledger.split(self.run, self.queue, self.shard, parts), "splitting a shard")
             log.error("run %s shard %s taken %d times without finishing: split in two", self.run, self.shard, attempts)
-            return self._result(skipped="split")
+            return Split(attempts)
         claim = self.redis(lambda: self.ledger.claim(self.run, self.shard, self.owner, self.settings.lease_s,
                                                      self.settings.max_attempts, 1, force=True), "claiming a shard")  # fmt: skip
-        if claim.verdict != "run":
-            return self._result(skipped=claim.verdict)
+        if claim.verdict != Verdict.RUN:
+            return Skipped(claim.verdict.value)
+        self.holds_lease = True
         self.process.leases.hold(self.run, self.shard, self.owner)  # loading an engine may outlast a lease
-        try:
-            return self._write_error_row(paths[0], attempts)
-        finally:
-            self.process.leases.drop(self.run, self.shard)
+        return self._write_error_row(paths[0], attempts)
 
-    def _write_error_row(self, path: str, attempts: int) -> dict[str, Any]:
+    def _write_error_row(self, path: str, attempts: int) -> Outcome:
         reason = f"its worker was lost or failed {attempts} times labeling this image (it crashes or exhausts the worker)"
         record = error_record(path, ErrorCode.INTERNAL_ERROR, reason)
         spec = DatasetSpec(model_sha256="0" * 64, precision=self.settings.precision)
@@ -327,24 +364,21 @@ class ShardJob:
         except Exception:  # noqa: BLE001 - the error row needs no engine
             log.exception("no engine to describe the model in the error row of %s", path)
         if not self.redis(lambda: self.process.leases.confirm(self.run, self.shard), "confirming a shard's lease"):
-            return self._result(skipped="lost")
+            self.holds_lease = False
+            return Skipped("lost")
         write_shard(self.output, self.shard, [record], spec, worker=self.process.worker_name)
-        if self.redis(lambda: self.ledger.finish(self.run, self.shard, self.owner, 0, 1), "finishing a shard"):
+        finished = self.redis(lambda: self.ledger.finish(self.run, self.shard, self.owner, 0, 1), "finishing a shard")
+        self.holds_lease = False
+        if finished:
             self.redis(lambda: self.ledger.dead_letter(self.run, self.shard, f"{path}: {reason}"), "dead-lettering")
         log.error("run %s shard %s: %s gets an error row: %s", self.run, self.shard, path, reason)
-        return self._result(images=1, labeled=0, failed=1, attempt=attempts)
+        self._manifest_if_last(spec)
+        return Finished(images=1, labeled=0, failed=1, attempt=attempts, gave_up=True)
 
     def _spec(self, service: LabelingService) -> DatasetSpec:
         runner = service.runner
         dtype = self.run_settings["options"].get("embedding_dtype", "float32")
         return DatasetSpec.for_model(runner.spec, runner.precision, self.wants_embeddings, dtype)
-
-    def _result(self, skipped: str | None = None, **counts: int) -> dict[str, Any]:
-        result: dict[str, Any] = {"run": self.run, "shard": self.shard, "job_id": self.job_id,
-                                  "file": str(shard_path(self.output, self.shard))}  # fmt: skip
-        if skipped:
-            result["skipped"] = skipped
-        return result | counts
 
 
 class PathsJob:
@@ -362,7 +396,7 @@ class PathsJob:
             service = self.process.service()
         except Exception as exc:
             self.process.health.stop_worker(f"model failed to load: {exc}")
-            raise Reject(f"model failed to load: {exc}", requeue=True) from exc
+            raise Reject(f"model failed to load: {exc}", requeue=True) from exc  # no ledger: no outcome
         if self.features and not service.runner.spec.features_output:
             raise BadJob("embeddings asked for, but this worker's bundle has no features output")
         records: dict[str, Record] = {}

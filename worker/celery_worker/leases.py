@@ -7,18 +7,22 @@ lapsed while this worker was cut off, and another took it) is marked lost, and i
 writes nothing. Every worker also sweeps: each `sweep_interval_s` it puts shards whose lease ran
 out (their worker was SIGKILLed, lost its node, or is cut off from Redis) back at the front of the
 queue, so another worker relabels them within `lease_s` + `sweep_interval_s`, not after Celery's
-hour-long visibility timeout.
+hour-long visibility timeout. Each `reconcile_interval_s` the sweeper also runs the reconciler
+(reconcile.py): queued shards whose message was lost are published again, and finished runs
+without a manifest get one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
 import redis
 
+from worker.celery_worker.reconcile import Reconciler
 from worker.ledger.ledger import RunLedger
 from worker.ledger.protocol import shard_message
 
@@ -56,9 +60,10 @@ class LeaseKeeper:
             self._held.pop((run, shard), None)
             self._lost.discard((run, shard))
 
-    def lost(self, run: str, shard: str) -> bool:
+    def count(self) -> int:
+        """Shards this process holds now."""
         with self._lock:
-            return (run, shard) in self._lost
+            return len(self._held)
 
     def confirm(self, run: str, shard: str) -> bool:
         """Whether this process still holds the shard's lease, asked of Redis now (and renewed).
@@ -69,7 +74,7 @@ class LeaseKeeper:
             owner = self._held.get((run, shard))
             if owner is None or (run, shard) in self._lost:
                 return False
-        if self._ledger().renew(run, owner, [shard], self.lease_s):
+        if self._ledger().renew(run, owner, [shard], self.lease_s, held=self.count()):
             log.warning("run %s: lease lost on shard %s: another worker has it now", run, shard)
             with self._lock:
                 self._lost.add((run, shard))
@@ -79,12 +84,13 @@ class LeaseKeeper:
     def renew_now(self) -> None:
         """Renew every held lease once (the heartbeat does this each `heartbeat_s`)."""
         with self._lock:
+            held = len(self._held)
             by_run: dict[tuple[str, str], list[str]] = {}
             for (run, shard), owner in self._held.items():
                 if (run, shard) not in self._lost:
                     by_run.setdefault((run, owner), []).append(shard)
         for (run, owner), shards in by_run.items():
-            lost = self._ledger().renew(run, owner, shards, self.lease_s)
+            lost = self._ledger().renew(run, owner, shards, self.lease_s, held=held)
             if lost:
                 log.warning("run %s: lease lost on shard(s) %s: another worker has them now", run, ", ".join(lost))
                 with self._lock:
@@ -102,12 +108,17 @@ class LeaseKeeper:
 
 
 class Sweeper:
-    """Requeues lapsed shards of every run; one per worker process, all racing safely (Lua)."""
+    """Requeues lapsed shards of every run and runs the reconciler; one per worker process, all
+    racing safely (Lua)."""
 
-    def __init__(self, ledger: Callable[[], RunLedger], queue: str, interval_s: float) -> None:
+    def __init__(self, ledger: Callable[[], RunLedger], queue: str, interval_s: float,
+                 reconciler: Reconciler | None = None, reconcile_interval_s: float = 30.0) -> None:  # fmt: skip
         self._ledger = ledger
         self.queue = queue
         self.interval_s = interval_s
+        self.reconciler = reconciler
+        self.reconcile_interval_s = reconcile_interval_s
+        self._next_reconcile = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -125,7 +136,9 @@ class Sweeper:
         requeued = []
         for run, shards in by_run.items():
             settings = ledger.run_settings(run)
-            if settings is None:
+            if settings is None:  # a run deleted by hand: its entries would block the oldest-first scan
+                ledger.drop_lease_entries(run, shards)
+                ledger.forget_run(run)
                 continue
             queue = settings["queue"] or self.queue
             messages = [(shard, shard_message(run, shard, settings["output"], queue, origin="labeler-sweeper"))
@@ -139,6 +152,9 @@ class Sweeper:
         while not self._stop.wait(self.interval_s):
             try:
                 self.sweep_once()
+                if self.reconciler is not None and time.monotonic() >= self._next_reconcile:
+                    self._next_reconcile = time.monotonic() + self.reconcile_interval_s
+                    self.reconciler.reconcile_once()
             except redis.exceptions.RedisError as exc:
                 log.warning("lease sweep failed: %s", exc)
             except Exception:  # noqa: BLE001 - the sweeper must outlive any one bad run

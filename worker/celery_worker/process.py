@@ -21,6 +21,7 @@ from celery import Celery
 from worker.celery_worker.health import EngineHealth
 from worker.celery_worker.leases import LeaseKeeper, Sweeper
 from worker.celery_worker.metrics import WorkerMetrics, default_hostname
+from worker.celery_worker.reconcile import Reconciler
 from worker.ledger import activity
 from worker.ledger.ledger import RunLedger
 from worker.ledger.redis_client import connect
@@ -40,7 +41,8 @@ class WorkerProcess:
 
     def __init__(self, app: Celery) -> None:
         self._app = app
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the Redis parts: quick to make, never held through a load
+        self._service_lock = threading.Lock()  # the engine: its load may take minutes
         self._ledger: RunLedger | None = None
         self._service: LabelingService | None = None
         self._metrics: WorkerMetrics | None = None
@@ -73,7 +75,10 @@ class WorkerProcess:
     def sweeper(self) -> Sweeper:
         with self._lock:
             if self._sweeper is None:
-                self._sweeper = Sweeper(lambda: self.ledger, self.settings.queue, self.settings.sweep_interval_s)
+                settings = self.settings
+                reconciler = Reconciler(lambda: self.ledger, settings.queue, settings.orphan_after_s, settings.top_k)
+                self._sweeper = Sweeper(lambda: self.ledger, settings.queue, settings.sweep_interval_s, reconciler,
+                                        settings.reconcile_interval_s)  # fmt: skip
             return self._sweeper
 
     @property
@@ -84,9 +89,10 @@ class WorkerProcess:
             return self._metrics
 
     def service(self) -> LabelingService:
-        """The process's labeling service, loaded on first use (after any fork, on the worker's side)."""
+        """The process's labeling service, loaded on first use (after any fork, on the worker's side).
+        Its own lock: the heartbeat and the sweeper reach the ledger while an engine loads."""
         metrics = self.metrics
-        with self._lock:
+        with self._service_lock:
             if self._service is None:
                 self._service = self._start_service(metrics)
             return self._service
@@ -117,8 +123,9 @@ class WorkerProcess:
 
     def close(self) -> None:
         """Worker shutdown: stop the service (its images in flight finish first) and mark it down."""
-        with self._lock:
+        with self._service_lock:
             service, self._service = self._service, None
+        with self._lock:
             for part in (self._leases, self._sweeper):
                 if part is not None:
                     part.close()

@@ -16,8 +16,10 @@ from celery.exceptions import Reject
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
 from worker.celery_worker.app import app
-from worker.celery_worker.job import BadJob, PathsJob, ShardJob
+from worker.celery_worker.job import PathsJob, ShardJob
+from worker.celery_worker.outcomes import BadJob
 from worker.celery_worker.process import WorkerProcess
+from worker.celery_worker.startup_checks import configuration_warnings
 from worker.ledger.keys import RunNameError
 from worker.ledger.protocol import PATHS_TASK, RETIRED_TASKS, SHARD_TASK
 
@@ -44,7 +46,7 @@ class LabelerTask(Task):
 @app.task(name=SHARD_TASK, bind=True, base=LabelerTask)
 def label_shard(self: LabelerTask, **kwargs: Any) -> dict[str, Any]:
     """Label one shard of a run into the run's dataset."""
-    result = ShardJob(self.process, self.request.id or "unknown", kwargs).label()
+    result = ShardJob(self.process, self.request.id or "unknown", kwargs).run_job()
     result["worker"] = self.request.hostname
     return result
 
@@ -80,6 +82,8 @@ def _remember_node_name(sender: str, **_kwargs: object) -> None:
 @worker_ready.connect
 def _on_ready(**_kwargs: object) -> None:
     process = LabelerTask.process
+    for warning in configuration_warnings(process.settings):
+        log.warning("configuration: %s", warning)
     process.sweeper.start()
     port = process.settings.metrics_port
     if port:

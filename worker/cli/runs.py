@@ -106,6 +106,8 @@ def enqueue_command(
         + (" (the run's stored shard list)" if summary.reused_list else "")
         + f", {summary.queued} queued in {summary.jobs} shards, {summary.skipped} done or running; "
         f"{summary.seconds:.1f} s" + (f" ({summary.waited_s:.0f} s waiting for the queue)" if summary.waited_s else "")
+        + (f"\n{summary.from_storage} images in shards already written on storage (the ledger did not know them): not labeled again"
+           if summary.from_storage else "")
         + f"\ndataset: {summary.output}/labels/*.parquet",
         err=True,
     )
@@ -134,6 +136,13 @@ def _follow(settings, run: str, interval: float, bar_wanted: bool) -> None:
     finally:
         bar.close()
     click.echo(format_status(final), err=True)
+    _exit_if_failed(final)
+
+
+def _exit_if_failed(status) -> None:
+    """A failed run ends the waiting client with status 1 and the reason."""
+    if status.failed_run:
+        raise click.ClickException(f"run {status.run} failed: {status.failed_reason}")
 
 
 @click.command("status")
@@ -162,10 +171,15 @@ def status_command(run: str, broker: str | None, watch: bool, interval: float, a
             ],
         }
         click.echo(json.dumps(fields))
+        if status.failed_run:
+            sys.exit(1)
         return
     if not watch:
         workers = worker_activity(store.client, store.prefix, run)
-        click.echo(format_status(store.status(run, settings.queue), workers=workers))
+        status = store.status(run, settings.queue)
+        click.echo(format_status(status, workers=workers))
+        if status.failed_run:
+            sys.exit(1)
         return
 
     def show(status, rate) -> None:
@@ -173,7 +187,8 @@ def status_command(run: str, broker: str | None, watch: bool, interval: float, a
         click.echo(format_status(status, rate, worker_activity(store.client, store.prefix, run)))
 
     with contextlib.suppress(KeyboardInterrupt):
-        follow(store, run, settings.queue, interval, show)
+        final = follow(store, run, settings.queue, interval, show)
+        _exit_if_failed(final)
 
 
 @click.command("results")

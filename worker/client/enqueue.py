@@ -5,10 +5,16 @@ it fills, then registered in the ledger and published, so memory holds one shard
 run's size. Redis holds a few bytes per shard, and the queue at most `max_queued_jobs` shards
 (backpressure). Enqueueing a run again uses its stored list and publishes only shards that are not
 done (or whose worker was lost); an interrupted enqueue resumes its listing where it stopped.
+
+Storage is the record of what is done: a shard the ledger does not know (a new or wiped Redis)
+whose Parquet file already holds one row per image is registered done, its counts read from the
+file's footer, and not labeled again. Enqueueing a failed run clears its failure. A run whose last
+shard finished while this enqueue held its lease gets its manifest here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,11 +22,16 @@ from itertools import islice
 
 import redis
 
+from worker.dataset.files import shard_files
+from worker.dataset.manifest import file_counts
 from worker.dataset.object_path import as_location, canonical_output
-from worker.dataset.shard_list import cut_shards
+from worker.dataset.schema import DatasetError
+from worker.dataset.shard_list import CutShard, cut_shards
 from worker.ledger.keys import check_run_name
 from worker.ledger.ledger import RunLedger
 from worker.ledger.protocol import shard_message
+from worker.ledger.run_manifest import write_manifest_if_finished
+from worker.ledger.states import Registered
 
 ENQUEUE_LEASE_S = 60.0  # renewed every batch and backpressure poll; a killed enqueue lapses
 PUBLISH_BATCH = 16  # shards per ledger round trip (80k paths at the default size: workers start early)
@@ -39,6 +50,7 @@ class EnqueueSummary:
     queued: int = 0  # images published now
     jobs: int = 0  # shards published now
     skipped: int = 0  # images of shards already done (or running on a living worker)
+    from_storage: int = 0  # images of shards the ledger did not know, done according to their files
     waited_s: float = 0.0  # time spent waiting for the queue to drain (backpressure)
     seconds: float = 0.0
     reused_list: bool = False  # the stored shard list was used (an enqueue of this run before)
@@ -75,20 +87,24 @@ def enqueue_run(
     summary = EnqueueSummary(run=run, output=output)
     started = time.monotonic()
     ledger.renew_enqueue_lease(run, ENQUEUE_LEASE_S)
+    written = shard_files(output)
     try:
         for batch in _batches(cut_shards(as_location(output), paths, shard_size), PUBLISH_BATCH):
             ledger.renew_enqueue_lease(run, ENQUEUE_LEASE_S)
             summary.reused_list = summary.reused_list or all(shard.stored for shard in batch)
-            states = ledger.register_shards(run, [(shard.shard_id, len(shard.paths)) for shard in batch])
+            on_storage = _done_on_storage(ledger, run, batch, written)
+            states = ledger.register_shards(run, [(shard.shard_id, len(shard.paths)) for shard in batch], on_storage)
             publish = []
             for shard, state in zip(batch, states, strict=True):
                 summary.seen += len(shard.paths)
                 summary.shards += 1
                 summary.states[state] = summary.states.get(state, 0) + 1
-                if state in ("queued", "lapsed"):
+                if state in (Registered.QUEUED, Registered.LAPSED):
                     publish.append(shard)
                 else:
                     summary.skipped += len(shard.paths)
+                    if shard.shard_id in on_storage and state == Registered.DONE:
+                        summary.from_storage += len(shard.paths)
             if publish:
                 summary.waited_s += _wait_for_room(
                     client, queue, max_queued_jobs, poll_s, lambda: ledger.renew_enqueue_lease(run, ENQUEUE_LEASE_S)
@@ -101,10 +117,28 @@ def enqueue_run(
                 on_progress(summary)
     finally:
         ledger.end_enqueue_lease(run)
+    # Its last shard may have finished while this enqueue held the lease, when no worker would
+    # write the manifest; if this fails, the workers' reconciler writes it.
+    with contextlib.suppress(DatasetError, OSError):
+        write_manifest_if_finished(ledger, run, queue, None, None)
     summary.seconds = time.monotonic() - started
     if on_progress:
         on_progress(summary)
     return summary
+
+
+def _done_on_storage(ledger: RunLedger, run: str, batch: list[CutShard], written: dict) -> dict[str, tuple[int, int]]:
+    """(rows, failed) of the batch's shards that the ledger does not know and that have a file
+    on storage (footers only; a damaged file is relabeled)."""
+    unknown = [shard for shard, known in zip(batch, ledger.known_shards(run, [s.shard_id for s in batch]), strict=True)
+               if not known and shard.shard_id in written]  # fmt: skip
+    found = {}
+    for shard in unknown:
+        try:
+            found[shard.shard_id] = file_counts(written[shard.shard_id])
+        except (DatasetError, OSError, ValueError):
+            continue
+    return found
 
 
 def _wait_for_room(client: redis.Redis, queue: str, limit: int, poll_s: float, still_here: Callable[[], None]) -> float:

@@ -41,7 +41,9 @@ def format_status(
     """One block of text; `rate` (live) overrides the run-average rate; then one line per worker."""
     rate = status.average_rate() if rate is None else rate
     share = f"{100.0 * status.done / status.total:.1f}%" if status.total else "-"
-    if status.finished() and status.total:
+    if status.failed_run:
+        eta = "none: the run is failed"
+    elif status.finished() and status.total:
         eta = "finished"
     elif rate > 0:
         eta = format_duration(status.pending / rate)
@@ -54,6 +56,9 @@ def format_status(
         f"  shards {status.shards_done}/{status.shards} done  {rate:.1f} images/s  ETA {eta}  "
         f"queue {status.queued_jobs} shards",
     ]
+    if status.failed_run:
+        lines.append(f"  FAILED: {status.failed_reason}")
+        lines.append(f"  fix the cause, then enqueue the run again to resume it: labeler enqueue --run {status.run} ...")
     if status.enqueuing():
         lines.append("  enqueue in progress: the total is still growing")
     if status.dead_jobs:
@@ -71,12 +76,13 @@ def follow(
     until_finished: bool = True,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RunStatus:
-    """Poll the run every `interval_s`, calling `show`; return once it is finished (every path has
-    its record and no enqueue is still adding paths)."""
+    """Poll the run every `interval_s`, calling `show`; return once it is settled: finished (every
+    path has its record and no enqueue is still adding paths) or failed (a job was refused for a
+    reason that holds for the whole run)."""
     meter = RateMeter()
     while True:
         status = store.status(run, queue)
         show(status, meter.sample(status.done))
-        if until_finished and status.finished():
+        if until_finished and status.settled():
             return status
         sleep(interval_s)

@@ -103,6 +103,55 @@ def check_columns(path: Path | ObjectPath, spec: DatasetSpec) -> Any:
     return metadata
 
 
+def file_counts(path: Path | ObjectPath) -> tuple[int, int]:
+    """(rows, failed rows) of a shard file, from its footer alone (no data read)."""
+    source = open_for_parquet(path)
+    try:
+        metadata = pq.read_metadata(source)
+    finally:
+        if source is not path:
+            source.close()
+    check_schema_version(metadata.schema.to_arrow_schema(), str(path))
+    names = metadata.schema.to_arrow_schema().names
+    failed = 0
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        code = row_group.column(names.index("error_code")).statistics
+        if code is None or not code.has_null_count:
+            raise DatasetError(f"{path}: written without statistics (not by write_shard)")
+        failed += row_group.num_rows - code.null_count
+    return metadata.num_rows, failed
+
+
+def spec_of_shard_file(path: Path | ObjectPath) -> DatasetSpec:
+    """The run's spec as one of its shard files records it (model checksum and precision from the
+    footer's statistics, the embedding from the columns): a manifest written by someone who never
+    loaded the model (the reconciler) says what the rows say."""
+    source = open_for_parquet(path)
+    try:
+        metadata = pq.read_metadata(source)
+    finally:
+        if source is not path:
+            source.close()
+    schema = metadata.schema.to_arrow_schema()
+    check_schema_version(schema, str(path))
+    names = schema.names
+    if metadata.num_row_groups == 0:
+        raise DatasetError(f"{path}: no rows to read the model from")
+    group = metadata.row_group(0)
+    sha = group.column(names.index("model_sha256")).statistics
+    precision = group.column(names.index("precision")).statistics
+    if sha is None or not sha.has_min_max or precision is None or not precision.has_min_max:
+        raise DatasetError(f"{path}: written without statistics (not by write_shard)")
+    size = dtype = None
+    if "embedding" in names:
+        field_type = schema.field("embedding").type
+        size, dtype = field_type.list_size, str(field_type.value_type)
+        dtype = {"float": "float32", "halffloat": "float16"}.get(dtype, dtype)
+    return DatasetSpec(model_sha256=str(sha.min), precision=str(precision.min), embedding_size=size,
+                       embedding_dtype=dtype or "float32")  # fmt: skip
+
+
 def _shard_entry(shard_id: str, path: Path | ObjectPath, spec: DatasetSpec) -> dict[str, Any]:
     """A shard's counts from its footer (row counts and error_code null counts: no data read)."""
     metadata = check_columns(path, spec)

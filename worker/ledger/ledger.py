@@ -12,7 +12,13 @@ workers, a sweeper and a client can never both win one:
   run's counts move once;
 - requeue_lapsed: any worker's sweeper puts a shard whose lease lapsed back at the front of the
   queue (state and message in one step, so nothing is lost between them);
-- split: a shard that has used its attempts is bisected; its halves are queued in its place.
+- split: a shard that has used its attempts is bisected; its halves are queued in its place;
+- republish: the reconciler gives a message to a queued shard whose message was lost.
+
+No orphans: a shard is done, split, running under a lease (the sweeper requeues it when the lease
+lapses), or queued and listed in `P:queued` with the time it was last given a message; the
+reconciler (celery_worker/reconcile.py) republishes those whose message is gone. A failed run's
+shards wait, queued, until the run is enqueued again.
 
 The run's `meta` hash keeps the totals (images, done, failed, shards, shards_done) and settings
 (output, shard size, options), so a finished run costs a few bytes per image at most.
@@ -22,195 +28,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from worker.ledger.keys import RunKeys, lease_member, leases_key, parse_lease_member, runs_key
+from worker.ledger.keys import (
+    RunKeys,
+    lease_member,
+    leases_key,
+    open_runs_key,
+    parse_lease_member,
+    queued_key,
+    runs_key,
+)
+from worker.ledger.scripts import register_all
+from worker.ledger.states import Registered, State, Verdict
 from worker.records import compact_json
-
-# KEYS: shards, meta. ARGV: now, then (shard id, images) pairs. New shards only; returns, per pair,
-# the shard's state after the call ("queued" for new ones), so the caller publishes what needs it.
-_REGISTER = """
-local states = {}
-local added, images = 0, 0
-for i = 2, #ARGV, 2 do
-  local old = redis.call('HGET', KEYS[1], ARGV[i])
-  if old then
-    local state = cjson.decode(old)
-    if state['s'] == 'running' and tonumber(state['u']) <= tonumber(ARGV[1]) then
-      states[#states + 1] = 'lapsed'
-    else
-      states[#states + 1] = state['s']
-    end
-  else
-    redis.call('HSET', KEYS[1], ARGV[i], cjson.encode({s = 'queued', n = tonumber(ARGV[i + 1]), a = 0}))
-    added = added + 1
-    images = images + tonumber(ARGV[i + 1])
-    states[#states + 1] = 'queued'
-  end
-end
-if added > 0 then
-  redis.call('HINCRBY', KEYS[2], 'shards', added)
-  redis.call('HINCRBY', KEYS[2], 'images', images)
-end
-return states
-"""
-
-# KEYS: shards, leases, meta. ARGV: shard, owner, now, lease_s, max_attempts, images, force, lease member.
-# Returns {verdict, attempts}: run (taken), done, split, busy (another living worker holds it),
-# exhausted (attempts used up: split it, or, one image left, take it with force to write its error).
-_CLAIM = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-local now = tonumber(ARGV[3])
-local state
-if raw then
-  state = cjson.decode(raw)
-else
-  state = {s = 'queued', n = tonumber(ARGV[6]), a = 0}
-  redis.call('HINCRBY', KEYS[3], 'shards', 1)
-  redis.call('HINCRBY', KEYS[3], 'images', tonumber(ARGV[6]))
-end
-if state['s'] == 'done' or state['s'] == 'split' then return {state['s'], state['a']} end
-if state['s'] == 'running' and state['o'] ~= ARGV[2] and tonumber(state['u']) > now then
-  return {'busy', state['a']}
-end
-if ARGV[7] ~= '1' then
-  if state['a'] >= tonumber(ARGV[5]) then return {'exhausted', state['a']} end
-  state['a'] = state['a'] + 1
-end
-state['s'] = 'running'
-state['o'] = ARGV[2]
-state['u'] = now + tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(state))
-redis.call('ZADD', KEYS[2], state['u'], ARGV[8])
-redis.call('HSETNX', KEYS[3], 'first_record_at', ARGV[3])
-return {'run', state['a']}
-"""
-
-# KEYS: shards, leases. ARGV: owner, now, lease_s, then (shard, lease member) pairs. Renews the
-# ones `owner` still holds; returns those it lost (done by another after a lapse, or taken over).
-_RENEW = """
-local lost = {}
-local expires = tonumber(ARGV[2]) + tonumber(ARGV[3])
-for i = 4, #ARGV, 2 do
-  local raw = redis.call('HGET', KEYS[1], ARGV[i])
-  local state = raw and cjson.decode(raw)
-  if state and state['s'] == 'running' and state['o'] == ARGV[1] then
-    state['u'] = expires
-    redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(state))
-    redis.call('ZADD', KEYS[2], expires, ARGV[i + 1])
-  else
-    lost[#lost + 1] = ARGV[i]
-  end
-end
-return lost
-"""
-
-# KEYS: shards, leases, meta. ARGV: shard, owner, now, labeled, failed, lease member. Only the
-# holder finishes.
-_FINISH = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return 0 end
-local state = cjson.decode(raw)
-if state['s'] ~= 'running' or state['o'] ~= ARGV[2] then return 0 end
-state['s'] = 'done'
-state['l'] = tonumber(ARGV[4])
-state['f'] = tonumber(ARGV[5])
-state['o'] = nil
-state['u'] = nil
-state['r'] = nil
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(state))
-redis.call('ZREM', KEYS[2], ARGV[6])
-redis.call('HINCRBY', KEYS[3], 'done', state['n'])
-redis.call('HINCRBY', KEYS[3], 'failed', state['f'])
-redis.call('HINCRBY', KEYS[3], 'shards_done', 1)
-redis.call('HSET', KEYS[3], 'last_record_at', ARGV[3])
-return 1
-"""
-
-# KEYS: shards, leases. ARGV: shard, owner, uncount ('1': the worker failed, not the shard), member.
-_RELEASE = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return 0 end
-local state = cjson.decode(raw)
-if state['s'] ~= 'running' or state['o'] ~= ARGV[2] then return 0 end
-state['s'] = 'queued'
-state['o'] = nil
-state['u'] = nil
-if ARGV[3] == '1' and state['a'] > 0 then state['a'] = state['a'] - 1 end
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(state))
-redis.call('ZREM', KEYS[2], ARGV[4])
-return 1
-"""
-
-# KEYS: shards, leases, queue. ARGV: now, then (shard, lease member, message) triples. A shard still
-# running on a lapsed lease goes back to queued and its message to the front of the queue, in one step.
-_REQUEUE_LAPSED = """
-local requeued = {}
-local now = tonumber(ARGV[1])
-for i = 2, #ARGV, 3 do
-  local raw = redis.call('HGET', KEYS[1], ARGV[i])
-  local state = raw and cjson.decode(raw)
-  if state and state['s'] == 'running' and tonumber(state['u']) <= now then
-    state['s'] = 'queued'
-    state['o'] = nil
-    state['u'] = nil
-    redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(state))
-    redis.call('RPUSH', KEYS[3], ARGV[i + 2])
-    requeued[#requeued + 1] = ARGV[i]
-  end
-  if not state or state['s'] ~= 'running' or tonumber(state['u']) <= now then
-    redis.call('ZREM', KEYS[2], ARGV[i + 1])
-  end
-end
-return requeued
-"""
-
-# KEYS: shards, meta, queue. ARGV: parent, then (child, images, message) triples. Only a shard
-# that is not running, done or split already is split; its halves go to the front of the queue.
-_SPLIT = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return 0 end
-local parent = cjson.decode(raw)
-if parent['s'] == 'done' or parent['s'] == 'split' then return 0 end
-parent['s'] = 'split'
-parent['o'] = nil
-parent['u'] = nil
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(parent))
-local added = 0
-for i = 2, #ARGV, 3 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], cjson.encode({s = 'queued', n = tonumber(ARGV[i + 1]), a = 0})) == 1 then
-    added = added + 1
-  end
-  redis.call('RPUSH', KEYS[3], ARGV[i + 2])
-end
-redis.call('HINCRBY', KEYS[2], 'shards', added - 1)
-return 1
-"""
-
-# KEYS: shards, meta. ARGV: codes JSON, then shard ids. A done shard with failed images goes back
-# to queued, out of the done counts, remembering which codes to retry; returns the ids reopened.
-_REOPEN = """
-local reopened = {}
-for i = 2, #ARGV do
-  local raw = redis.call('HGET', KEYS[1], ARGV[i])
-  local state = raw and cjson.decode(raw)
-  if state and state['s'] == 'done' and (state['f'] or 0) > 0 then
-    redis.call('HINCRBY', KEYS[2], 'done', -state['n'])
-    redis.call('HINCRBY', KEYS[2], 'failed', -state['f'])
-    redis.call('HINCRBY', KEYS[2], 'shards_done', -1)
-    state['s'] = 'queued'
-    state['a'] = 0
-    state['r'] = ARGV[1]
-    redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(state))
-    reopened[#reopened + 1] = ARGV[i]
-  end
-end
-return reopened
-"""
 
 
 def _texts(replies: list) -> list[str]:
@@ -221,7 +56,7 @@ def _texts(replies: list) -> list[str]:
 @dataclass(frozen=True)
 class ShardState:
     shard_id: str
-    state: str
+    state: State
     images: int
     labeled: int
     failed: int
@@ -229,6 +64,7 @@ class ShardState:
     owner: str | None
     lease_until: float | None
     retry_codes: tuple[str, ...] | None = None  # a reopened shard: relabel only errors with these
+    losses: int = 0  # times its lease lapsed (its worker was lost), counted or not
 
     @classmethod
     def decode(cls, shard_id: str, raw: bytes | str) -> ShardState:
@@ -236,11 +72,12 @@ class ShardState:
         codes = json.loads(data["r"]) if isinstance(data.get("r"), str) else None
         return cls(
             shard_id=shard_id,
-            state=data["s"],
+            state=State(data["s"]),
             images=int(data["n"]),
             labeled=int(data.get("l", 0)),
             failed=int(data.get("f", 0)),
             attempts=int(data.get("a", 0)),
+            losses=int(data.get("k", 0)),
             owner=data.get("o"),
             lease_until=float(data["u"]) if data.get("u") is not None else None,
             retry_codes=tuple(codes) if codes is not None else None,
@@ -249,7 +86,7 @@ class ShardState:
 
 @dataclass(frozen=True)
 class Claim:
-    verdict: str  # run, done, split, busy, exhausted
+    verdict: Verdict
     attempts: int
 
 
@@ -268,6 +105,9 @@ class RunStatus:
     enqueuing_until: float | None = None
     output: str | None = None
     dead_jobs: int = 0  # shards given up on: their images have internal_error rows (worker lost)
+    failed_reason: str | None = None  # the run is failed: why (a job refused for the whole run)
+    failed_at: float | None = None
+    manifest_at: float | None = None
 
     def enqueuing(self, now: float | None = None) -> bool:
         """An enqueue of this run is still adding shards (its lease has not run out)."""
@@ -276,6 +116,16 @@ class RunStatus:
     def finished(self, now: float | None = None) -> bool:
         """Every shard is done and no enqueue is adding more (an empty run is finished too)."""
         return self.pending == 0 and not self.enqueuing(now)
+
+    @property
+    def failed_run(self) -> bool:
+        """A job was refused for a reason that holds for the whole run: nothing runs until it is
+        enqueued again (after its cause is fixed)."""
+        return self.failed_reason is not None
+
+    def settled(self, now: float | None = None) -> bool:
+        """Nothing more will happen without a person: finished, or failed."""
+        return self.finished(now) or self.failed_run
 
     @property
     def pending(self) -> int:
@@ -294,19 +144,18 @@ class RunStatus:
 
 
 class RunLedger:
-    """Reads and writes of runs and their shards. Thread-safe: redis-py clients share a pool."""
+    """Reads and writes of runs and their shards. Thread-safe: redis-py clients share a pool.
+    `clock` gives the time every lease and index entry is measured in (a test's own clock)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "labeler") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "labeler",
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.client = client
         self.prefix = prefix
-        self._register = client.register_script(_REGISTER)
-        self._claim = client.register_script(_CLAIM)
-        self._renew = client.register_script(_RENEW)
-        self._finish = client.register_script(_FINISH)
-        self._release = client.register_script(_RELEASE)
-        self._requeue = client.register_script(_REQUEUE_LAPSED)
-        self._split = client.register_script(_SPLIT)
-        self._reopen = client.register_script(_REOPEN)
+        self.clock = clock
+        self._scripts = register_all(client)
+
+    def _now(self) -> str:
+        return repr(self.clock())
 
     def keys(self, run: str) -> RunKeys:
         return RunKeys(self.prefix, run)
@@ -315,21 +164,31 @@ class RunLedger:
     def leases(self) -> str:
         return leases_key(self.prefix)
 
+    @property
+    def queued_index(self) -> str:
+        return queued_key(self.prefix)
+
+    @property
+    def open_runs(self) -> str:
+        return open_runs_key(self.prefix)
+
     # -- the run ----------------------------------------------------------------------------------
 
     def create_run(
         self, run: str, output: str, shard_size: int, options: dict[str, Any], queue: str
     ) -> dict[str, str]:
         """Register the run (once: a later enqueue keeps the first one's output and options) and
-        return its settings as stored."""
+        return its settings as stored. An enqueue also clears a failure: the run may go on."""
         meta = self.keys(run).meta
         pipe = self.client.pipeline(transaction=False)
         pipe.sadd(runs_key(self.prefix), run)
-        pipe.hsetnx(meta, "created_at", repr(time.time()))
+        pipe.sadd(self.open_runs, run)
+        pipe.hsetnx(meta, "created_at", self._now())
         pipe.hsetnx(meta, "output", output)
         pipe.hsetnx(meta, "shard_size", str(shard_size))
         pipe.hsetnx(meta, "options", compact_json(options))
         pipe.hset(meta, "queue", queue)
+        pipe.hdel(meta, "failed_reason", "failed_at", "manifest_at")
         pipe.hmget(meta, ["output", "shard_size", "options"])
         stored = pipe.execute()[-1]
         return {"output": stored[0].decode(), "shard_size": stored[1].decode(), "options": stored[2].decode()}
@@ -345,24 +204,57 @@ class RunLedger:
     def exists(self, run: str) -> bool:
         return bool(self.client.hexists(self.keys(run).meta, "output"))
 
+    def fail_run(self, run: str, reason: str) -> bool:
+        """Mark the run failed (the first reason stays); True if this call failed it. Its shards
+        stay queued; `labeler enqueue --run RUN` clears the failure and they go on."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hsetnx(self.keys(run).meta, "failed_reason", reason)
+        pipe.hsetnx(self.keys(run).meta, "failed_at", self._now())
+        return bool(pipe.execute()[0])
+
     def renew_enqueue_lease(self, run: str, lease_s: float) -> None:
         """Say an enqueue is adding shards for `lease_s` more seconds, so `status --watch` and
         `enqueue --wait` do not take a run whose workers caught up between batches for finished."""
-        self.client.hset(self.keys(run).meta, "enqueuing_until", repr(time.time() + lease_s))
+        self.client.hset(self.keys(run).meta, "enqueuing_until", repr(self.clock() + lease_s))
 
     def end_enqueue_lease(self, run: str) -> None:
         self.client.hdel(self.keys(run).meta, "enqueuing_until")
 
-    def register_shards(self, run: str, shards: Sequence[tuple[str, int]]) -> list[str]:
-        """Add shards (id, images) not yet known; returns each one's state (queued, running,
-        lapsed, done, split): the caller publishes the queued and lapsed ones."""
+    def mark_manifested(self, run: str) -> None:
+        """The run's manifest is written: the reconciler stops looking at it."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.keys(run).meta, "manifest_at", self._now())
+        pipe.srem(self.open_runs, run)
+        pipe.execute()
+
+    def runs_without_manifest(self) -> list[str]:
+        return sorted(member.decode() for member in self.client.smembers(self.open_runs))
+
+    def forget_run(self, run: str) -> None:
+        """Drop what the fleet-wide keys still hold of a run whose own keys are gone (deleted)."""
+        self.client.srem(self.open_runs, run)
+
+    def known_shards(self, run: str, shard_ids: Sequence[str]) -> list[bool]:
+        """Whether the ledger has each of these shards (an enqueue reads storage for the others)."""
+        if not shard_ids:
+            return []
+        return [raw is not None for raw in self.client.hmget(self.keys(run).shards, list(shard_ids))]
+
+    def register_shards(self, run: str, shards: Sequence[tuple[str, int]],
+                        on_storage: dict[str, tuple[int, int]] | None = None) -> list[Registered]:  # fmt: skip
+        """Add shards (id, images) not yet known; returns each one's state: the caller publishes
+        the QUEUED and LAPSED ones. `on_storage`: (rows, failed) of shard files already written,
+        read from their footers: a new shard whose file holds one row per image is done."""
         if not shards:
             return []
-        args: list[Any] = [repr(time.time())]
+        on_storage = on_storage or {}
+        args: list[Any] = [self._now(), run]
         for shard_id, images in shards:
-            args += [shard_id, images]
-        states = self._register(keys=[self.keys(run).shards, self.keys(run).meta], args=args)
-        return _texts(states)
+            rows, failed = on_storage.get(shard_id, (-1, 0))
+            args += [shard_id, images, rows, failed]
+        keys = self.keys(run)
+        states = self._scripts["register"](keys=[keys.shards, keys.meta, self.queued_index], args=args)
+        return [Registered(state) for state in _texts(states)]
 
     def status(self, run: str, queue: str) -> RunStatus:
         pipe = self.client.pipeline(transaction=False)
@@ -389,6 +281,9 @@ class RunLedger:
             enqueuing_until=number("enqueuing_until"),
             output=meta.get("output"),
             dead_jobs=int(dead),
+            failed_reason=meta.get("failed_reason"),
+            failed_at=number("failed_at"),
+            manifest_at=number("manifest_at"),
         )
 
     def shard_states(self, run: str, batch: int = 1000) -> Iterator[ShardState]:
@@ -402,60 +297,78 @@ class RunLedger:
     # -- a worker's shard -------------------------------------------------------------------------
 
     def claim(self, run: str, shard_id: str, owner: str, lease_s: float, max_attempts: int, images: int,
-              force: bool = False) -> Claim:  # fmt: skip
+              force: bool = False, max_losses: int | None = None, held: int = 1) -> Claim:  # fmt: skip
+        """Take the shard under a lease. `max_losses` (default three times `max_attempts`) bounds
+        how often it may be lost with its worker before it counts as exhausted; `held`: shards
+        the worker holds with this one."""
         keys = self.keys(run)
-        verdict, attempts = self._claim(
-            keys=[keys.shards, self.leases, keys.meta],
-            args=[shard_id, owner, repr(time.time()), lease_s, max_attempts, images, "1" if force else "0",
-                  lease_member(run, shard_id)],
+        losses = max_losses if max_losses is not None else 3 * max_attempts
+        verdict, attempts = self._scripts["claim"](
+            keys=[keys.shards, self.leases, keys.meta, self.queued_index],
+            args=[shard_id, owner, self._now(), lease_s, max_attempts, images, "1" if force else "0",
+                  lease_member(run, shard_id), losses, held],
         )  # fmt: skip
-        return Claim(_texts([verdict])[0], int(attempts))
+        return Claim(Verdict(_texts([verdict])[0]), int(attempts))
 
-    def renew(self, run: str, owner: str, shard_ids: Sequence[str], lease_s: float) -> list[str]:
-        """Renew `owner`'s leases; returns the shards it no longer holds."""
+    def renew(self, run: str, owner: str, shard_ids: Sequence[str], lease_s: float, held: int = 1) -> list[str]:
+        """Renew `owner`'s leases; returns the shards it no longer holds. `held`: how many shards
+        the owner's worker holds now (a lapse of a worker holding several spends no attempt)."""
         if not shard_ids:
             return []
         pairs = [item for shard_id in shard_ids for item in (shard_id, lease_member(run, shard_id))]
-        lost = self._renew(keys=[self.keys(run).shards, self.leases], args=[owner, repr(time.time()), lease_s, *pairs])
+        lost = self._scripts["renew"](keys=[self.keys(run).shards, self.leases],
+                                      args=[owner, self._now(), lease_s, held, *pairs])  # fmt: skip
         return _texts(lost)
 
     def finish(self, run: str, shard_id: str, owner: str, labeled: int, failed: int) -> bool:
         """Mark the shard done (only its lease holder can); False: the lease was lost meanwhile."""
         keys = self.keys(run)
-        args = [shard_id, owner, repr(time.time()), labeled, failed, lease_member(run, shard_id)]
-        return bool(self._finish(keys=[keys.shards, self.leases, keys.meta], args=args))
+        args = [shard_id, owner, self._now(), labeled, failed, lease_member(run, shard_id)]
+        return bool(self._scripts["finish"](keys=[keys.shards, self.leases, keys.meta, self.queued_index], args=args))
 
     def release(self, run: str, shard_id: str, owner: str, uncount: bool) -> bool:
         """Give a held shard back to the queue (the caller requeues its message)."""
-        args = [shard_id, owner, "1" if uncount else "0", lease_member(run, shard_id)]
-        return bool(self._release(keys=[self.keys(run).shards, self.leases], args=args))
+        args = [shard_id, owner, "1" if uncount else "0", lease_member(run, shard_id), self._now()]
+        return bool(self._scripts["release"](keys=[self.keys(run).shards, self.leases, self.queued_index], args=args))
 
     def lapsed(self, limit: int = 100) -> list[tuple[str, str]]:
-        """(run, shard) of every shard, of any run, whose lease ran out (its worker was lost or cut off)."""
-        members = self.client.zrangebyscore(self.leases, "-inf", repr(time.time()), start=0, num=limit)
+        """(run, shard) of the longest-lapsed shards, of any run, whose lease ran out (their worker
+        was lost or cut off)."""
+        members = self.client.zrangebyscore(self.leases, "-inf", self._now(), start=0, num=limit)
         return [parse_lease_member(m.decode()) for m in members]
 
+    def drop_lease_entries(self, run: str, shard_ids: Sequence[str]) -> None:
+        """Remove lease and queued-index entries of a run that no longer exists (deleted)."""
+        members = [lease_member(run, shard) for shard in shard_ids]
+        if members:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrem(self.leases, *members)
+            pipe.zrem(self.queued_index, *members)
+            pipe.execute()
+
     def requeue_lapsed(self, run: str, queue: str, messages: Sequence[tuple[str, str]]) -> list[str]:
-        """Put these lapsed shards (id, message) of `run` back at the front of the queue."""
+        """Put these lapsed shards (id, message) of `run` back at the front of the queue. One whose
+        worker held several shards spends no attempt: a lost worker is not evidence against any
+        one of them (it still counts as a loss)."""
         if not messages:
             return []
-        args: list[Any] = [repr(time.time())]
+        args: list[Any] = [self._now()]
         for shard_id, message in messages:
             args += [shard_id, lease_member(run, shard_id), message]
-        done = self._requeue(keys=[self.keys(run).shards, self.leases, queue], args=args)
-        return _texts(done)
+        keys = [self.keys(run).shards, self.leases, queue, self.queued_index]
+        return _texts(self._scripts["requeue_lapsed"](keys=keys, args=args))
 
     def split(self, run: str, queue: str, parent: str, halves: Sequence[tuple[str, int, str]]) -> bool:
         """Replace `parent` by its halves (id, images, message), queued at the front."""
         keys = self.keys(run)
-        args: list[Any] = [parent]
+        args: list[Any] = [parent, run, self._now()]
         for child, images, message in halves:
             args += [child, images, message]
-        return bool(self._split(keys=[keys.shards, keys.meta, queue], args=args))
+        return bool(self._scripts["split"](keys=[keys.shards, keys.meta, queue, self.queued_index], args=args))
 
     def dead_letter(self, run: str, shard_id: str, reason: str) -> None:
         """Remember a shard given up on (its images got error rows), for status and the report."""
-        entry = {"shard": shard_id, "run": run, "reason": reason, "at": time.time()}
+        entry = {"shard": shard_id, "run": run, "reason": reason, "at": self.clock()}
         self.client.rpush(self.keys(run).dead, compact_json(entry))
 
     def dead_letters(self, run: str) -> list[dict[str, Any]]:
@@ -467,5 +380,29 @@ class RunLedger:
         if not shard_ids:
             return []
         keys = self.keys(run)
-        reopened = self._reopen(keys=[keys.shards, keys.meta], args=[compact_json(list(codes)), *shard_ids])
-        return _texts(reopened)
+        args = [compact_json(list(codes)), run, self._now(), *shard_ids]
+        return _texts(self._scripts["reopen"](keys=[keys.shards, keys.meta, self.queued_index], args=args))
+
+    # -- the reconciler ---------------------------------------------------------------------------
+
+    def queued_since(self, older_than_s: float, limit: int = 500) -> list[tuple[str, str]]:
+        """(run, shard) of queued shards last given a message (or seen to have one) more than
+        `older_than_s` ago: the candidates for an orphan."""
+        cutoff = repr(self.clock() - older_than_s)
+        members = self.client.zrangebyscore(self.queued_index, "-inf", cutoff, start=0, num=limit)
+        return [parse_lease_member(m.decode()) for m in members]
+
+    def seen_with_message(self, run: str, shard_ids: Sequence[str]) -> None:
+        """These queued shards have a message: look again in a while."""
+        if shard_ids:
+            now = self.clock()
+            self.client.zadd(self.queued_index, {lease_member(run, shard): now for shard in shard_ids})
+
+    def republish(self, run: str, queue: str, messages: Sequence[tuple[str, str]]) -> list[str]:
+        """Give these queued shards (id, message) a message; returns those that were still queued."""
+        if not messages:
+            return []
+        args: list[Any] = [self._now()]
+        for shard_id, message in messages:
+            args += [shard_id, lease_member(run, shard_id), message]
+        return _texts(self._scripts["republish"](keys=[self.keys(run).shards, queue, self.queued_index], args=args))
