@@ -73,8 +73,8 @@ def test_a_worker_whose_model_cannot_load_stops_and_leaves_the_job_queued(
 
 def test_one_failed_batch_sends_its_job_back_and_the_retry_labels_it(redis_url, start_worker, small_jpegs):
     """A transient engine fault (FAKE: the second batch fails once): no row for its images, the
-    shard goes back with one attempt spent, the same worker labels it on redelivery, and the
-    worker stays up."""
+    shard goes back without spending an attempt (the engine failed, not its images), the same
+    worker labels it on redelivery, and the worker stays up."""
     client = redis.Redis.from_url(redis_url)
     paths = small_jpegs[300:340]
     worker = start_worker(
@@ -89,5 +89,5 @@ def test_one_failed_batch_sends_its_job_back_and_the_retry_labels_it(redis_url, 
     assert "images met an engine failure; the shard goes back for them" in handed_back
     assert log.count("] received") == 3  # two shards, one of them delivered twice
     attempts = sorted(state.attempts for state in RunLedger(client).shard_states("hiccup"))
-    assert attempts == [1, 2]  # the failed batch's shard spent one attempt
+    assert attempts == [1, 1]  # the failed batch's shard was taken twice but spent no attempt
     assert worker.alive()

@@ -63,6 +63,8 @@ Outcome = Finished | Skipped | Split | HandedBack | Refused
 class SettlingJob(Protocol):
     """What `settle` needs of the job."""
 
+    run: str
+    shard: str
     holds_lease: bool
 
     def release(self, uncount: bool) -> None: ...
@@ -81,12 +83,14 @@ def settle(job: SettlingJob, outcome: Outcome) -> dict[str, Any]:
         case Split():
             return job.result(skipped="split")
         case HandedBack(reason=reason, worker_fault=worker_fault, stop_worker=stop):
+            log.warning("run %s shard %s handed back: %s", job.run, job.shard, reason)
             if job.holds_lease:
                 job.release(uncount=worker_fault)
             if stop:
                 job.stop_worker(reason)
             raise Reject(reason, requeue=True)
         case Refused(reason=reason, whole_run=whole_run):
+            log.error("run %s shard %s refused%s: %s", job.run, job.shard, " (the run fails)" if whole_run else "", reason)
             if job.holds_lease:
                 job.release(uncount=True)
             if whole_run:
