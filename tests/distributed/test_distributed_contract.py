@@ -30,6 +30,7 @@ from distributed_helpers import (
 )
 
 from worker.cli import main
+from worker.dataset.manifest import read_manifest
 from worker.ledger.ledger import RunLedger
 
 pytestmark = pytest.mark.slow
@@ -251,6 +252,10 @@ def test_an_image_that_kills_its_worker_is_bisected_down_to_itself(redis_server,
         assert states["000000"] == "split" and states["000000.0.0.0"] == "done"  # halved three times
         [dead] = RunLedger(client).dead_letters("poison")
         assert dead["shard"] == "000000.0.0.0" and str(poison) in dead["reason"]
+        # The run's last shard ended with a give-up row: it gets its manifest all the same.
+        manifest = wait_for(lambda: read_manifest(run_output("poison")), 30, "the poison run's manifest")
+        assert manifest["counts"] == {"rows": 8, "labeled": 7, "failed": 1, "bytes": manifest["counts"]["bytes"],
+                                      "shards": len(manifest["shards"])}  # fmt: skip
         assert worker.log().count("WorkerLostError") >= 4 and worker.alive()
         # The worker survived its crashing children and still labels.
         enqueue_run(client, "after-poison", small_jpegs[108:110], str(run_output("after-poison")), queue)

@@ -381,7 +381,13 @@ class RunLedger:
             return []
         keys = self.keys(run)
         args = [compact_json(list(codes)), run, self._now(), *shard_ids]
-        return _texts(self._scripts["reopen"](keys=[keys.shards, keys.meta, self.queued_index], args=args))
+        reopened = _texts(self._scripts["reopen"](keys=[keys.shards, keys.meta, self.queued_index], args=args))
+        if reopened:  # the run is open again: its manifest is rewritten when it finishes again
+            pipe = self.client.pipeline(transaction=False)
+            pipe.sadd(self.open_runs, run)
+            pipe.hdel(keys.meta, "manifest_at")
+            pipe.execute()
+        return reopened
 
     # -- the reconciler ---------------------------------------------------------------------------
 
