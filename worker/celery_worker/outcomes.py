@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 from celery.exceptions import Reject
 
+from worker.ledger.states import Verdict
+
 log = logging.getLogger(__name__)
 
 
@@ -81,7 +83,7 @@ def settle(job: SettlingJob, outcome: Outcome) -> dict[str, Any]:
         case Skipped(why=why):
             return job.result(skipped=why)
         case Split():
-            return job.result(skipped="split")
+            return job.result(skipped=Verdict.SPLIT.value)
         case HandedBack(reason=reason, worker_fault=worker_fault, stop_worker=stop):
             log.warning("run %s shard %s handed back: %s", job.run, job.shard, reason)
             if job.holds_lease:

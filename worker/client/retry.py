@@ -17,6 +17,7 @@ import redis
 
 from worker.ledger.ledger import RunLedger
 from worker.ledger.protocol import shard_message
+from worker.ledger.states import State
 
 
 @dataclass
@@ -36,7 +37,7 @@ def retry_failed(client: redis.Redis, run: str, queue: str, codes: Iterable[str]
     if settings is None:
         return summary
     codes = sorted(set(codes))
-    candidates = (state for state in ledger.shard_states(run) if state.state == "done" and state.failed)
+    candidates = (state for state in ledger.shard_states(run) if state.state == State.DONE and state.failed)
     while chunk := list(islice(candidates, batch)):
         failed = {state.shard_id: state.failed for state in chunk}
         reopened = ledger.reopen(run, list(failed), codes)
