@@ -1,6 +1,7 @@
 """`labeler run INPUTS --out DIR/`: the one-process run writes the distributed run's layout (a
 fixed shard list, one Parquet file per shard, a manifest), reads as one table in DuckDB, resumes
-after an engine failure without a row twice, and relabels only error rows on --retry-errors."""
+after an engine failure without a row twice, and relabels only error rows on --retry-errors. An
+image named twice gets one row."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from worker.local.dataset_run import DatasetExists, run_local_dataset
 from worker.pipeline.service import LabelingService, ServiceOptions
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
 from worker.runs.dataset import iter_records, shard_files
+from worker.runs.shard_list import GENESIS, chain_hash, write_index, write_shard_paths
 
 OPTIONS = ServiceOptions(max_batch_size=2, max_wait_s=0.0, decode_threads=1, max_in_flight=4)
 
@@ -76,3 +78,42 @@ def test_retry_errors_relabels_only_the_error_rows(tiny_bundle, image_paths, tmp
     after = {r["path"]: r for r in rows(out)}
     assert sorted(after) == sorted(paths) and "labels" in after[str(restored)]
     assert all(after[p] == before[p] for p in image_paths[:5])  # the other rows kept as they were
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, ["run", *args])
+
+
+def test_an_image_named_twice_in_one_shard_gets_one_row(tiny_bundle, photo_dir, image_paths, tmp_path) -> None:
+    out = tmp_path / "ds"
+    result = run_cli(str(photo_dir), str(photo_dir), "--out", f"{out}/", "--model", str(tiny_bundle), "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert sorted(r["path"] for r in rows(out)) == image_paths
+    assert json.loads((out / "manifest.json").read_text())["counts"]["rows"] == len(image_paths)
+    assert f"repeats dropped {len(image_paths)}" in result.output
+
+
+def test_repeats_across_shards_get_one_row(tiny_bundle, photo_dir, image_paths, tmp_path) -> None:
+    """A folder and a list that overlaps it, cut into shards of 3: each image in one shard only."""
+    out = tmp_path / "ds"
+    missing = str(tmp_path / "missing.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([*image_paths[3:9], missing, missing]) + "\n")
+    result = run_cli(str(photo_dir), f"@{listing}", "--out", f"{out}/", "--shard-size", "3",
+                     "--model", str(tiny_bundle), "--threads", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (count, distinct), = duckdb.sql(f"SELECT count(*), count(DISTINCT path) FROM '{out}/labels/*.parquet'").fetchall()
+    assert count == distinct == len(image_paths) + 1
+    assert "repeats dropped 7" in result.output
+
+
+def test_resume_of_a_list_stored_with_repeats_writes_each_path_once(tiny_bundle, image_paths, tmp_path) -> None:
+    """A shard list stored before repeats were left out (paths twice in one shard) still resumes."""
+    out = tmp_path / "ds"
+    stored = [*image_paths[:3], image_paths[0]]
+    write_shard_paths(out, "000000", stored, chain_hash(GENESIS, stored))
+    write_index(out, 5000, ["000000"], len(stored), chain_hash(GENESIS, stored))
+    service = LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), OPTIONS)
+    summary = run_local_dataset(stored, service, out, resume=True)
+    assert summary.complete and summary.labeled == 3
+    assert sorted(r["path"] for r in rows(out)) == image_paths[:3]

@@ -209,7 +209,7 @@ def _run_into_dataset(
     from tqdm import tqdm
 
     from worker.local.dataset_run import DatasetExists, run_local_dataset
-    from worker.pipeline.inputs import InputError, iter_input_paths
+    from worker.pipeline.inputs import InputError, can_repeat, iter_input_paths
     from worker.runners import RunnerError
     from worker.runs.shard_list import ShardListError
 
@@ -218,7 +218,8 @@ def _run_into_dataset(
     try:
         summary = run_local_dataset(iter_input_paths(inputs), service, out_dir, resume=resume,
                                     retry_errors=retry_errors, shard_size=shard_size,
-                                    embedding_dtype=embedding_dtype, on_record=lambda _rec: bar.update(1))  # fmt: skip
+                                    embedding_dtype=embedding_dtype, on_record=lambda _rec: bar.update(1),
+                                    deduplicate=can_repeat(inputs))  # fmt: skip
     except (DatasetExists, ShardListError, RunnerError, InputError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

@@ -5,6 +5,8 @@ The inputs are cut into the same fixed shard list (`DIR/shards/`), each shard's 
 waits on a file), and `DIR/manifest.json` is written at the end. `--resume` skips shards that have
 a file; `--retry-errors` relabels the error rows of shards that have some and rewrites those files.
 An engine failure leaves its shard unwritten (it is not the images' fault): resume labels it.
+A path named twice (a folder and a list that overlap) is labeled once, as `labeler enqueue` does:
+a shard file refuses a path twice, and two shards holding it would give the dataset two rows.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.local.run import RunSummary
+from worker.pipeline.inputs import unique_by_digest
 from worker.pipeline.service import LabelingService, ServiceFailed
 from worker.records import Record, error_code, is_engine_failure, is_error
 from worker.runs.dataset import DatasetError, DatasetSpec, iter_records, shard_files, write_shard
@@ -52,12 +55,17 @@ def run_local_dataset(
     embedding_dtype: str = "float32",
     on_record: Callable[[Record], None] | None = None,
     worker: str = "labeler-run",
+    deduplicate: bool = True,
 ) -> RunSummary:
-    """Label every path once into the dataset `out_dir`; returns the run's summary."""
+    """Label every path once into the dataset `out_dir`; returns the run's summary. A path named
+    twice is labeled once (`deduplicate=False` only where the inputs cannot repeat one, a single
+    directory walk, to save the ~75 B per path that remembering them costs)."""
     out_dir = as_location(out_dir)
     if (stored_root_shards(out_dir) or shard_files(out_dir)) and not (resume or retry_errors):
         raise DatasetExists(f"{out_dir} holds a dataset: add --resume to continue it, or choose a new folder")
     summary = RunSummary()
+    if deduplicate:
+        paths = unique_by_digest(paths, on_repeat=lambda _path: _count_repeat(summary))
     written = shard_files(out_dir)
     done_shards: list[str] = []
     finished: queue.Queue = queue.Queue()
@@ -96,7 +104,8 @@ def run_local_dataset(
 
         try:
             for cut in cut_shards(out_dir, paths, shard_size):
-                shard = _Shard(cut.shard_id, cut.paths)
+                # each path once even in a list stored before repeats were left out (a resumed old run)
+                shard = _Shard(cut.shard_id, list(dict.fromkeys(cut.paths)))
                 todo = _todo(out_dir, shard, written, retry_errors, summary)
                 if not todo:
                     done_shards.append(shard.shard_id)
@@ -117,6 +126,10 @@ def run_local_dataset(
         write_manifest(out_dir, run_id=out_dir.name, shard_ids=done_shards, spec=spec,
                        settings={"shard_size": shard_size, "top_k": service.options.top_k}, remove_strays=True)  # fmt: skip
     return summary
+
+
+def _count_repeat(summary: RunSummary) -> None:
+    summary.repeats += 1
 
 
 def _todo(out_dir: Path | ObjectPath, shard: _Shard, written: dict, retry_errors: bool, summary: RunSummary) -> list[str]:
