@@ -1,12 +1,15 @@
 """`labeler run INPUTS --out DIR/`: the one-process run writes the distributed run's layout (a
 fixed shard list, one Parquet file per shard, a manifest), reads as one table in DuckDB, resumes
 after an engine failure without a row twice, and relabels only error rows on --retry-errors. An
-image named twice gets one row."""
+image named twice gets one row; a shard that cannot be written stops the run with one clear line,
+no manifest and a non-zero status, and --resume finishes it."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -107,6 +110,31 @@ def test_repeats_across_shards_get_one_row(tiny_bundle, photo_dir, image_paths, 
     assert "repeats dropped 7" in result.output
 
 
+def test_a_shard_that_cannot_be_written_stops_the_run_and_resume_finishes(tiny_bundle, image_paths, tmp_path):
+    """Shard 000002's file name is taken by a folder: the write fails mid-run. The run stops soon
+    (the listing is not finished), says why in one line, exits 1 without a manifest and keeps the
+    shards written before; once the folder is gone, --resume labels the rest, each image once."""
+    out = tmp_path / "ds"
+    blocker = out / "labels" / "part-000002.parquet"
+    blocker.mkdir(parents=True)
+    paths = [*image_paths, *(str(tmp_path / f"missing-{i:02d}.jpg") for i in range(44))]  # 60 one-image shards
+    args = [*paths, "--out", f"{out}/", "--shard-size", "1", "--model", str(tiny_bundle), "--threads", "1",
+            "--batch-size", "2", "--decode-threads", "1", "--fetch-concurrency", "0"]  # 8 in flight  # fmt: skip
+    failed = run_cli(*args)
+    assert failed.exit_code == 1, failed.output
+    assert "shard 000002 could not be written" in failed.output and "--resume" in failed.output
+    assert "Traceback" not in failed.output
+    assert not (out / "manifest.json").exists()
+    assert set(shard_files(out)) == {"000000", "000001"}  # written before the failure, kept
+    assert len(list((out / "shards").glob("0*.json"))) < len(paths) / 2  # no more submissions after it
+    blocker.rmdir()
+    resumed = run_cli(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "skipped (already done) 2" in resumed.output
+    assert sorted(r["path"] for r in rows(out)) == sorted(paths)
+    assert json.loads((out / "manifest.json").read_text())["counts"]["rows"] == len(paths)
+
+
 def test_resume_of_a_list_stored_with_repeats_writes_each_path_once(tiny_bundle, image_paths, tmp_path) -> None:
     """A shard list stored before repeats were left out (paths twice in one shard) still resumes."""
     out = tmp_path / "ds"
@@ -117,3 +145,34 @@ def test_resume_of_a_list_stored_with_repeats_writes_each_path_once(tiny_bundle,
     summary = run_local_dataset(stored, service, out, resume=True)
     assert summary.complete and summary.labeled == 3
     assert sorted(r["path"] for r in rows(out)) == image_paths[:3]
+
+
+def test_a_slow_writer_holds_the_producer_back_and_a_failed_one_never_blocks_it() -> None:
+    """At most `depth` finished shards wait in memory; after a failed write puts return at once
+    (the shards are dropped), so the inference thread handing them over cannot hang."""
+    from worker.local.shard_writer import ShardWriter
+
+    release = threading.Event()
+    writer = ShardWriter(Path("unused"), depth=2)
+    writer.put("000000", release.wait)  # taken by the writer thread, which then waits
+    writer.put("000001", lambda: None)
+    writer.put("000002", lambda: None)
+    fourth = threading.Thread(target=writer.put, args=("000003", lambda: None))
+    fourth.start()
+    fourth.join(0.3)
+    assert fourth.is_alive()  # the queue is full: the producer waits for the writer
+    release.set()
+    fourth.join(5)
+    writer.close()
+    assert writer.written == ["000000", "000001", "000002", "000003"] and not writer.failed
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device")
+
+    writer = ShardWriter(Path("unused"), depth=1)
+    writer.put("000000", full_disk)
+    for index in range(1, 20):
+        writer.put(f"{index:06d}", lambda: None)  # would block forever if the failed writer stopped taking
+    writer.close()
+    assert writer.written == [] and writer.failed_shard == "000000"
+    assert "No space left on device" in str(writer.error()) and "--resume" in str(writer.error())

@@ -209,8 +209,10 @@ def _run_into_dataset(
     from tqdm import tqdm
 
     from worker.local.dataset_run import DatasetExists, run_local_dataset
+    from worker.local.shard_writer import DatasetWriteFailed
     from worker.pipeline.inputs import InputError, can_repeat, iter_input_paths
     from worker.runners import RunnerError
+    from worker.runs.dataset import DatasetError
     from worker.runs.shard_list import ShardListError
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -220,7 +222,7 @@ def _run_into_dataset(
                                     retry_errors=retry_errors, shard_size=shard_size,
                                     embedding_dtype=embedding_dtype, on_record=lambda _rec: bar.update(1),
                                     deduplicate=can_repeat(inputs))  # fmt: skip
-    except (DatasetExists, ShardListError, RunnerError, InputError, OSError) as exc:
+    except (DatasetExists, DatasetWriteFailed, DatasetError, ShardListError, RunnerError, InputError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         bar.close()
