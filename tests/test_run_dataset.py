@@ -135,6 +135,14 @@ def test_a_shard_that_cannot_be_written_stops_the_run_and_resume_finishes(tiny_b
     assert json.loads((out / "manifest.json").read_text())["counts"]["rows"] == len(paths)
 
 
+def test_out_dir_that_is_a_file_is_one_line_error(tiny_bundle, image_paths, tmp_path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    for out in (f"{taken}/", f"{taken}/ds/"):
+        result = run_cli(image_paths[0], "--out", out, "--model", str(tiny_bundle))
+        assert result.exit_code == 1 and f"{taken} is a file, not a folder" in result.output, result.output
+
+
 def test_resume_of_a_list_stored_with_repeats_writes_each_path_once(tiny_bundle, image_paths, tmp_path) -> None:
     """A shard list stored before repeats were left out (paths twice in one shard) still resumes."""
     out = tmp_path / "ds"

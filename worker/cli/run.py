@@ -153,6 +153,7 @@ def run(
         return
     out_path = Path(out_text)
     if out_text.endswith(os.sep) or out_path.is_dir():
+        _check_folder(out_text, out_path)
         _run_into_dataset(inputs, service, out_path, resume, retry_errors, shard_size, embedding_dtype, progress)
         return
     if retry_errors:
@@ -200,6 +201,15 @@ def _finish(summary, where: str, warnings: tuple[str, ...] = ()) -> None:
         click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
     if not summary.complete:
         sys.exit(1)
+
+
+def _check_folder(out_text: str, out_dir: Path) -> None:
+    """A dataset is a folder: say so in one line when --out, or a folder above it, is a file."""
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise click.ClickException(f"--out {out_text}: {folder} is a file, not a folder")
+            return
 
 
 def _run_into_dataset(
