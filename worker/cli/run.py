@@ -153,6 +153,7 @@ def run(
         return
     out_path = Path(out_text)
     if out_text.endswith(os.sep) or out_path.is_dir():
+        _check_folder(out_text, out_path)
         _run_into_dataset(inputs, service, out_path, resume, retry_errors, shard_size, embedding_dtype, progress)
         return
     if retry_errors:
@@ -202,15 +203,26 @@ def _finish(summary, where: str, warnings: tuple[str, ...] = ()) -> None:
         sys.exit(1)
 
 
+def _check_folder(out_text: str, out_dir: Path) -> None:
+    """A dataset is a folder: say so in one line when --out, or a folder above it, is a file."""
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise click.ClickException(f"--out {out_text}: {folder} is a file, not a folder")
+            return
+
+
 def _run_into_dataset(
     inputs: tuple[str, ...], service, out_dir: Path | ObjectPath, resume: bool, retry_errors: bool, shard_size: int,
     embedding_dtype: str, progress: bool | None,
 ) -> None:  # fmt: skip
     from tqdm import tqdm
 
+    from worker.dataset.files import DatasetError
     from worker.dataset.shard_list import ShardListError
     from worker.local.dataset_run import DatasetExists, run_local_dataset
-    from worker.pipeline.inputs import InputError, iter_input_paths
+    from worker.local.shard_writer import DatasetWriteFailed
+    from worker.pipeline.inputs import InputError, can_repeat, iter_input_paths
     from worker.runners import RunnerError
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -218,8 +230,9 @@ def _run_into_dataset(
     try:
         summary = run_local_dataset(iter_input_paths(inputs), service, out_dir, resume=resume,
                                     retry_errors=retry_errors, shard_size=shard_size,
-                                    embedding_dtype=embedding_dtype, on_record=lambda _rec: bar.update(1))  # fmt: skip
-    except (DatasetExists, ShardListError, RunnerError, InputError, OSError) as exc:
+                                    embedding_dtype=embedding_dtype, on_record=lambda _rec: bar.update(1),
+                                    deduplicate=can_repeat(inputs))  # fmt: skip
+    except (DatasetExists, DatasetWriteFailed, DatasetError, ShardListError, RunnerError, InputError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         bar.close()

@@ -27,6 +27,7 @@ class RunSummary:
     not_labeled: int = 0  # the engine failed on them, or gave up first: no record, --resume retries
     never_submitted: int = 0  # left when the engine gave up (counted in not_labeled too)
     engine_failure: str | None = None  # why the service gave up, if it did
+    repeats: int = 0  # inputs naming a path already named: left out, so each image has one record
 
     @property
     def complete(self) -> bool:
@@ -40,7 +41,8 @@ class RunSummary:
     def lines(self) -> list[str]:
         out = [
             f"inputs {self.submitted + self.never_submitted + self.skipped}: labeled {self.labeled}, "
-            f"errors {sum(self.errors.values())}, skipped (already done) {self.skipped}",
+            f"errors {sum(self.errors.values())}, skipped (already done) {self.skipped}"
+            + (f", repeats dropped {self.repeats}" if self.repeats else ""),
             f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s, {self.batches} batches "
             f"(model load {self.load_seconds:.1f} s)",
         ]

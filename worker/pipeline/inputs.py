@@ -13,7 +13,7 @@ import csv
 import hashlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, TextIO
 
 from worker.dataset.storage import is_url
@@ -138,12 +138,15 @@ def unique(paths: Iterable[str], skip: set[str] | None = None) -> Iterator[str]:
             yield path
 
 
-def unique_by_digest(paths: Iterable[str]) -> Iterator[str]:
+def unique_by_digest(paths: Iterable[str], on_repeat: Callable[[str], None] | None = None) -> Iterator[str]:
     """Each path once, remembering a 128-bit digest per path instead of the path (about 75 B of
-    memory per path; a collision that would drop a path is ~1e-20 likely at 100 M paths)."""
+    memory per path; a collision that would drop a path is ~1e-20 likely at 100 M paths).
+    `on_repeat` hears of each path left out, so a summary can say how many were."""
     seen: set[int] = set()
     for path in paths:
         digest = int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=16).digest())
         if digest not in seen:
             seen.add(digest)
             yield path
+        elif on_repeat is not None:
+            on_repeat(path)
