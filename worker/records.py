@@ -32,7 +32,7 @@ class ErrorCode(StrEnum):
 class Embedding(np.ndarray):
     """A record's pooled features: float32, one array from the engine to the Parquet column.
 
-    Rounding 2048 values into Python floats cost ~1.6 ms and ~65 KiB per image on the inference
+    Rounding 2048 values into Python floats cost ~2 ms and ~65 KiB per image on the inference
     thread (bench/RESULTS.md, issue 18); as an array a record holds 8 KiB. Its JSON form (values
     rounded to 6 decimals, as records have always carried them) is made where a record becomes
     JSON: `compact_json`, and a Celery result through kombu's `__json__` hook."""
