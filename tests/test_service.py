@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
+from dataclasses import is_dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -95,6 +98,35 @@ def test_a_failed_batch_gives_error_records_and_the_service_goes_on(tiny_bundle,
     assert all(r["error"]["code"] == "inference_failed" for r in failed)
 
 
+def _held_lengths(service: LabelingService) -> dict[str, int]:
+    """len() of every list, dict, set and deque the service holds, and of those its dataclasses hold."""
+    lengths = {}
+    for name, value in vars(service).items():
+        inner = vars(value).items() if is_dataclass(value) else ()
+        for key, item in [(name, value), *((f"{name}.{k}", v) for k, v in inner)]:
+            if isinstance(item, list | dict | set | deque):
+                lengths[key] = len(item)
+    return lengths
+
+
+def test_the_service_holds_nothing_that_grows_with_the_batches_it_runs(tiny_bundle, tmp_path):
+    """A worker runs millions of batches: a service that ran 200 holds as much as one that ran 50
+    (issue 18: it kept every batch size), and its statistics still count them all. Both are looked
+    at once closed, when no batch is on its way through."""
+    image = tmp_path / "small.jpg"
+    cv2.imwrite(str(image), np.full((32, 32, 3), 90, np.uint8))
+    options = ServiceOptions(max_batch_size=1, max_wait_s=0.0, decode_threads=1)
+    services = {}
+    for count in (50, 200):
+        with LabelingService(FailingRunner(tiny_bundle, lambda n: False), options) as service:
+            collect(service, [str(image)] * count)
+        services[count] = service
+    assert _held_lengths(services[200]) == _held_lengths(services[50])
+    stats = services[200].batch_stats
+    assert (stats.batches, stats.images, stats.largest, dict(stats.by_size)) == (200, 200, 1, {1: 200})
+    assert stats.mean == 1.0 and services[200].batches_run == 200
+
+
 def test_a_runner_that_cannot_load_fails_start(tmp_path, tiny_bundle):
     import shutil
 
@@ -118,7 +150,7 @@ def test_batches_are_shared_by_concurrent_submitters(tiny_bundle, image_paths):
             thread.start()
         for thread in threads:
             thread.join()
-        assert sum(service.batch_sizes) == len(image_paths)
+        assert service.batch_stats.images == len(image_paths)
         assert service.batches_run < len(image_paths) / 2
 
 

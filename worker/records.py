@@ -29,10 +29,29 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+class Embedding(np.ndarray):
+    """A record's pooled features: float32, one array from the engine to the Parquet column.
+
+    Rounding 2048 values into Python floats cost ~2 ms and ~65 KiB per image on the inference
+    thread (bench/RESULTS.md, issue 18); as an array a record holds 8 KiB. Its JSON form (values
+    rounded to 6 decimals, as records have always carried them) is made where a record becomes
+    JSON: `compact_json`, and a Celery result through kombu's `__json__` hook."""
+
+    @classmethod
+    def of(cls, values: Any) -> Embedding:
+        """A float32 copy the record owns (a runner may reuse its output buffers)."""
+        return np.array(values, dtype=np.float32).view(cls)
+
+    def __json__(self) -> list[float]:
+        # Exactly [round(float(v), 6) for v in self]: a float32 times 1e6 (15625 * 2**6) is exact in
+        # float64, so NumPy's multiply, round-half-even and divide round the exact value, as round() does.
+        return np.round(self.astype(np.float64), 6).tolist()
+
+
 def label_record(path: str, labels: list[dict[str, Any]], embedding: np.ndarray | None = None) -> Record:
     record: Record = {"path": path, "labels": labels}
     if embedding is not None:
-        record["embedding"] = [round(float(v), 6) for v in embedding]
+        record["embedding"] = Embedding.of(embedding)
     return record
 
 
@@ -60,4 +79,11 @@ def is_engine_failure(record: Record) -> bool:
 
 def compact_json(value: object) -> str:
     """One line, no spaces, UTF-8 kept: the form records take in files, Redis and messages."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_form)
+
+
+def _json_form(value: object) -> object:
+    """What a value that is not JSON itself (an `Embedding`) is written as."""
+    if isinstance(value, Embedding):
+        return value.__json__()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")

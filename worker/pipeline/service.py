@@ -28,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,6 +86,27 @@ class ServiceOptions:
 
 
 @dataclass
+class BatchStats:
+    """The sizes of the batches a service ran, in memory that does not grow with their number: a
+    worker lives for days, and a list of every batch size grew all night (issue 18)."""
+
+    batches: int = 0
+    images: int = 0
+    largest: int = 0
+    by_size: Counter[int] = field(default_factory=Counter)  # batches per size: at most max_batch_size keys
+
+    def add(self, size: int) -> None:
+        self.batches += 1
+        self.images += size
+        self.largest = max(self.largest, size)
+        self.by_size[size] += 1
+
+    @property
+    def mean(self) -> float:
+        return self.images / self.batches if self.batches else 0.0
+
+
+@dataclass
 class _Prepared:
     path: str
     callback: RecordCallback
@@ -135,8 +156,18 @@ class LabelingService:
         self._stop_taken = False
         self._failures_in_a_row = 0
         self.failure: str | None = None  # why the service gave up; None while it works
-        self.batches_run = 0
-        self.batch_sizes: list[int] = []
+        self.batch_stats = BatchStats()
+
+    @property
+    def batches_run(self) -> int:
+        return self.batch_stats.batches
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Every batch's size, smallest first (not in run order), made from `batch_stats` when
+        asked: for the readers of the list this service used to keep (tests, bench/gpu_check.py)."""
+        by_size = dict(self.batch_stats.by_size)  # one step: the inference thread may be adding a size
+        return sorted(size for size, count in by_size.items() for _ in range(count))
 
     def start(self) -> LabelingService:
         """Start the inference thread and wait until the runner is loaded (or failed to load)."""
@@ -354,8 +385,7 @@ class LabelingService:
             self._fail_batch(good, exc)
             return
         self._failures_in_a_row = 0
-        self.batches_run += 1
-        self.batch_sizes.append(len(good))
+        self.batch_stats.add(len(good))
         if self.options.observer is not None:
             waits = [batch.started - item.ready_at for item in good]
             self.options.observer.batch(len(good), time.perf_counter() - batch.started, waits)
