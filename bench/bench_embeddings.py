@@ -5,7 +5,7 @@
 Three steps a record with 2048-d float32 features goes through, each timed without embeddings,
 with them as the code was ("before": each value rounded in Python into a list of floats, the list
 turned back into an array per row when the shard is written; copied here verbatim) and as it is
-now ("after": worker.records and worker.runs.dataset_schema):
+now ("after": worker.records and worker.dataset.schema):
 
 - records: top-k labels and `label_record` for a batch of engine outputs (the inference thread);
 - JSON line: `compact_json` of each record (`labeler run --out x.jsonl`, also the inference thread);
@@ -35,11 +35,11 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from common import cpu_name  # noqa: E402
+from worker.runs import dataset_schema  # noqa: E402
 
+from worker.dataset.schema import DatasetSpec, records_to_table  # noqa: E402
 from worker.pipeline.labels import top_k_labels  # noqa: E402
 from worker.records import compact_json, label_record  # noqa: E402
-from worker.runs import dataset_schema  # noqa: E402
-from worker.runs.dataset_schema import DatasetSpec, records_to_table  # noqa: E402
 
 CLASSES = (REPO / "engine_build" / "data" / "imagenet_classes.txt").read_text().split()
 MODEL_SHA = "3f1c0a9b7e2d4c5f8a6b1e0d9c7f2a4b6e8d0c1f3a5b7d9e2c4f6a8b0d1e3f5a"
@@ -47,7 +47,7 @@ FEATURES = 2048
 Record = dict[str, Any]
 
 
-# -- the code before (worker/records.py and worker/runs/dataset_schema.py at main, verbatim) ---------
+# -- the code before (worker/records.py and worker/dataset/schema.py at main, verbatim) ---------
 
 
 def before_label_record(

@@ -239,7 +239,7 @@ def end_to_end(factory, paths: list[Path], batch: int, threads: int, stage=None)
             service.submit(str(path), records.append)
         service.drain()
         elapsed = time.perf_counter() - started
-        mean_batch = float(np.mean(service.batch_sizes)) if service.batch_sizes else 0.0
+        mean_batch = service.batch_stats.mean
     bad = [r for r in records if "error" in r]
     if len(records) != len(paths) or bad:
         raise SystemExit(f"end-to-end produced {len(records)} records, {len(bad)} errors: {bad[:2]}")

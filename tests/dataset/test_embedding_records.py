@@ -13,8 +13,8 @@ import pytest
 from dataset_records import MODEL_SHA
 from kombu.utils.json import dumps as kombu_dumps
 
+from worker.dataset.schema import DatasetSpec, batch_to_records, records_to_table
 from worker.records import compact_json, label_record
-from worker.runs.dataset_schema import DatasetSpec, batch_to_records, records_to_table
 
 SIZE = 2048
 LABELS = [{"index": 3, "label": "tench", "score": 0.912345}]

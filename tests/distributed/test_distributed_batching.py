@@ -36,8 +36,8 @@ def test_concurrent_jobs_share_engine_batches(redis_url, tiny_bundle, small_jpeg
         for thread in threads:
             thread.join(60)
         assert sorted(r["labeled"] for r in results) == [3] * 6
-        assert max(service.batch_sizes) > 3, service.batch_sizes  # one batch held several jobs' images
-        assert sum(service.batch_sizes) == 18
+        assert service.batch_stats.largest > 3, service.batch_stats  # one batch held several jobs' images
+        assert service.batch_stats.images == 18
         assert sorted(r["path"] for result in results for r in result["records"]) == sorted(small_jpegs[:18])
     finally:
         process.close()

@@ -243,7 +243,7 @@ def test_fake_trt_service_starts_the_next_batch_before_waiting_for_the_last(fake
     service = LabelingService(runner, ServiceOptions(max_batch_size=4, decode_threads=2, top_k=1))
     _decode_all_then_start(service, paths, records)
 
-    assert service.batch_sizes == [4] * (len(paths) // 4)
+    assert dict(service.batch_stats.by_size) == {4: len(paths) // 4}
     prep = ModelSpec.load(fake_bundle).preprocessing
     for record in records:
         crop = decode_and_crop(Path(record["path"]).read_bytes(), prep)
@@ -256,7 +256,7 @@ def test_fake_trt_service_starts_the_next_batch_before_waiting_for_the_last(fake
             open_streams.add(call[1])
         elif call[0] == "stream_synchronize":
             open_streams.discard(call[1])
-    assert copies_while_another_batch_runs == len(service.batch_sizes) - 1
+    assert copies_while_another_batch_runs == service.batch_stats.batches - 1
 
 
 def test_fake_trt_service_turns_a_failed_wait_into_error_records_and_goes_on(
@@ -277,7 +277,7 @@ def test_fake_trt_service_turns_a_failed_wait_into_error_records_and_goes_on(
     assert len(failed) == 4
     assert {r["error"]["code"] for r in failed} == {"inference_failed"}
     assert "illegal memory access" in failed[0]["error"]["message"]
-    assert service.batch_sizes == [4] * (len(paths) // 4 - 1)  # the later batches all ran
+    assert dict(service.batch_stats.by_size) == {4: len(paths) // 4 - 1}  # the later batches all ran
 
 
 def test_fake_trt_runner_stages_a_batch_in_the_next_free_slot(fake_gpu, fake_bundle):

@@ -162,13 +162,6 @@ class LabelingService:
     def batches_run(self) -> int:
         return self.batch_stats.batches
 
-    @property
-    def batch_sizes(self) -> list[int]:
-        """Every batch's size, smallest first (not in run order), made from `batch_stats` when
-        asked: for the readers of the list this service used to keep (tests, bench/gpu_check.py)."""
-        by_size = dict(self.batch_stats.by_size)  # one step: the inference thread may be adding a size
-        return sorted(size for size, count in by_size.items() for _ in range(count))
-
     def start(self) -> LabelingService:
         """Start the inference thread and wait until the runner is loaded (or failed to load)."""
         self._thread.start()
