@@ -124,7 +124,12 @@ def test_sigkill_with_default_settings_is_back_within_a_minute(redis_url, start_
     wait_run_done(client, "killed", 240)
     assert_exactly_once(client, "killed", paths)
     assert client.hlen("unacked") > 0  # k1's own messages still wait for the visibility timeout...
-    assert {s.attempts for s in ledger.shard_states("killed") if s.shard_id in held} == {2}  # ...redone once
+    redone = [s for s in ledger.shard_states("killed") if s.shard_id in held]
+    assert {s.losses for s in redone} == {1}  # ...redone once
+    # k1 held several shards: a lost worker, not evidence against them, so the loss spent no
+    # attempt (a shard claimed after k1's last heartbeat still counted it as held alone).
+    assert all(s.attempts in (1, 2) for s in redone)
+    assert len(held) < 2 or any(s.attempts == 1 for s in redone)
 
 
 def test_warm_shutdown_finishes_in_flight_and_hands_back_the_rest(redis_url, start_worker, small_jpegs) -> None:
