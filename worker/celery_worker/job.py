@@ -282,6 +282,7 @@ class ShardJob:
         spec = self._spec(service)
         written = write_shard(self.output, self.shard, [records[p] for p in paths], spec,
                               worker=self.process.worker_name)  # fmt: skip
+        self.process.leases.drop(self.run, self.shard)  # the heartbeat must not renew a shard finishing now
         finished = self.redis(lambda: self.ledger.finish(self.run, self.shard, self.owner, written.labeled,
                                                          written.failed), "finishing a shard")  # fmt: skip
         self.holds_lease = False
@@ -367,6 +368,7 @@ class ShardJob:
             self.holds_lease = False
             return Skipped("lost")
         write_shard(self.output, self.shard, [record], spec, worker=self.process.worker_name)
+        self.process.leases.drop(self.run, self.shard)  # the heartbeat must not renew a shard finishing now
         finished = self.redis(lambda: self.ledger.finish(self.run, self.shard, self.owner, 0, 1), "finishing a shard")
         self.holds_lease = False
         if finished:
