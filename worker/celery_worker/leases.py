@@ -91,6 +91,8 @@ class LeaseKeeper:
                     by_run.setdefault((run, owner), []).append(shard)
         for (run, owner), shards in by_run.items():
             lost = self._ledger().renew(run, owner, shards, self.lease_s, held=held)
+            with self._lock:  # a shard dropped meanwhile was finished by its own job, not lost
+                lost = [shard for shard in lost if self._held.get((run, shard)) == owner]
             if lost:
                 log.warning("run %s: lease lost on shard(s) %s: another worker has them now", run, ", ".join(lost))
                 with self._lock:
