@@ -51,7 +51,7 @@ def main() -> int:
     steps = STATS["steps"]
     print(f"examples asked {args.examples}, steps per example up to {args.steps}")
     print(
-        f"examples run {STATS['examples']} (shrinking included), rule steps run {steps}, drains {STATS['drains']}"
+        f"machines run {STATS['examples']} (Hypothesis's short tries and any shrinking included), rule steps run {steps}, drains {STATS['drains']}"
     )
     if seconds:
         print(f"time {seconds:.1f} s ({steps / seconds:.0f} steps/s)")
