@@ -5,8 +5,10 @@ step and drained at the end (tests/distributed/ledger_model.py says what is chec
 
 Bounded for CI: 25 examples of up to 30 steps, the same ones every run (derandomized);
 bench/bench_ledger_model.py runs the same machine longer, at random. Below it, the sequences
-that broke an invariant, replayed step by step as Hypothesis prints them: xfail until the
-ledger is fixed (strict=False, so CI stays green either way).
+that broke an invariant before the ledger was fixed, replayed step by step as Hypothesis prints
+them: a claim registered a half whose split Redis forgot (claim.lua now registers only a
+service's own shard), and a retry left a manifested run out of the reconciler's sight (reopen now
+puts it back among the runs without a manifest).
 """
 
 from __future__ import annotations
@@ -15,18 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("hypothesis")
-
-from distributed_helpers import RedisServer  # noqa: E402
-from hypothesis.stateful import run_state_machine_as_test  # noqa: E402
-from ledger_model import ci_settings, machine_for, replay  # noqa: E402
+from distributed_helpers import RedisServer
+from hypothesis.stateful import run_state_machine_as_test
+from ledger_model import ci_settings, machine_for, replay
 
 TAKE = ("deliver", {"pick": 0, "fate": 0})  # worker w0 takes the next message
-LOST_SPLIT = ("finding 1: claim.lua registers a shard it does not know, even a half whose split the ledger "
-              "forgot; the half then sits beside its parent")  # fmt: skip
-STALE_MANIFEST = ("finding 2: a retry does not put a manifested run back among the runs without a manifest; "
-                  "a worker that dies before its manifest step leaves the manifest stale")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +38,6 @@ def test_the_ledger_keeps_every_image_once_under_any_interleaving(
     run_state_machine_as_test(machine_for(model_redis, tmp_path), settings=ci_settings())
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=LOST_SPLIT)
 def test_a_half_whose_split_was_lost_is_not_registered_beside_its_parent(
     model_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -63,7 +57,6 @@ def test_a_half_whose_split_was_lost_is_not_registered_beside_its_parent(
     ])  # fmt: skip
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=STALE_MANIFEST)
 def test_a_retried_run_gets_its_manifest_again_when_its_finisher_dies(
     model_redis: RedisServer, tmp_path: Path
 ) -> None:

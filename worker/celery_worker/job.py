@@ -223,8 +223,9 @@ class ShardJob:
         attempts = self.settings.max_attempts if "." not in self.shard else 1
         held = self.process.leases.count() + 1
         claim = self.redis(lambda: self.ledger.claim(self.run, self.shard, self.owner, self.settings.lease_s,
-                                                     attempts, len(paths), held=held), "claiming a shard")  # fmt: skip
-        if claim.verdict in (Verdict.DONE, Verdict.SPLIT, Verdict.BUSY, Verdict.RUN_FAILED):
+                                                     attempts, len(paths), held=held,
+                                                     register=self.given_paths is not None), "claiming a shard")  # fmt: skip
+        if claim.verdict in (Verdict.DONE, Verdict.SPLIT, Verdict.BUSY, Verdict.RUN_FAILED, Verdict.UNKNOWN):
             return Skipped(claim.verdict.value)
         if claim.verdict == Verdict.EXHAUSTED:
             return self._give_up(paths, claim.attempts)

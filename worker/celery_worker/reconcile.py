@@ -61,7 +61,7 @@ class Reconciler:
                 done.forgotten.append(run)
                 continue
             status = ledger.status(run, settings["queue"] or self.default_queue)
-            if status.failed_run or status.enqueuing():  # waits for a person, or the enqueue publishes
+            if status.failed_run or status.enqueuing(ledger.clock()):  # waits for a person, or the enqueue publishes
                 continue
             runs[run] = settings
         if not runs:

@@ -297,16 +297,18 @@ class RunLedger:
     # -- a worker's shard -------------------------------------------------------------------------
 
     def claim(self, run: str, shard_id: str, owner: str, lease_s: float, max_attempts: int, images: int,
-              force: bool = False, max_losses: int | None = None, held: int = 1) -> Claim:  # fmt: skip
+              force: bool = False, max_losses: int | None = None, held: int = 1,
+              register: bool = False) -> Claim:  # fmt: skip
         """Take the shard under a lease. `max_losses` (default three times `max_attempts`) bounds
         how often it may be lost with its worker before it counts as exhausted; `held`: shards
-        the worker holds with this one."""
+        the worker holds with this one; `register`: add the shard if the ledger does not know it
+        (a service's own shard, submitted with its paths), else it answers UNKNOWN."""
         keys = self.keys(run)
         losses = max_losses if max_losses is not None else 3 * max_attempts
         verdict, attempts = self._scripts["claim"](
             keys=[keys.shards, self.leases, keys.meta, self.queued_index],
             args=[shard_id, owner, self._now(), lease_s, max_attempts, images, "1" if force else "0",
-                  lease_member(run, shard_id), losses, held],
+                  lease_member(run, shard_id), losses, held, "1" if register else "0"],
         )  # fmt: skip
         return Claim(Verdict(_texts([verdict])[0]), int(attempts))
 

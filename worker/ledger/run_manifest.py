@@ -22,7 +22,7 @@ def write_manifest_if_finished(ledger: RunLedger, run: str, queue: str, spec: Da
     written. `spec` None: read the model and columns from one of the run's shard files;
     `top_k` None: not known here (a client)."""
     status = ledger.status(run, queue)
-    if status.failed_run or not status.finished() or status.output is None:
+    if status.failed_run or not status.finished(ledger.clock()) or status.output is None:
         return False
     index = read_index(status.output)
     if index is None:  # the listing is not complete: more shards are coming

@@ -32,6 +32,7 @@ class Verdict(StrEnum):
     BUSY = "busy"  # another living worker holds it (a duplicated or redelivered message)
     EXHAUSTED = "exhausted"  # taken too often without finishing: split it, or give its one image an error row
     RUN_FAILED = "run_failed"  # the run is failed: nothing runs until it is enqueued again
+    UNKNOWN = "unknown"  # the ledger has no such shard (a forgotten split half, a deleted run): nothing to do
 
 
 class Registered(StrEnum):

@@ -6,13 +6,18 @@
 -- ARGV[9] max losses (lapses of any kind before it counts as exhausted)
 -- ARGV[10] shards the worker holds with this one (a lapse of a worker holding several is not
 -- evidence against any one of them: requeue_lapsed spends no attempt on it)
+-- ARGV[11] '1': register the shard if the ledger does not know it (a service's own shard, whose
+-- message carries its paths); otherwise an unknown shard answers `unknown` (a half whose split
+-- Redis forgot, a run deleted or lost meanwhile): registering it would count its images twice.
 -- Returns {verdict, attempts}: run, done, split, busy (another living worker holds it), exhausted,
--- run_failed (the run is failed: the shard stays queued until the run is enqueued again).
+-- run_failed (the run is failed: the shard stays queued until the run is enqueued again), unknown.
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local now = tonumber(ARGV[3])
 local state
 if raw then
   state = cjson.decode(raw)
+elseif ARGV[11] ~= '1' then
+  return {V_UNKNOWN, 0}
 else
   state = {s = QUEUED, n = tonumber(ARGV[6]), a = 0}
   redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(state))
