@@ -11,6 +11,15 @@ from worker.settings import Settings, env_name, output_roots
 from worker.sidecar import ModelSpec
 
 
+def _writable(folder: str) -> bool:
+    """The folder, or the nearest folder above it that exists (it is made on the first write), is
+    a folder this process may write into."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK)
+
+
 def configuration_warnings(settings: Settings) -> list[str]:
     """One sentence per setting that will make this worker refuse (and fail) some runs."""
     warnings = []
@@ -21,7 +30,7 @@ def configuration_warnings(settings: Settings) -> list[str]:
             "a run whose output is elsewhere will be failed (set it to the folders or bucket prefixes runs write to)"
         )
     for root in roots:
-        if not is_url(root) and not (os.path.isdir(root) and os.access(root, os.W_OK)):
+        if not is_url(root) and not _writable(root):
             warnings.append(f"output root {root} is not a folder this worker can write: runs under it will fail")
     if settings.model:
         try:
