@@ -71,7 +71,9 @@ def test_a_worker_says_at_start_up_what_it_will_refuse(tiny_bundle, tmp_path) ->
     sidecar["features_output"] = None
     (no_features / "model.json").write_text(json.dumps(sidecar))
     assert configuration_warnings(Settings(model=str(tiny_bundle), output_roots=(str(tmp_path),))) == []
-    warnings = configuration_warnings(Settings(model=str(no_features), output_roots=(str(tmp_path / "missing"),)))
+    (tmp_path / "a-file").write_text("not a folder")
+    assert configuration_warnings(Settings(model=str(tiny_bundle), output_roots=(str(tmp_path / "made-later"),))) == []
+    warnings = configuration_warnings(Settings(model=str(no_features), output_roots=(str(tmp_path / "a-file" / "runs"),)))
     assert len(warnings) == 2
     assert "is not a folder this worker can write" in warnings[0] and "--embeddings will be failed" in warnings[1]
     assert "LABELER_OUTPUT_ROOTS is not set" in configuration_warnings(Settings())[0]
