@@ -88,23 +88,8 @@ def read_manifest(out_dir: Path | str) -> dict[str, Any] | None:
     return manifest
 
 
-def check_columns(path: Path | ObjectPath, spec: DatasetSpec) -> Any:
-    """The file's footer, once its columns are the run's; DatasetError says what differs."""
-    source = open_for_parquet(path)
-    try:
-        metadata = pq.read_metadata(source)
-    finally:
-        if source is not path:
-            source.close()
-    schema = metadata.schema.to_arrow_schema()
-    check_schema_version(schema, str(path))
-    if not schema.equals(dataset_schema(spec), check_metadata=False):
-        raise DatasetError(f"{path}: columns differ from the run's (model, embedding size or dtype)")
-    return metadata
-
-
-def file_counts(path: Path | ObjectPath) -> tuple[int, int]:
-    """(rows, failed rows) of a shard file, from its footer alone (no data read)."""
+def _footer(path: Path | ObjectPath) -> Any:
+    """A shard file's footer (one small read), once its schema version is one this reader knows."""
     source = open_for_parquet(path)
     try:
         metadata = pq.read_metadata(source)
@@ -112,29 +97,47 @@ def file_counts(path: Path | ObjectPath) -> tuple[int, int]:
         if source is not path:
             source.close()
     check_schema_version(metadata.schema.to_arrow_schema(), str(path))
+    return metadata
+
+
+def _failed_rows(path: Path | ObjectPath, metadata: Any, model_sha256: str | None = None) -> int:
+    """Rows with an error code, from the row groups' null counts; with `model_sha256`, every row
+    group must have been labeled by that model."""
     names = metadata.schema.to_arrow_schema().names
     failed = 0
     for group in range(metadata.num_row_groups):
         row_group = metadata.row_group(group)
         code = row_group.column(names.index("error_code")).statistics
-        if code is None or not code.has_null_count:
+        sha = row_group.column(names.index("model_sha256")).statistics
+        if code is None or not code.has_null_count or sha is None or not sha.has_min_max:
             raise DatasetError(f"{path}: written without statistics (not by write_shard)")
+        if model_sha256 is not None and (sha.min != model_sha256 or sha.max != model_sha256):
+            raise DatasetError(f"{path}: labeled by model {sha.min[:12]}..., the run's is {model_sha256[:12]}...")
         failed += row_group.num_rows - code.null_count
-    return metadata.num_rows, failed
+    return failed
+
+
+def check_columns(path: Path | ObjectPath, spec: DatasetSpec) -> Any:
+    """The file's footer, once its columns are the run's; DatasetError says what differs."""
+    metadata = _footer(path)
+    schema = metadata.schema.to_arrow_schema()
+    if not schema.equals(dataset_schema(spec), check_metadata=False):
+        raise DatasetError(f"{path}: columns differ from the run's (model, embedding size or dtype)")
+    return metadata
+
+
+def file_counts(path: Path | ObjectPath) -> tuple[int, int]:
+    """(rows, failed rows) of a shard file, from its footer alone (no data read)."""
+    metadata = _footer(path)
+    return metadata.num_rows, _failed_rows(path, metadata)
 
 
 def spec_of_shard_file(path: Path | ObjectPath) -> DatasetSpec:
     """The run's spec as one of its shard files records it (model checksum and precision from the
     footer's statistics, the embedding from the columns): a manifest written by someone who never
     loaded the model (the reconciler) says what the rows say."""
-    source = open_for_parquet(path)
-    try:
-        metadata = pq.read_metadata(source)
-    finally:
-        if source is not path:
-            source.close()
+    metadata = _footer(path)
     schema = metadata.schema.to_arrow_schema()
-    check_schema_version(schema, str(path))
     names = schema.names
     if metadata.num_row_groups == 0:
         raise DatasetError(f"{path}: no rows to read the model from")
@@ -155,20 +158,7 @@ def spec_of_shard_file(path: Path | ObjectPath) -> DatasetSpec:
 def _shard_entry(shard_id: str, path: Path | ObjectPath, spec: DatasetSpec) -> dict[str, Any]:
     """A shard's counts from its footer (row counts and error_code null counts: no data read)."""
     metadata = check_columns(path, spec)
-    schema = metadata.schema.to_arrow_schema()
-    names = schema.names
-    failed = 0
-    for group in range(metadata.num_row_groups):
-        row_group = metadata.row_group(group)
-        code = row_group.column(names.index("error_code")).statistics
-        sha = row_group.column(names.index("model_sha256")).statistics
-        if code is None or not code.has_null_count or sha is None or not sha.has_min_max:
-            raise DatasetError(f"{path}: written without statistics (not by write_shard)")
-        if sha.min != spec.model_sha256 or sha.max != spec.model_sha256:
-            raise DatasetError(
-                f"{path}: labeled by model {sha.min[:12]}..., the run's is {spec.model_sha256[:12]}..."
-            )
-        failed += row_group.num_rows - code.null_count
+    failed = _failed_rows(path, metadata, spec.model_sha256)
     return {
         "id": shard_id,
         "file": f"{path.parent.name}/{path.name}",
