@@ -211,12 +211,21 @@ def activation_scales(model: onnx.ModelProto) -> dict[str, tuple[float, int]]:
 
 
 def check_activation_intervals(model: onnx.ModelProto, intervals: dict[str, tuple[float, float]]) -> None:
-    """Every activation Q/DQ carries our calibrated range, none ONNX Runtime's one-batch minmax."""
-    for tensor, (scale, _zero) in activation_scales(model).items():
+    """Every activation Q/DQ carries our calibrated range, none ONNX Runtime's one-batch minmax.
+    A MaxPool's output keeps its input's scale (the quantizer ties them: max commutes with it)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    scales = activation_scales(model)
+    for tensor, (scale, _zero) in scales.items():
         if tensor not in intervals:
             raise ValueError(f"{tensor} was quantized without a calibrated range")
         low, high = intervals[tensor]
         expected = (max(high, 0.0) - min(low, 0.0)) / 255.0
+        producer = producers.get(tensor)
+        if producer is not None and producer.op_type == "MaxPool":
+            source = producers.get(producer.input[0])  # its DequantizeLinear, reading a quantized tensor
+            feeding = producers.get(source.input[0]) if source is not None else None
+            if feeding is not None and feeding.op_type == "QuantizeLinear":
+                expected = scales[feeding.input[0]][0]
         if expected > 0 and not np.isclose(scale, expected, rtol=1e-3):
             raise ValueError(f"{tensor}: scale {scale} is not the calibrated {expected}")
 
