@@ -73,12 +73,17 @@ class OnnxRuntimeRunner(Runner):
         return path, expected
 
     def _build_hint(self) -> str:
-        wanted = CPU_INT8 if self.precision == "int8" else self.precision
-        if wanted in ("fp16", CPU_INT8):
-            return f"add it with: labeler build {self.bundle_dir} --precision {wanted} --calib DIR"
-        if wanted == "fp32":
-            return f"rebuild the bundle: labeler build --out {self.bundle_dir} --weights ... (or --onnx ...)"
-        return f"precisions that can be built for the CPU: fp32, fp16, {CPU_INT8} (what int8 runs here)"
+        bundle = self.bundle_dir
+        if self.precision == "int8":
+            return (
+                f"add it with: labeler build {bundle} --precision {CPU_INT8} --calib DIR (INT8 for the CPU, "
+                f"which int8 runs here; labeler build {bundle} --precision int8 --calib DIR makes TensorRT's)"
+            )
+        if self.precision in ("fp16", CPU_INT8):
+            return f"add it with: labeler build {bundle} --precision {self.precision} --calib DIR"
+        if self.precision == "fp32":
+            return f"rebuild the bundle: labeler build --out {bundle} --weights ... (or --onnx ...)"
+        return f"precisions that can be built: fp32, fp16, int8, {CPU_INT8}"
 
     def _warn_tensorrt_int8(self) -> None:
         """An older bundle asked for int8: it runs, but slower than FP32; say how to make it fast."""
