@@ -71,7 +71,19 @@ def prepend_preprocessing(
         model = compose.add_prefix(model, "model_")
         graph_inputs = _real_inputs(model)
     merged = compose.merge_models(pre, model, io_map=[(PREPROCESSED, graph_inputs[0].name)])
-    return merged
+    return dedupe_opsets(merged)
+
+
+def dedupe_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
+    """One opset entry per domain: compose.merge_models repeats them, which the quantizer rejects."""
+    versions: dict[str, int] = {}
+    for entry in model.opset_import:
+        domain = "" if entry.domain == "ai.onnx" else entry.domain
+        versions[domain] = max(versions.get(domain, 0), entry.version)
+    del model.opset_import[:]
+    for domain, version in versions.items():
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+    return model
 
 
 def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

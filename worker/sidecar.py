@@ -197,6 +197,14 @@ def summarize(spec: ModelSpec, bundle_dir: Path | None = None) -> str:
         f"built from  {spec.source.get('kind', '?')}: {spec.source.get('description', '')}",
     ]
     for variant, info in sorted(spec.variants.items()):
-        lines.append(f"variant     {variant}: {info.get('file')}")
+        lines.append(f"variant     {variant}: {info.get('file')}{_variant_notes(info)}")
     lines += [f"WARNING     {w}" for w in spec.warnings]
     return "\n".join(line for line in lines if line)
+
+
+def _variant_notes(info: dict[str, Any]) -> str:
+    """' (for onnxruntime (CPU); 2 layers kept FP32)': where a variant runs, what the gate kept FP32."""
+    notes = [f"for {info['runs_on']}"] if info.get("runs_on") else []
+    if "fp32_layers" in info:
+        notes.append(f"{len(info['fp32_layers'])} layers kept FP32")
+    return f" ({'; '.join(notes)})" if notes else ""

@@ -1,7 +1,7 @@
 """The `labeler build` options for precision variants and TensorRT engines, as one decorator.
 
 `labeler build BUNDLE --precision fp16 --precision int8 --calib DIR` adds gated variants to an
-existing bundle; `labeler build --out DIR --weights ... --precision fp16` builds and then adds them;
+existing bundle (`--precision cpu-int8`: the INT8 model for ONNX Runtime on the CPU); `labeler build --out DIR --weights ... --precision fp16` builds and then adds them;
 `--tensorrt` (on a GPU node with TensorRT) builds an engine for each requested precision. Kept here so
 the build command's own module stays about building bundles.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from engine_build.precision.fallback import DEFAULT_MAX_LAYERS
+from engine_build.precision.fallback import DEFAULT_MAX_LAYERS, DEFAULT_SENSITIVITY_IMAGES
 
 _SOURCE_OPTIONS = ("weights", "onnx_file", "keras", "keras_file", "keras_model")
 
@@ -33,6 +33,8 @@ def precision_options(command: Callable[..., None]) -> Callable[..., None]:
         calib_method: str,
         int8_fallback: str,
         int8_fallback_budget: int,
+        int8_sensitivity_images: int,
+        reduce_range: bool,
         gate_images: Path | None,
         gate_count: int,
         gate_top1: float | None,
@@ -49,6 +51,11 @@ def precision_options(command: Callable[..., None]) -> Callable[..., None]:
     ) -> None:
         from engine_build.errors import BuildError
 
+        if tensorrt and "cpu-int8" in precisions:
+            raise click.UsageError(
+                "cpu-int8 is the INT8 model for ONNX Runtime on the CPU (uint8 activations with zero "
+                "points, which TensorRT rejects); TensorRT engines are built from --precision int8"
+            )
         if bundle is not None:
             if kwargs.get("out_dir") or any(kwargs.get(k) for k in _SOURCE_OPTIONS):
                 raise click.UsageError(
@@ -88,7 +95,8 @@ def precision_options(command: Callable[..., None]) -> Callable[..., None]:
                     heldout_count=gate_count,
                     calib_method=calib_method,
                     threshold_overrides=overrides,
-                    fallback=FallbackSettings(int8_fallback, int8_fallback_budget),
+                    fallback=FallbackSettings(int8_fallback, int8_fallback_budget, int8_sensitivity_images),
+                    reduce_range=reduce_range,
                 )
                 add_precision_variants(target, request, echo=click.echo)
             if tensorrt:
@@ -115,8 +123,9 @@ def precision_options(command: Callable[..., None]) -> Callable[..., None]:
             "--precision",
             "precisions",
             multiple=True,
-            type=click.Choice(["fp16", "int8"]),
-            help="Add a gated reduced-precision model (repeatable).",
+            type=click.Choice(["fp16", "int8", "cpu-int8"]),
+            help="Add a gated reduced-precision model (repeatable); int8 is shaped for TensorRT, "
+            "cpu-int8 for ONNX Runtime on the CPU (what --precision int8 runs there when present).",
         ),
         click.option(
             "--calib",
@@ -145,6 +154,20 @@ def precision_options(command: Callable[..., None]) -> Callable[..., None]:
             default=DEFAULT_MAX_LAYERS,
             show_default=True,
             help="Most layers --int8-fallback auto may keep in FP32.",
+        ),
+        click.option(
+            "--int8-sensitivity-images",
+            type=click.IntRange(min=1),
+            default=DEFAULT_SENSITIVITY_IMAGES,
+            show_default=True,
+            help="Calibration crops each layer's sensitivity is measured on (ranked once, cached in the bundle).",
+        ),
+        click.option(
+            "--reduce-range/--no-reduce-range",
+            default=True,
+            show_default=True,
+            help="cpu-int8: 7-bit weights, so CPUs without VNNI (whose u8 x s8 sums can saturate) "
+            "compute what the gate measured.",
         ),
         click.option(
             "--gate-images",

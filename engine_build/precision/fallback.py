@@ -9,8 +9,12 @@ Sensitivity of a layer: the model with only that layer in INT8 (all others fall 
 calibration crops and compared with FP32: mean KL divergence of the probabilities (smooth, so
 layers whose damage never flips a label on a small set still rank), with top-1 agreement and
 top-5 overlap reported beside it. The layers are then kept in FP32 in that order, one more at a
-time, until the full gate passes on the held-out crops or the budget (most layers allowed) is spent.
-The layers are ranked on calibration images only; the held-out gate only decides how many.
+time, until the gate passes on the search half of the held-out crops or the budget (most layers
+allowed) is spent. The layers are ranked on calibration images only; the search half only decides
+how many; the other half, never used to choose, gives the verdict (variants.py). The ranking is
+cached in the bundle (sensitivity.py), so a rebuild with another gate or budget does not redo it.
+Both INT8 forms fall back the same way: in the CPU form (cpu_int8.py) a layer's output Q/DQ stays
+for the INT8 layers that read it, and the float tensor before it is what a fallen-back reader gets.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from engine_build.precision.gate import GateResult, GateThresholds, compare
 MODES = ("auto", "none")
 DEFAULT_MAX_LAYERS = 32  # a cap, not a target: the search keeps the fewest layers that pass
 DEFAULT_SENSITIVITY_IMAGES = 128
+# Every layer is first measured on COARSE crops; only the REFINE most harmful are measured again on
+# all sensitivity images (bench/bench_sensitivity.py: the order that matters, at about half the runs).
+DEFAULT_COARSE_IMAGES = 32
+DEFAULT_REFINE_LAYERS = 16
 
 
 @dataclass(frozen=True)
@@ -35,12 +43,14 @@ class FallbackSettings:
     mode: str = "auto"  # auto: search when INT8 misses the gate; none: report the miss
     max_layers: int = DEFAULT_MAX_LAYERS  # the budget: at most this many layers leave INT8
     sensitivity_images: int = DEFAULT_SENSITIVITY_IMAGES  # calibration crops each layer is measured on
+    coarse_images: int = DEFAULT_COARSE_IMAGES  # first pass over every layer (>= sensitivity: one pass)
+    refine_layers: int = DEFAULT_REFINE_LAYERS  # measured again on all sensitivity images
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"INT8 fallback {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.max_layers < 1 or self.sensitivity_images < 1:
-            raise ValueError("the fallback budget and sensitivity images must be at least 1")
+        if min(self.max_layers, self.sensitivity_images, self.coarse_images, self.refine_layers) < 1:
+            raise ValueError("the fallback budget, sensitivity images and refined layers must be at least 1")
 
 
 @dataclass
@@ -70,6 +80,8 @@ class FallbackResult:
             "mode": settings.mode,
             "budget_layers": settings.max_layers,
             "sensitivity_images": settings.sensitivity_images,
+            "coarse_images": settings.coarse_images,
+            "refine_layers": settings.refine_layers,
             "fp32_layers": [
                 {**asdict(s), "why": _why(s, rank, len(self.ranking))}
                 for rank, s in enumerate(self.layers, start=1)
@@ -111,6 +123,7 @@ def fall_back(qdq: onnx.ModelProto, fp32: onnx.ModelProto, layers: Iterable[str]
     float_inits = {init.name: init for init in fp32.graph.initializer}
     present = {init.name for init in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
+    shadowed: list[onnx.NodeProto] = []
     for node in model.graph.node:
         if node.name not in wanted:
             continue
@@ -123,6 +136,10 @@ def fall_back(qdq: onnx.ModelProto, fp32: onnx.ModelProto, layers: Iterable[str]
             if original.input[index] in float_inits and original.input[index] not in present:
                 model.graph.initializer.append(float_inits[original.input[index]])
                 present.add(original.input[index])
+                if name == original.input[index]:  # the quantizer named the DQ output after the
+                    shadowed.append(producer)  # float initializer (an int32 bias): the initializer wins
+    for producer in shadowed:
+        model.graph.node.remove(producer)
     _prune(model)
     return model
 
@@ -156,13 +173,15 @@ def rank_layers(
     crops: np.ndarray,
     reference: np.ndarray,
     thresholds: GateThresholds,
+    layers: list[str] | None = None,
 ) -> list[LayerSensitivity]:
-    """Each INT8 layer alone in INT8 against FP32 on `crops`; most harmful first."""
-    layers = int8_layers(qdq)
+    """Each INT8 layer (or each of `layers`) alone in INT8 against FP32 on `crops`; most harmful first."""
+    every = int8_layers(qdq)
+    layers = every if layers is None else layers
     op_types = {node.name: node.op_type for node in qdq.graph.node}
     ranking = []
     for layer in layers:
-        alone = fall_back(qdq, fp32, [other for other in layers if other != layer])
+        alone = fall_back(qdq, fp32, [other for other in every if other != layer])
         probabilities = run_onnx(alone, input_name, crops)
         figures = compare(reference, probabilities, "int8", thresholds)
         ranking.append(
@@ -177,6 +196,28 @@ def rank_layers(
     return sorted(ranking, key=lambda s: s.kl_divergence, reverse=True)
 
 
+def rank_coarse_to_fine(
+    qdq: onnx.ModelProto,
+    fp32: onnx.ModelProto,
+    input_name: str,
+    calibration: np.ndarray,
+    thresholds: GateThresholds,
+    settings: FallbackSettings,
+) -> list[LayerSensitivity]:
+    """Every layer on `coarse_images` crops, then the `refine_layers` most harmful of them again on
+    `sensitivity_images` crops, ahead of the rest in their coarse order. A layer's run costs about
+    the same whatever it is, so this is n * coarse + refine * full crop-runs instead of n * full."""
+    full = calibration[: settings.sensitivity_images]
+    coarse = calibration[: settings.coarse_images]
+    layers = int8_layers(qdq)
+    if len(coarse) >= len(full) or settings.refine_layers >= len(layers):
+        return rank_layers(qdq, fp32, input_name, full, run_onnx(fp32, input_name, full), thresholds)
+    first = rank_layers(qdq, fp32, input_name, coarse, run_onnx(fp32, input_name, coarse), thresholds)
+    chosen = [s.layer for s in first[: settings.refine_layers]]
+    refined = rank_layers(qdq, fp32, input_name, full, run_onnx(fp32, input_name, full), thresholds, chosen)
+    return refined + first[settings.refine_layers :]
+
+
 def search_fallback(
     qdq: onnx.ModelProto,
     fp32: onnx.ModelProto,
@@ -186,11 +227,12 @@ def search_fallback(
     thresholds: GateThresholds,
     settings: FallbackSettings,
     echo: Callable[[str], None] = print,
+    ranking: list[LayerSensitivity] | None = None,
 ) -> FallbackResult:
-    """Keep the most harmful layers in FP32, one more at a time, until `gate` passes or the budget ends."""
-    crops = calibration[: settings.sensitivity_images]
-    reference = run_onnx(fp32, input_name, crops)
-    ranking = rank_layers(qdq, fp32, input_name, crops, reference, thresholds)
+    """Keep the most harmful layers in FP32, one more at a time, until `gate` passes or the budget
+    ends. `ranking`: a cached one (sensitivity.py); None measures it on the calibration crops."""
+    if ranking is None:
+        ranking = rank_coarse_to_fine(qdq, fp32, input_name, calibration, thresholds, settings)
     result = FallbackResult([], ranking)
     most = min(settings.max_layers, len(ranking) - 1)
     if most < 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx
 
-from engine_build.preprocess_graph import PREPROCESSED
+from engine_build.preprocess_graph import PREPROCESSED, dedupe_opsets
 
 
 def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -22,18 +22,6 @@ def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
                 candidate += "_"
             node.name = candidate
             taken.add(candidate)
-    return model
-
-
-def dedupe_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
-    """One opset entry per domain: compose.merge_models repeats them, which the quantizer rejects."""
-    versions: dict[str, int] = {}
-    for entry in model.opset_import:
-        domain = "" if entry.domain == "ai.onnx" else entry.domain
-        versions[domain] = max(versions.get(domain, 0), entry.version)
-    del model.opset_import[:]
-    for domain, version in versions.items():
-        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
     return model
 
 
@@ -55,7 +43,8 @@ def split_consumed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def prepared_copy(path: str) -> onnx.ModelProto:
-    """The bundle graph loaded for conversion: nodes named, opsets deduplicated, outputs split."""
+    """The bundle graph loaded for conversion: nodes named, opsets deduplicated (bundles written
+    before the build did it list the default domain twice), outputs split."""
     return split_consumed_outputs(dedupe_opsets(name_unnamed_nodes(onnx.load(path))))
 
 

@@ -37,11 +37,15 @@ class AbsHistogram:
     width: float = 0.0
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     amax: float = 0.0
+    low: float = 0.0  # smallest and largest signed value seen: the asymmetric (uint8) form's range
+    high: float = 0.0
 
     def add(self, values: np.ndarray) -> None:
-        magnitudes = np.abs(values.ravel().astype(np.float32, copy=False))
-        if magnitudes.size == 0:
+        flat = values.ravel().astype(np.float32, copy=False)
+        if flat.size == 0:
             return
+        self.low, self.high = min(self.low, float(flat.min())), max(self.high, float(flat.max()))
+        magnitudes = np.abs(flat)
         top = float(magnitudes.max())
         self.amax = max(self.amax, top)
         if self.width == 0.0:
@@ -136,9 +140,29 @@ def activation_ranges(
     model_path: Path, tensors: Iterable[str], input_name: str, crops: np.ndarray, method: str
 ) -> dict[str, float]:
     """amax per tensor by `method` from the calibration crops (uint8, the bundle's input)."""
+    histograms = _histograms(model_path, tensors, input_name, crops, method)
+    return {name: float(AMAX[method](hist)) for name, hist in histograms.items()}
+
+
+def _histograms(
+    model_path: Path, tensors: Iterable[str], input_name: str, crops: np.ndarray, method: str
+) -> dict[str, AbsHistogram]:
     if method not in METHODS:
         raise ValueError(f"calibration method {method!r}; choose one of {', '.join(METHODS)}")
     model = onnx.load(str(model_path))
     batches = (crops[i : i + RANGE_BATCH] for i in range(0, len(crops), RANGE_BATCH))
-    histograms = collect_histograms(model, tensors, input_name, batches)
-    return {name: float(AMAX[method](hist)) for name, hist in histograms.items()}
+    return collect_histograms(model, tensors, input_name, batches)
+
+
+def activation_intervals(
+    model_path: Path, tensors: Iterable[str], input_name: str, crops: np.ndarray, method: str
+) -> dict[str, tuple[float, float]]:
+    """(rmin, rmax) per tensor for asymmetric uint8 (the CPU form): the same `method` threshold as
+    the symmetric ranges above (the TensorRT variant's), tightened to the signed values seen, so a
+    ReLU output spends all 256 levels on [0, amax] instead of half of them on negatives it never has.
+    Both always include 0, as ONNX Runtime's quantizer requires."""
+    intervals = {}
+    for name, hist in _histograms(model_path, tensors, input_name, crops, method).items():
+        amax = float(AMAX[method](hist))
+        intervals[name] = (max(hist.low, -amax), min(hist.high, amax))
+    return intervals

@@ -1,8 +1,15 @@
 """`labeler build BUNDLE --precision ...`: add gated FP16/INT8 models to an existing bundle.
 
 Each variant is written beside model.onnx as model.<precision>.onnx, checked against FP32 on the
-held-out crops, and only then recorded in the sidecar's `variants` dict (which the ONNX Runtime
-runner reads with `precision=`). A variant below the gate is not written and the build fails.
+held-out crops, and only then recorded in the sidecar's `variants` dict (which the runners read
+with `precision=`). A variant below the gate is not written and the build fails.
+
+INT8 comes in two forms from the same calibration crops: `int8`, shaped for TensorRT (int8.py), and
+`cpu-int8`, shaped for ONNX Runtime's CPU kernels (cpu_int8.py). When one misses the gate, the
+fallback search chooses how many layers stay FP32 on one half of the held-out crops, and the other
+half, which took no part in the choice, gives the verdict: a figure that holds for new photos
+within its stated 95% interval, instead of one picked as the first to pass on the images it is
+reported on.
 """
 
 from __future__ import annotations
@@ -33,11 +40,14 @@ from engine_build.precision.gate import (
     compare,
     default_thresholds,
     format_table,
+    margin_failures,
     write_report,
 )
 from worker.sidecar import ModelSpec, sha256_file
 
-PRECISIONS = ("fp16", "int8")
+PRECISIONS = ("fp16", "int8", "cpu-int8")
+INT8_FORMS = ("int8", "cpu-int8")  # TensorRT's Q/DQ form, ONNX Runtime CPU's
+RUNS_ON = {"fp16": "any backend", "int8": "tensorrt", "cpu-int8": "onnxruntime (CPU)"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class PrecisionRequest:
     threshold_overrides: dict[str, float | int | None] = field(default_factory=dict)
     seed: int = 0
     fallback: FallbackSettings = field(default_factory=FallbackSettings)
+    reduce_range: bool = True  # cpu-int8: 7-bit weights, the same numbers with and without VNNI
 
     def thresholds(self, precision: str) -> GateThresholds:
         return replace(default_thresholds(precision), **self.threshold_overrides)
@@ -69,7 +80,7 @@ def add_precision_variants(
     if sha256_file(fp32_path) != spec.checksum_sha256:
         raise BuildError(f"{fp32_path} does not match its sidecar checksum; rebuild the bundle first")
     calibration, heldout = _crop_sets(bundle_dir, spec, request, echo)
-    if "int8" in request.precisions and calibration is None:
+    if set(INT8_FORMS) & set(request.precisions) and calibration is None:
         raise BuildError(
             "INT8 needs calibration images: pass --calib DIR (about 500 images like the ones you will "
             f"label); a bundle that already has {CALIBRATION_FILE} reuses it"
@@ -94,11 +105,20 @@ def add_precision_variants(
                 precision,
                 request.thresholds(precision),
             )
-            if precision == "int8" and not result.passed and request.fallback.mode == "auto":
+            if precision in INT8_FORMS and not result.passed and request.fallback.mode == "auto":
                 result, recipe["fallback"] = _int8_fallback(
-                    fp32_path, staging, spec, calibration, reference, heldout, request, result, echo
+                    precision,
+                    bundle_dir,
+                    staging,
+                    spec,
+                    calibration,
+                    reference,
+                    heldout,
+                    request,
+                    result,
+                    echo,
                 )
-                details["int8"] = {"fallback": recipe["fallback"]}
+                details[precision] = {"fallback": recipe["fallback"]}
             results.append(result)
             if result.passed:
                 staging.replace(target)
@@ -106,13 +126,14 @@ def add_precision_variants(
                     "file": target.name,
                     "sha256": sha256_file(target),
                     "precision": precision,
+                    "runs_on": RUNS_ON[precision],
                     "from_sha256": spec.checksum_sha256,
                     "recipe": recipe,
                     "gate": {k: v for k, v in result.to_dict().items() if k != "thresholds"},
                 }
-                if "fallback" in recipe:  # the one line a reader of the sidecar looks for
+                if precision in INT8_FORMS:  # the one line a reader of the sidecar looks for
                     variants[precision]["fp32_layers"] = [
-                        layer["layer"] for layer in recipe["fallback"]["fp32_layers"]
+                        layer["layer"] for layer in recipe.get("fallback", {}).get("fp32_layers", [])
                     ]
         finally:
             staging.unlink(missing_ok=True)
@@ -131,7 +152,8 @@ def add_precision_variants(
 
 
 def _int8_fallback(
-    fp32_path: Path,
+    precision: str,
+    bundle_dir: Path,
     staging: Path,
     spec: ModelSpec,
     calibration: CropSet | None,
@@ -141,40 +163,98 @@ def _int8_fallback(
     all_int8: GateResult,
     echo: Callable[[str], None],
 ) -> tuple[GateResult, dict[str, Any]]:
-    """INT8 missed the gate: keep its most harmful layers in FP32 (fallback.py); rewrite `staging`
-    with the mixed model when the gate then passes. Returns the final gate result and the record."""
+    """INT8 missed the gate: keep its most harmful layers in FP32 (fallback.py), the count chosen
+    on the search half of the held-out crops, the verdict given by the other half; rewrite
+    `staging` with the mixed model when the verdict passes. Returns the verdict and the record."""
     import onnx
 
     from engine_build.precision.fallback import search_fallback
     from engine_build.precision.graph_parts import prepared_copy
-    from engine_build.precision.int8 import check_tensorrt_form
+    from engine_build.precision.sensitivity import load_ranking, ranking_key, save_ranking
 
     assert calibration is not None
-    thresholds = request.thresholds("int8")
-    echo(f"int8 missed the gate ({'; '.join(all_int8.failures)}): measuring each layer's sensitivity")
+    thresholds = request.thresholds(precision)
+    search, verdict = split_heldout(len(heldout))
+    echo(
+        f"{precision} missed the gate ({'; '.join(all_int8.failures)}): measuring each layer's sensitivity; "
+        f"the layers kept in FP32 are chosen on {len(search)} held-out images, judged on the other {len(verdict)}"
+    )
     started = time.monotonic()
+    search_limits = replace(thresholds, min_images=1)  # a chooser; the verdict holds the minimum
 
     def gate(model: onnx.ModelProto) -> GateResult:
-        return compare(reference, run_onnx(model, spec.input.name, heldout.crops), "int8", thresholds)
+        found = run_onnx(model, spec.input.name, heldout.crops[search])
+        result = compare(reference[search], found, precision, search_limits)
+        result.failures += margin_failures(result, search_limits)
+        return result
 
+    qdq = onnx.load(str(staging))
+    settings = request.fallback
+    sensitivity_crops = calibration.crops[: settings.sensitivity_images]
+    key = ranking_key(qdq, spec.checksum_sha256, sensitivity_crops)
+    key += f"-coarse{settings.coarse_images}-refine{settings.refine_layers}"
+    cached = load_ranking(bundle_dir, precision, key)
+    if cached is not None:
+        echo(
+            f"{precision}: layer sensitivity read from the bundle (measured before on the same model and crops)"
+        )
+    fp32 = prepared_copy(str(bundle_dir / spec.model_file))
     found = search_fallback(
-        onnx.load(str(staging)),
-        prepared_copy(str(fp32_path)),
-        spec.input.name,
-        calibration.crops,
-        gate,
-        thresholds,
-        request.fallback,
-        echo,
+        qdq, fp32, spec.input.name, calibration.crops, gate, thresholds, request.fallback, echo, cached
     )
+    if cached is None:
+        save_ranking(bundle_dir, precision, key, found.ranking, time.monotonic() - started)
     record = found.recipe(request.fallback)
     record["all_int8_gate"] = {k: v for k, v in all_int8.to_dict().items() if k != "thresholds"}
-    record["search_seconds"] = round(time.monotonic() - started, 1)
+    record["ranking_cached"] = cached is not None
+    record["search_images"] = [heldout.names[i] for i in search]
+    record["verdict_images"] = [heldout.names[i] for i in verdict]
     if not found.passed or found.model is None:
+        record["search_seconds"] = round(time.monotonic() - started, 1)
         return all_int8 if found.gate is None else found.gate, record
-    check_tensorrt_form(found.model)
+    record["search_gate"] = {k: v for k, v in found.gate.to_dict().items() if k != "thresholds"}
+    result = compare(
+        reference[verdict],
+        run_onnx(found.model, spec.input.name, heldout.crops[verdict]),
+        precision,
+        thresholds,
+    )
+    record["search_seconds"] = round(time.monotonic() - started, 1)
+    echo(
+        f"{precision} verdict with {len(found.layers)} layer(s) in FP32 on {len(verdict)} images the search "
+        f"did not see: top-1 {result.top1_agreement:.4f}, top-5 {result.top5_overlap:.4f}"
+        + (" PASS" if result.passed else " FAIL")
+    )
+    if not result.passed:
+        hint = (
+            f"give --gate-count at least {2 * thresholds.min_images}: the search and the verdict take half each"
+            if len(verdict) < thresholds.min_images
+            else "more held-out images (--gate-count) narrow both halves' noise"
+        )
+        result.failures.append(
+            f"passed on the {len(search)} images that chose the layers, not on {len(verdict)} others ({hint})"
+        )
+        return result, record
+    _check_form(precision, found.model, request)
     onnx.save(found.model, str(staging))
-    return found.gate, record
+    return result, record
+
+
+def split_heldout(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indexes of the search and verdict halves (alternating, so both see the seeded order's mix)."""
+    indexes = np.arange(count)
+    return indexes[0::2], indexes[1::2]
+
+
+def _check_form(precision: str, model: Any, request: PrecisionRequest) -> None:
+    if precision == "cpu-int8":
+        from engine_build.precision.cpu_int8 import check_cpu_form
+
+        check_cpu_form(model, request.reduce_range)
+    else:
+        from engine_build.precision.int8 import check_tensorrt_form
+
+        check_tensorrt_form(model)
 
 
 def _convert(
@@ -189,10 +269,17 @@ def _convert(
         from engine_build.precision.fp16 import convert_fp16
 
         return convert_fp16(src, dst)
-    from engine_build.precision.int8 import quantize_int8
-
     assert calibration is not None
-    recipe = quantize_int8(src, dst, calibration.crops, spec.input.name, request.calib_method)
+    if precision == "cpu-int8":
+        from engine_build.precision.cpu_int8 import quantize_cpu_int8
+
+        recipe = quantize_cpu_int8(
+            src, dst, calibration.crops, spec.input.name, request.calib_method, request.reduce_range
+        )
+    else:
+        from engine_build.precision.int8 import quantize_int8
+
+        recipe = quantize_int8(src, dst, calibration.crops, spec.input.name, request.calib_method)
     recipe["calibration_file"] = CALIBRATION_FILE
     recipe["calibration_sha256"] = sha256_file(dst.parent / CALIBRATION_FILE)
     return recipe
