@@ -42,7 +42,7 @@ def default_node_name(gpu: int | None, pid: int | None = None) -> str:
 @click.option("--broker", help=BROKER_HELP)
 @click.option("--queue", help="Queue to consume (default: $LABELER_QUEUE or 'labeler').")
 @click.option("--backend", help="Runner backend (default: onnxruntime, or tensorrt with --gpu).")
-@click.option("--precision", help="Which model of the bundle to run (fp32, fp16, int8).")
+@click.option("--precision", help="Which model of the bundle to run (fp32, fp16, int8; int8 on ONNX Runtime runs the bundle's cpu-int8 model).")
 @click.option(
     "--decode",
     type=click.Choice(["cpu", "gpu", "auto"]),
