@@ -99,7 +99,6 @@ def test_batches_are_the_worker_crops_caffe_normalized(small_dataset):
 def test_imagenet_offline_fails_with_a_message_naming_the_alternatives(small_dataset, tmp_path):
     """A real download attempt from a child process that cannot reach the network (proxy on a closed port)."""
     env = dict(os.environ, KERAS_HOME=str(tmp_path / "keras-home"), HTTPS_PROXY="http://127.0.0.1:9")
-    env["OMP_NUM_THREADS"] = "1"  # PyTorch's threads in the child, as torch_threads.py sets them here
     env["https_proxy"] = env["HTTPS_PROXY"]
     done = subprocess.run(
         [sys.executable, "-m", "worker", "finetune", str(small_dataset), "--out", str(tmp_path / "m.keras"),

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from shapes_task import CALIB_COUNT, CLASSES, CROP, HELDOUT_COUNT, train_tiny_resnet, write_images
-from torch_threads import one_torch_thread
 
 
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory) -> Path:
     """Trained for a few hundred steps on one thread (well under a minute on an idle core)."""
+    import torch
+
     from engine_build.build import build_from_weights
     from engine_build.verify import load_crops, normalize_reference
     from engine_build.weights import LoadedWeights
@@ -21,10 +22,14 @@ def trained_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     items = write_images(root / "train", 800, seed=1)
     crops = load_crops([p for p, _ in items], CROP)  # the worker's decode_and_crop
-    with one_torch_thread():  # tiny layers: one thread beats two contending ones
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny layers: one thread beats two contending ones
+    try:
         state = train_tiny_resnet(
             normalize_reference(crops, CROP), np.array([lab for _, lab in items]), 8, 300
         )
+    finally:
+        torch.set_num_threads(threads)
     labels = root / "labels.txt"
     labels.write_text("\n".join(CLASSES) + "\n")
     weights = LoadedWeights(state, len(CLASSES), "tiny ResNet-50 trained on generated shapes (tests)")
