@@ -14,6 +14,13 @@ import cv2
 import numpy as np
 import pytest
 
+# PyTorch's OpenMP threads sleep instead of spinning while they wait (read once, when torch loads,
+# so it is set here, before any test imports torch; child processes inherit it). On two cores shared
+# with other work, a spinning thread steals the core the other one needs: training the Keras shapes
+# model took 2-3 s per step with spinning and 1 s without (same numbers out, same thread count);
+# on idle cores it costs about a tenth. Set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 TINY_CLASSES = 10
 
 

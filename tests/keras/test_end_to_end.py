@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from label_agreement import assert_same_labels_up_to_ties
 
 from engine_build.keras_export import load_keras_model
 from engine_build.keras_finetune import predict_files
@@ -48,13 +49,14 @@ def test_labeler_run_labels_match_keras_predictions(shapes_model, tmp_path):
 
     spec = ModelSpec.load(shapes_model.bundle_dir)
     keras_probs = predict_files(load_keras_model(shapes_model.model_path), paths, spec.preprocessing)
-    keras_labels = [shapes_model.classes[i] for i in keras_probs.argmax(1)]
-    run_labels = [records[p]["labels"][0]["label"] for p in paths]
-    assert run_labels == keras_labels
     for row, path in enumerate(paths):
         scores = {entry["index"]: entry["score"] for entry in records[path]["labels"]}
         assert np.allclose([scores[i] for i in range(4)], keras_probs[row], atol=1e-3)
+    # Keras (PyTorch kernels) and ONNX Runtime may split a near-tie differently: a label may differ
+    # only where Keras' best two scores are within twice the score tolerance (label_agreement.py).
+    run_index = [records[p]["labels"][0]["index"] for p in paths]
+    tied = assert_same_labels_up_to_ties(keras_probs, run_index, tie=2e-3)
 
-    truth = [shapes_model.classes[i] for i in shapes_model.held_out_labels]
-    run_accuracy = np.mean([a == b for a, b in zip(run_labels, truth, strict=True)])
-    assert run_accuracy == shapes_model.held_out_accuracy
+    run_correct = sum(i == t for i, t in zip(run_index, shapes_model.held_out_labels, strict=True))
+    keras_correct = round(shapes_model.held_out_accuracy * len(paths))
+    assert abs(run_correct - keras_correct) <= tied  # equal unless a near-tie went the other way

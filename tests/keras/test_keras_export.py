@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from keras_models import save_tiny_classifier
+from label_agreement import assert_same_labels_up_to_ties
 
 from engine_build.errors import BuildError
 from engine_build.keras_export import (
@@ -60,7 +61,7 @@ def test_bundle_probabilities_and_features_equal_keras_on_photos(tiny_keras_mode
     assert spec.features_output == "features" and spec.feature_size == 16
     assert np.abs(out.probabilities - expected).max() < 1e-4
     assert np.abs(out.features - expected_features).max() < 1e-3
-    assert np.array_equal(out.probabilities.argmax(1), expected.argmax(1))
+    assert_same_labels_up_to_ties(expected, out.probabilities.argmax(1), tie=2e-4)  # 2x the 1e-4 above
     assert np.abs(single - expected[:1]).max() < 1e-4  # the batch axis is dynamic
 
 

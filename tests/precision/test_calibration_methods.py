@@ -21,6 +21,7 @@ from engine_build.precision.ranges import AbsHistogram, activation_ranges, amax_
 
 SIZE = 16
 CONV2_INPUT = "relu1"
+FLOAT_REL = 1e-5  # NumPy vs ONNX Runtime on the same float32 convolution
 
 
 def _blur() -> np.ndarray:
@@ -91,11 +92,14 @@ def test_each_method_gives_its_own_range_on_a_heavy_tailed_activation(tail_model
         for method in ("minmax", "entropy", "percentile")
     }
     values = _conv1(crops).ravel()  # all positive: the ReLU passes them unchanged
-    assert amax["minmax"] == pytest.approx(values.max(), rel=1e-5)
+    # NumPy's 27-term sums and ONNX Runtime's convolution kernel round differently (a few 1e-7
+    # relative, depending on the CPU's kernels): compare with that slack, never exactly
+    assert amax["minmax"] == pytest.approx(values.max(), rel=FLOAT_REL)
     # the percentile is read off the histogram: the upper edge of the bin (amax / 2048 wide) that
     # holds NumPy's 99.99th-percentile value
     exact = float(np.percentile(values, 99.99, method="higher"))
-    assert exact <= amax["percentile"] <= exact + float(values.max()) / 2048 * 1.001
+    low, high = exact * (1 - FLOAT_REL), exact * (1 + FLOAT_REL) + float(values.max()) / 2048 * 1.001
+    assert low <= amax["percentile"] <= high
     assert amax["percentile"] < amax["minmax"]
     assert amax["entropy"] < 0.8 * amax["percentile"]  # KL clips the thin tail
     assert np.mean(values > amax["entropy"]) <= 0.01  # but never more than 1% of the values

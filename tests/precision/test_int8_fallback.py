@@ -32,10 +32,16 @@ def _request(calib_dir, **kwargs) -> PrecisionRequest:
 
 @pytest.fixture(scope="module")
 def all_int8(trained_bundle, calib_dir, tmp_path_factory):
-    """The gate figures of the plain all-INT8 model (no fallback, default gate)."""
+    """The gate figures of the plain all-INT8 model (no fallback), under a gate nothing misses.
+
+    Only the figures are wanted: all-INT8 passes the default gate here by 2 images of 200 (top-1
+    agreement 0.98 against 0.97), so another CPU's kernels could tip it over and the build would
+    raise before the figures are read. The tests below set their gates relative to these figures.
+    """
     bundle = tmp_path_factory.mktemp("all_int8") / "bundle"
     shutil.copytree(trained_bundle, bundle)
-    request = _request(calib_dir, fallback=FallbackSettings("none"))
+    anything = {"min_top1_agreement": 0.0, "min_top5_overlap": 0.0, "max_mean_score_diff": 1.0}
+    request = _request(calib_dir, threshold_overrides=anything, fallback=FallbackSettings("none"))
     _spec, (result,) = add_precision_variants(bundle, request, echo=lambda _m: None)
     return result
 
@@ -115,6 +121,7 @@ def test_fall_back_of_every_layer_is_the_fp32_model_and_of_none_the_int8_model(t
     none = fall_back(qdq, fp32, [])
     every = fall_back(qdq, fp32, layers)
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in every.graph.node)
+    assert none == qdq  # the same graph, so the same outputs on any CPU
     np.testing.assert_array_equal(run_onnx(none, "images", crops), run_onnx(qdq, "images", crops))
     np.testing.assert_allclose(run_onnx(every, "images", crops), run_onnx(fp32, "images", crops), atol=1e-6)
     one = fall_back(qdq, fp32, ["conv2"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from label_agreement import assert_same_labels_up_to_ties
 
 from worker.pipeline.preprocess import decode_and_crop
 from worker.runners.base import RunnerError
@@ -51,10 +52,13 @@ def test_torch_runner_needs_a_pytorch_built_bundle(tmp_path, trained_bundle):
 
 
 def test_torch_runner_serves_the_labeling_service_with_the_same_labels(trained_bundle, photo_dir):
+    """Same labels up to near-ties (label_agreement.py): on these photos the best two classes are at
+    least 0.046 apart and the backends differ by under 1e-5, so in practice every label is equal."""
     from worker.pipeline.service import LabelingService, ServiceOptions
 
     paths = sorted(str(p) for p in photo_dir.glob("*.jpg"))
-    labels = {}
+    classes = ModelSpec.load(trained_bundle).classes
+    scores = {}
     for name, runner in (
         ("onnxruntime", OnnxRuntimeRunner(trained_bundle, intra_op_threads=1)),
         ("torch", TorchCudaRunner(trained_bundle, device="cpu", precision="fp32")),
@@ -64,9 +68,13 @@ def test_torch_runner_serves_the_labeling_service_with_the_same_labels(trained_b
             for path in paths:
                 service.submit(path, records.append)
             service.drain()
-        labels[name] = {r["path"]: r["labels"][0]["label"] for r in records}
-    assert len(labels["torch"]) == len(paths)
-    assert labels["torch"] == labels["onnxruntime"]
+        by_path = {r["path"]: r["labels"] for r in records}
+        assert sorted(by_path) == paths
+        scores[name] = np.zeros((len(paths), len(classes)))
+        for row, path in enumerate(paths):  # top-5 of 4 classes: every score is in the record
+            for entry in by_path[path]:
+                scores[name][row, entry["index"]] = entry["score"]
+    assert_same_labels_up_to_ties(scores["onnxruntime"], scores["torch"].argmax(1), tie=1e-4)
 
 
 def test_torch_runner_submit_pipelines_slots_and_refuses_an_uncollected_one(trained_bundle, photo_dir):

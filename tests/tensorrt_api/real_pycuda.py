@@ -13,6 +13,7 @@ with an NVIDIA driver, which a machine without a GPU does not have. Its Python n
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import tarfile
 from pathlib import Path
@@ -27,7 +28,16 @@ _FUNCTION = re.compile(r'py::def\(\s*"(\w+)"|DEF_SIMPLE_FUNCTION(?:_WITH_ARGS)?\
 
 
 def download_sdist(dest: Path, version: str) -> Path:
-    return pip_download(dest, f"pycuda=={version}", "pycuda-*.tar.gz")
+    """The sdist. pip prepares an sdist's metadata even to download it; with pycuda's build
+    requirements already here (setuptools, numpy) it skips installing a fresh build environment from
+    the registry first (28 s -> 12 s on this machine). Without them, or if that fails, the usual way."""
+    requirement, pattern = f"pycuda=={version}", "pycuda-*.tar.gz"
+    if all(importlib.util.find_spec(module) for module in ("setuptools", "numpy")):
+        try:
+            return pip_download(dest, requirement, pattern, "--no-build-isolation")
+        except AssertionError:
+            pass  # e.g. a setuptools too old for this sdist: the isolated build below
+    return pip_download(dest, requirement, pattern)
 
 
 def driver_names(sdist: Path) -> dict[str, set[str]]:
