@@ -19,13 +19,13 @@ the same numbers with and without VNNI, and a gate passed on one CPU holds on th
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from engine_build.precision.graph_parts import output_nodes, prepared_copy, preprocessing_nodes
+from engine_build.precision.ort_quantize import quantize_with_ranges
 from engine_build.precision.ranges import activation_intervals
 
 CPU_QUANTIZED_OPS = ("Conv", "Gemm", "MaxPool", "Add", "Relu")
@@ -93,47 +93,23 @@ def _quantize(
     reduce_range: bool,
     overrides: dict[str, list[dict[str, np.ndarray]]],
 ) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
+    from onnxruntime.quantization import QuantType
+
+    quantize_with_ranges(
+        src,
+        dst,
+        crops,
+        input_name,
+        keep,
+        op_types_to_quantize=list(CPU_QUANTIZED_OPS),
+        reduce_range=reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        extra_options={
+            "TensorQuantOverrides": overrides,
+            "OpTypesToExcludeOutputQuantization": list(LOGIT_OPS),
+        },
     )
-
-    class OneBatch(CalibrationDataReader):
-        """ONNX Runtime's own calibration must run; our overrides replace what it finds."""
-
-        def __init__(self) -> None:
-            self._batch: np.ndarray | None = crops[:2]
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch, self._batch = self._batch, None
-            return None if batch is None else {input_name: batch}
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))  # its pre-processing advice: the exporter already folded
-    try:
-        quantize_static(
-            str(src),
-            str(dst),
-            OneBatch(),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(CPU_QUANTIZED_OPS),
-            per_channel=True,
-            reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=keep,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={
-                "TensorQuantOverrides": overrides,
-                "OpTypesToExcludeOutputQuantization": list(LOGIT_OPS),
-            },
-        )
-    finally:
-        root.setLevel(level)
 
 
 def restore_relus(quantized: onnx.ModelProto, fp32: onnx.ModelProto) -> onnx.ModelProto:

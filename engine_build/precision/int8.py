@@ -11,13 +11,13 @@ preprocessing head and the softmax stay FP32, as do graph inputs and outputs.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from engine_build.precision.graph_parts import output_nodes, prepared_copy, preprocessing_nodes
+from engine_build.precision.ort_quantize import quantize_with_ranges
 from engine_build.precision.ranges import METHODS, activation_ranges
 
 CALIBRATION_METHODS = METHODS
@@ -49,13 +49,7 @@ def quantize_int8(
     quantize_adds: bool = False,
 ) -> dict[str, object]:
     """Calibrate on `crops` (uint8, the bundle's input) and write the Q/DQ model to `dst`."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantType
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
@@ -69,38 +63,20 @@ def quantize_int8(
     onnx.save(model, str(named))
     ranges = activation_ranges(named, quantized_inputs(model, ops, keep), input_name, crops, method)
 
-    class OneBatch(CalibrationDataReader):
-        """Every quantized tensor's range is overridden with ours; ONNX Runtime's own minmax pass
-        only has to run (it is required), so one small batch is enough."""
-
-        def __init__(self) -> None:
-            self._batch: np.ndarray | None = crops[:2]
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch, self._batch = self._batch, None
-            return None if batch is None else {input_name: batch}
-
     overrides = {
         name: [{"rmin": np.array(-amax, np.float32), "rmax": np.array(amax, np.float32)}]
         for name, amax in ranges.items()
     }
-    root = logging.getLogger()
-    level = root.level
-    # The quantizer warns on the root logger to run its pre-processing (shape inference, constant
-    # folding); the exporter already folded BatchNorm and constants, so the advice is noise here.
-    root.setLevel(max(level, logging.ERROR))
     try:
-        quantize_static(
-            str(named),
-            str(dst),
-            OneBatch(),
-            quant_format=QuantFormat.QDQ,
+        quantize_with_ranges(
+            named,
+            dst,
+            crops,
+            input_name,
+            keep,
             op_types_to_quantize=ops,
-            per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=keep,
-            calibrate_method=CalibrationMethod.MinMax,
             extra_options={
                 "ActivationSymmetric": True,
                 "WeightSymmetric": True,
@@ -113,7 +89,6 @@ def quantize_int8(
             },
         )
     finally:
-        root.setLevel(level)
         named.unlink(missing_ok=True)
     quantized = onnx.load(str(dst))
     float_outputs = output_readers_of_int8(quantized)
