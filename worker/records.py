@@ -27,6 +27,12 @@ class ErrorCode(StrEnum):
     INFERENCE_FAILED = "inference_failed"
     READ_FAILED = "read_failed"  # an object store kept failing after retries with backoff
     INTERNAL_ERROR = "internal_error"
+    # Samples of container shards (WebDataset tars, Parquet image rows; worker/sources/):
+    TRUNCATED = "truncated"  # the shard file ends inside this sample (a cut-short download or copy)
+    CORRUPT = "corrupt"  # the shard file is damaged here (a tar header that fails its checksum)
+    NO_IMAGE = "no_image"  # a sample without an image member, or a Parquet row with null image bytes
+    DUPLICATE_KEY = "duplicate_key"  # a sample key seen before in the same shard file: one row each
+    BAD_COLUMN = "bad_column"  # a Parquet image column of a type that holds no image bytes
 
 
 class Embedding(np.ndarray):
