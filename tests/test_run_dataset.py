@@ -18,7 +18,7 @@ from test_service import lost_gpu_runner
 
 from worker.cli import main
 from worker.dataset.files import iter_records, shard_files
-from worker.dataset.shard_list import GENESIS, chain_hash, write_index, write_shard_paths
+from worker.dataset.shard_list import GENESIS, chain_hash, write_index, write_shard_source
 from worker.local.dataset_run import DatasetExists, run_local_dataset
 from worker.pipeline.service import LabelingService, ServiceOptions
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
@@ -147,7 +147,7 @@ def test_resume_of_a_list_stored_with_repeats_writes_each_path_once(tiny_bundle,
     """A shard list stored before repeats were left out (paths twice in one shard) still resumes."""
     out = tmp_path / "ds"
     stored = [*image_paths[:3], image_paths[0]]
-    write_shard_paths(out, "000000", stored, chain_hash(GENESIS, stored))
+    write_shard_source(out, "000000", stored, chain_hash(GENESIS, stored))
     write_index(out, 5000, ["000000"], len(stored), chain_hash(GENESIS, stored))
     service = LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), OPTIONS)
     summary = run_local_dataset(stored, service, out, resume=True)

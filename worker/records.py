@@ -16,6 +16,11 @@ import numpy as np
 
 Record = dict[str, Any]
 
+# The keys a container sample's record carries back to its source (dataset schema 1.1, nullable
+# columns): the shard file's URL or path, the sample's key (a tar's `__key__`, a Parquet file's own
+# key column), the sample's ordinal in the file (tar sample index, Parquet row index).
+SOURCE_COLUMNS = ("source_url", "source_key", "source_row")
+
 
 class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"

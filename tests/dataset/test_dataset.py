@@ -86,6 +86,9 @@ def test_schema_has_the_documented_types_and_version(tmp_path, spec):
         "worker": "string",
         "labeled_at": "timestamp[us, tz=UTC]",
         "shard_id": "string",
+        "source_url": "string",  # 1.1: container samples (null for loose files)
+        "source_key": "string",
+        "source_row": "int64",
     }
     required = {field.name for field in schema if not field.nullable}
     assert required == {"path", "model_sha256", "precision", "worker", "labeled_at", "shard_id"}

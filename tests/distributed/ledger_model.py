@@ -53,7 +53,7 @@ from worker.client.retry import retry_failed
 from worker.dataset.files import ShardFile, iter_records, shard_files, write_shard
 from worker.dataset.manifest import file_counts, read_manifest
 from worker.dataset.schema import DatasetError, DatasetSpec
-from worker.dataset.shard_list import ShardListError, children, halves, read_index, root_shard_id, shard_paths
+from worker.dataset.shard_list import ShardListError, children, halves, read_index, root_shard_id, shard_source
 from worker.ledger.keys import lease_member
 from worker.ledger.ledger import RunLedger, ShardState
 from worker.ledger.messages import UNACKED, UNACKED_INDEX, shard_of
@@ -391,7 +391,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def _claim(self, worker: SimWorker, delivery: Delivery) -> None:
         try:
-            paths = shard_paths(delivery.output, delivery.shard)
+            paths = shard_source(delivery.output, delivery.shard)
         except ShardListError as exc:  # Refused(whole_run): the run is failed, the message acked
             self.ledger.fail_run(delivery.run, str(exc))
             self._ack(worker, delivery)
@@ -730,7 +730,7 @@ class LedgerMachine(RuleBasedStateMachine):
                     walk(child)
                 return
             leaves.append(state)
-            covered.extend(shard_paths(output, shard_id))
+            covered.extend(shard_source(output, shard_id))
 
         for position in range(index["shards"]):
             walk(root_shard_id(position))
@@ -751,7 +751,7 @@ class LedgerMachine(RuleBasedStateMachine):
         for state in done:
             assert state.shard_id in files, f"run {run}: shard {state.shard_id} is done without a file"
             facts = file_facts(files[state.shard_id])
-            assert sorted(facts.paths) == sorted(shard_paths(output, state.shard_id)), (
+            assert sorted(facts.paths) == sorted(shard_source(output, state.shard_id)), (
                 f"run {run}: shard {state.shard_id}'s file does not hold one row per path"
             )
             assert facts.rows == state.images, (

@@ -16,7 +16,7 @@ import redis
 from worker.client.enqueue import EnqueueError, enqueue_run
 from worker.client.export import ExportError, export_records
 from worker.client.status import RateMeter, follow, format_status
-from worker.dataset.shard_list import ShardListError, read_index, shard_paths, stored_root_shards
+from worker.dataset.shard_list import ShardListError, read_index, shard_source, stored_root_shards
 from worker.ledger.keys import RunNameError, check_run_name
 from worker.ledger.ledger import RunLedger, RunStatus
 from worker.ledger.protocol import SHARD_TASK, shard_message
@@ -155,8 +155,8 @@ def test_enqueue_stores_the_shard_list_and_publishes_each_shard(redis_url: str, 
     summary = enqueue_run(client, "e", (f"/img/{i}.jpg" for i in range(25)), str(out), "q", shard_size=10)
     assert (summary.seen, summary.shards, summary.jobs, summary.queued) == (25, 3, 3, 25)
     assert client.llen("q") == 3
-    assert shard_paths(out, "000002") == [f"/img/{i}.jpg" for i in range(20, 25)]
-    assert shard_paths(out, "000001.1") == [f"/img/{i}.jpg" for i in range(15, 20)]  # a half, not stored
+    assert shard_source(out, "000002") == [f"/img/{i}.jpg" for i in range(20, 25)]
+    assert shard_source(out, "000001.1") == [f"/img/{i}.jpg" for i in range(15, 20)]  # a half, not stored
     assert read_index(out)["images"] == 25
     # Again: the stored list is the run, whatever the inputs say now; nothing done is published.
     client.delete("q")
@@ -191,7 +191,7 @@ def test_an_interrupted_enqueue_resumes_only_on_the_same_inputs(redis_url: str, 
         enqueue_run(client, "k", ["/img/new.jpg", *paths], str(out), "q", shard_size=10)
     resumed = enqueue_run(client, "k", paths, str(out), "q", shard_size=10)
     assert (resumed.seen, resumed.shards, resumed.jobs) == (40, 4, 4)  # the first two were never done
-    assert [p for i in range(4) for p in shard_paths(out, f"{i:06d}")] == paths  # none twice, none skipped
+    assert [p for i in range(4) for p in shard_source(out, f"{i:06d}")] == paths  # none twice, none skipped
     assert RunLedger(client).status("k", "q").total == 40
 
 

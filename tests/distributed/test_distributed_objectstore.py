@@ -39,7 +39,7 @@ from objectstore_helpers import (  # noqa: E402
 
 from worker.cli import main  # noqa: E402
 from worker.client.enqueue import enqueue_run  # noqa: E402
-from worker.dataset.shard_list import shard_paths  # noqa: E402
+from worker.dataset.shard_list import shard_source  # noqa: E402
 from worker.ledger.ledger import RunLedger  # noqa: E402
 from worker.pipeline.inputs import iter_input_paths  # noqa: E402
 
@@ -139,7 +139,7 @@ def test_a_run_writes_its_dataset_to_a_bucket_through_a_worker_killed_mid_run(
     table = ds.dataset(f"{key}/labels", filesystem=admin, format="parquet").to_table(columns=["path", "worker"])
     assert table.num_rows == 240
     by_worker = {row["path"]: row["worker"].split("@")[0] for row in table.to_pylist()}
-    lost_paths = {p for shard in lost for p in shard_paths(output, shard)}
+    lost_paths = {p for shard in lost for p in shard_source(output, shard)}
     assert {by_worker[p] for p in lost_paths} == {"b2"}  # the killed worker's shards were redone
     assert_exactly_once(client, "bucket-run", paths, output=output)  # read through the labeler's own code
     manifest = json.loads(admin.cat_file(f"{key}/manifest.json"))
@@ -185,7 +185,7 @@ def test_cli_enqueue_takes_bucket_inputs_and_a_bucket_output(redis_url, s3_serve
     assert first.exit_code == 0, first.output
     assert "31 images in 4 shards" in first.output and "31 queued" in first.output
     canonical = f"s3://{LABELS_BUCKET}/{prefix}/runs/cli"
-    listed = [p for shard in ("000000", "000001", "000002", "000003") for p in shard_paths(canonical, shard)]
+    listed = [p for shard in ("000000", "000001", "000002", "000003") for p in shard_source(canonical, shard)]
     assert listed == [f"{base}/img/{i:03d}.jpg" for i in range(30)] + [named[3]]
     client = redis.Redis.from_url(redis_url)
     messages = client.lrange(QUEUE, 0, -1)

@@ -16,7 +16,7 @@ from worker.celery_worker.reconcile import Reconciler
 from worker.client.enqueue import enqueue_run
 from worker.dataset.files import DatasetSpec, shard_files, write_shard
 from worker.dataset.manifest import read_manifest
-from worker.dataset.shard_list import shard_paths
+from worker.dataset.shard_list import shard_source
 from worker.ledger.ledger import RunLedger
 from worker.ledger.messages import UNACKED, UNACKED_INDEX, shards_with_messages
 from worker.ledger.states import State, Verdict
@@ -43,7 +43,7 @@ def paths_for(tmp_path: Path, count: int) -> list[str]:
 
 def finish_shard(ledger: RunLedger, run: str, output: Path, shard: str, owner: str = OWNER) -> None:
     """What a job does with a shard it holds: its file, then done."""
-    rows = [label_record(p, [{"index": 1, "label": "x", "score": 0.5}]) for p in shard_paths(output, shard)]
+    rows = [label_record(p, [{"index": 1, "label": "x", "score": 0.5}]) for p in shard_source(output, shard)]
     written = write_shard(output, shard, rows, SPEC, worker="test")
     assert ledger.finish(run, shard, owner, written.labeled, written.failed)
 

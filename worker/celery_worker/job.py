@@ -24,7 +24,8 @@ import functools
 import logging
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,19 +54,25 @@ from worker.dataset.files import (
 from worker.dataset.object_path import ObjectPath, canonical_output
 from worker.dataset.shard_list import (
     ShardListError,
+    ShardSource,
     children,
     halves,
-    shard_paths,
-    write_shard_paths,
+    shard_source,
+    size_of,
+    write_shard_source,
 )
 from worker.dataset.storage import is_under, is_url, url_is_under
 from worker.ledger.keys import check_run_name
 from worker.ledger.protocol import shard_message
 from worker.ledger.run_manifest import write_manifest_if_finished
 from worker.ledger.states import Verdict
+from worker.pipeline.errors import ImageError
 from worker.pipeline.service import LabelingService, ServiceFailed
 from worker.records import ErrorCode, Record, error_code, error_record, is_engine_failure, is_error
 from worker.settings import output_roots
+from worker.sources.container import Container
+from worker.sources.item import SourceItem
+from worker.sources.items import ShardError, SourceUnavailable, count_container, first_sample, iter_items
 
 log = logging.getLogger(__name__)
 
@@ -108,34 +115,47 @@ class RecordSink:
         return records
 
 
+@dataclass
+class Labeled:
+    """What `label_with` got through: `read_all` False means the deadline, a warm shutdown or a
+    failed engine cut the shard's items short."""
+
+    submitted: int = 0
+    answered: int = 0
+    read_all: bool = False
+
+
 def label_with(
-    process: WorkerProcess, service: LabelingService, paths: list[str], features: bool,
+    process: WorkerProcess, service: LabelingService, items: Iterable[SourceItem], features: bool,
     on_records: Callable[[list[Record]], None],
-) -> int:  # fmt: skip
-    """Submit `paths` and hand their records to `on_records` in groups as they come; returns how
-    many were answered (fewer: the deadline, a warm shutdown or a failed engine cut it short)."""
+) -> Labeled:  # fmt: skip
+    """Submit `items` and hand their records to `on_records` in groups as they come."""
     settings = process.settings
     sink = RecordSink()
     deadline = time.monotonic() + settings.task_deadline_s
-    submitted = answered = 0
-    for path in paths:
-        if process.stopping.is_set() or time.monotonic() > deadline:
-            break
-        try:
-            service.submit(path, sink.put, features)
-        except ServiceFailed:
-            break
-        submitted += 1
-        taken = sink.take(settings.flush_records, 0) if submitted % settings.flush_records == 0 else []
-        if taken:
-            answered += len(taken)
-            on_records(taken)
-    while answered < submitted and time.monotonic() < deadline + settings.deadline_grace_s:
-        taken = sink.take(settings.flush_records, 0.25)
-        if taken:
-            answered += len(taken)
-            on_records(taken)
-    return answered
+    done = Labeled()
+    try:
+        for item in items:
+            if process.stopping.is_set() or time.monotonic() > deadline:
+                break
+            try:
+                service.submit(item.path, sink.put, features, data=item.data, error=item.error, source=item.source)
+            except ServiceFailed:
+                break
+            done.submitted += 1
+            taken = sink.take(settings.flush_records, 0) if done.submitted % settings.flush_records == 0 else []
+            if taken:
+                done.answered += len(taken)
+                on_records(taken)
+        else:
+            done.read_all = True
+    finally:  # also when reading the source failed: what was submitted is answered first
+        while done.answered < done.submitted and time.monotonic() < deadline + settings.deadline_grace_s:
+            taken = sink.take(settings.flush_records, 0.25)
+            if taken:
+                done.answered += len(taken)
+                on_records(taken)
+    return done
 
 
 class ShardJob:
@@ -215,23 +235,23 @@ class ShardJob:
         refusal = self._confine_output()
         if refusal is not None:
             return refusal
-        paths = self._paths()
-        if isinstance(paths, Refused):
-            return paths
+        source = self._source()
+        if isinstance(source, Refused):
+            return source
         # A half of a split shard is split again at its first loss: a shard that kills workers
         # reaches its one bad image in log2(size) more losses, not three times that.
         attempts = self.settings.max_attempts if "." not in self.shard else 1
         held = self.process.leases.count() + 1
         claim = self.redis(lambda: self.ledger.claim(self.run, self.shard, self.owner, self.settings.lease_s,
-                                                     attempts, len(paths), held=held,
+                                                     attempts, size_of(source), held=held,
                                                      register=self.given_paths is not None), "claiming a shard")  # fmt: skip
         if claim.verdict in (Verdict.DONE, Verdict.SPLIT, Verdict.BUSY, Verdict.RUN_FAILED, Verdict.UNKNOWN):
             return Skipped(claim.verdict.value)
         if claim.verdict == Verdict.EXHAUSTED:
-            return self._give_up(paths, claim.attempts)
+            return self._give_up(source, claim.attempts)
         self.holds_lease = True
         self.process.leases.hold(self.run, self.shard, self.owner)
-        return self._label(paths, claim.attempts)
+        return self._label(source, claim.attempts)
 
     def _confine_output(self) -> Refused | None:
         """The dataset's folder or bucket prefix, only under a root this worker may write
@@ -248,34 +268,53 @@ class ShardJob:
         return Refused(f"output {self.asked_output!r} is outside the output roots this worker may write "
                        f"({', '.join(roots)}): set LABELER_OUTPUT_ROOTS on the workers to cover it", whole_run=True)  # fmt: skip
 
-    def _paths(self) -> list[str] | Refused:
+    def _source(self) -> ShardSource | Refused:
         if self.given_paths is not None:  # a service's own shard: store its list so it can be recovered
             try:
-                shard_paths(self.output, self.shard)
+                shard_source(self.output, self.shard)
             except ShardListError:
-                write_shard_paths(self.output, self.shard, self.given_paths, chain="")
+                write_shard_source(self.output, self.shard, self.given_paths, chain="")
             return self.given_paths
         try:
-            return shard_paths(self.output, self.shard)
+            return shard_source(self.output, self.shard)
         except ShardListError as exc:
             return Refused(f"{exc} (is the run's output folder shared with this worker?)", whole_run=True)
 
-    def _label(self, paths: list[str], attempt: int) -> Outcome:
+    def _label(self, source: ShardSource, attempt: int) -> Outcome:
         state = self.ledger.shard_state(self.run, self.shard)
         records: dict[str, Record] = {}
-        todo = paths
+        seen: list[str] = []  # every sample's path, in source order: the rows the file must hold
+        wanted: Callable[[str], bool] = lambda _path: True  # noqa: E731
         if state is not None and state.retry_codes is not None:  # a retry: relabel only those errors
             records = {r["path"]: r for r in iter_records(self.output, shard_ids=[self.shard])}
             codes = set(state.retry_codes)
-            todo = [p for p in paths if p not in records or (is_error(records[p]) and (not codes or error_code(records[p]) in codes))]
+
+            def wanted(path: str) -> bool:
+                old = records.get(path)
+                return old is None or (is_error(old) and (not codes or error_code(old) in codes))
+
+        def todo() -> Iterator[SourceItem]:
+            known: set[str] = set()  # a path stored twice in an old list is labeled once
+            for item in iter_items(source, self.process.read_policy):
+                if item.path in known:
+                    continue
+                known.add(item.path)
+                seen.append(item.path)
+                if wanted(item.path):
+                    yield item
+
         features = self.wants_embeddings
         service = self._service(features)
         if not isinstance(service, LabelingService):
             return service
-        done = label_with(self.process, service, todo, features, lambda taken: self._keep(taken, records))
-        unfinished = self._unfinished(service, done, len(todo))
+        try:
+            done = label_with(self.process, service, todo(), features, lambda taken: self._keep(taken, records))
+        except SourceUnavailable as exc:
+            return HandedBack(f"cannot read the shard's container to its end: {exc}")
+        unfinished = self._unfinished(service, done)
         if unfinished is not None:
             return unfinished
+        paths = seen
         if not self.redis(lambda: self.process.leases.confirm(self.run, self.shard), "confirming a shard's lease"):
             log.warning("run %s shard %s: lease lost meanwhile; another worker labels it", self.run, self.shard)
             self.holds_lease = False
@@ -323,8 +362,9 @@ class ShardJob:
         if kept:
             self.process.note_activity(self.run, kept)
 
-    def _unfinished(self, service: LabelingService, answered: int, wanted: int) -> Outcome | None:
+    def _unfinished(self, service: LabelingService, done: Labeled) -> Outcome | None:
         """How the job ends when not every image got its record (None: they all did)."""
+        answered, wanted = done.answered, done.submitted + (0 if done.read_all else 1)
         if service.failure is not None:
             reason = f"labeling service gave up: {service.failure}"
             if self.engine_failed or answered < wanted:
@@ -339,26 +379,38 @@ class ShardJob:
             return HandedBack(f"deadline of {self.settings.task_deadline_s:.0f} s passed with {wanted - answered} images left")
         return None
 
-    def _give_up(self, paths: list[str], attempts: int) -> Outcome:
+    def _give_up(self, source: ShardSource, attempts: int) -> Outcome:
         """Taken too often without finishing: bisect it, or give its one image an error row."""
-        if len(paths) > 1:
-            first, second = halves(paths)
-            parts = [(child, len(half), shard_message(self.run, child, str(self.output), self.queue, origin="labeler-split"))
-                     for child, half in zip(children(self.shard), (first, second), strict=True)]  # fmt: skip
+        try:
+            source = count_container(source, self.process.read_policy) if isinstance(source, Container) else source
+        except (ImageError, OSError) as exc:  # cannot even be counted: the container's one row says why
+            return self._error_row_claimed(ShardError(source.url, {"source_url": source.url}), attempts, str(exc))
+        if size_of(source) > 1:
+            first, second = halves(source)
+            names = children(self.shard)
+            if isinstance(source, Container):  # its halves cannot be derived from an uncounted parent
+                for child, half in zip(names, (first, second), strict=True):
+                    write_shard_source(self.output, child, half, chain="")
+            parts = [(child, size_of(half), shard_message(self.run, child, str(self.output), self.queue, origin="labeler-split"))
+                     for child, half in zip(names, (first, second), strict=True)]  # fmt: skip
             self.redis(lambda: self.ledger.split(self.run, self.queue, self.shard, parts), "splitting a shard")
             log.error("run %s shard %s taken %d times without finishing: split in two", self.run, self.shard, attempts)
             return Split(attempts)
+        return self._error_row_claimed(first_sample(source, self.process.read_policy), attempts)
+
+    def _error_row_claimed(self, sample: ShardError, attempts: int, why: str = "") -> Outcome:
         claim = self.redis(lambda: self.ledger.claim(self.run, self.shard, self.owner, self.settings.lease_s,
                                                      self.settings.max_attempts, 1, force=True), "claiming a shard")  # fmt: skip
         if claim.verdict != Verdict.RUN:
             return Skipped(claim.verdict.value)
         self.holds_lease = True
         self.process.leases.hold(self.run, self.shard, self.owner)  # loading an engine may outlast a lease
-        return self._write_error_row(paths[0], attempts)
+        return self._write_error_row(sample, attempts, why)
 
-    def _write_error_row(self, path: str, attempts: int) -> Outcome:
-        reason = f"its worker was lost or failed {attempts} times labeling this image (it crashes or exhausts the worker)"
-        record = error_record(path, ErrorCode.INTERNAL_ERROR, reason)
+    def _write_error_row(self, sample: ShardError, attempts: int, why: str = "") -> Outcome:
+        path = sample.path
+        reason = why or f"its worker was lost or failed {attempts} times labeling this image (it crashes or exhausts the worker)"
+        record = error_record(path, ErrorCode.INTERNAL_ERROR, reason) | sample.source
         spec = DatasetSpec(model_sha256="0" * 64, precision=self.settings.precision)
         try:
             service = self.process.service()
@@ -414,10 +466,10 @@ class PathsJob:
                     records[record["path"]] = record
 
         unique = list(dict.fromkeys(self.paths))
-        answered = label_with(self.process, service, unique, self.features, keep)
+        done = label_with(self.process, service, [SourceItem(path) for path in unique], self.features, keep)
         if service.failure is not None:
             self.process.health.stop_worker(f"labeling service gave up: {service.failure}")
-        if engine_failed or answered < len(unique):
+        if engine_failed or done.answered < len(unique):
             raise Reject("the engine failed or the worker is stopping; the job goes back", requeue=True)
         ordered = [records[p] for p in unique]
         return {"images": len(ordered), "labeled": sum(1 for r in ordered if not is_error(r)),

@@ -26,6 +26,7 @@ from worker.ledger import activity
 from worker.ledger.ledger import RunLedger
 from worker.ledger.redis_client import connect
 from worker.pipeline.build import ServiceConfig, build_service
+from worker.pipeline.reading import ReadPolicy
 from worker.pipeline.service import LabelingService
 from worker.settings import Settings
 
@@ -87,6 +88,13 @@ class WorkerProcess:
             if self._metrics is None:
                 self._metrics = WorkerMetrics(self.node_name or default_hostname())
             return self._metrics
+
+    @property
+    def read_policy(self) -> ReadPolicy:
+        """Where this worker may read and how much (the service's policy, without loading it):
+        container shards are opened on the job's thread with it."""
+        config = ServiceConfig.pick(self.settings)
+        return ReadPolicy.create(list(config.allowed_roots), config.max_bytes)
 
     def service(self) -> LabelingService:
         """The process's labeling service, loaded on first use (after any fork, on the worker's side).

@@ -43,3 +43,38 @@ def open_run(settings: Settings, run: str) -> RunLedger:
     if not exists:
         raise click.ClickException(f"no run named {run!r} in {settings.key_prefix}:run:*")
     return store
+
+
+def container_options(command):
+    """The flags that say how tar shards and Parquet files of image bytes are read (run, enqueue)."""
+    options = [
+        click.option("--image-ext", help="Tar shards: the sample member that is the image (e.g. jpg; "
+                     "default: each sample's first member with an image extension)."),  # fmt: skip
+        click.option("--image-column", help="Parquet inputs: the column of image bytes (default: found by "
+                     "type, a struct<bytes, path> or binary column)."),  # fmt: skip
+        click.option("--key-column", help="Parquet inputs: the file's own key column (default: 'key' where there is one)."),
+        click.option("--samples-per-shard", type=click.IntRange(min=1), help="Cut tar and Parquet inputs larger than "
+                     "this into ranges, one shard each (reads each tar's headers once at enqueue; default: one "
+                     "shard per file)."),  # fmt: skip
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def input_entries(
+    inputs: tuple[str, ...], image_ext: str | None, image_column: str | None, key_column: str | None,
+    samples_per_shard: int | None,
+):  # fmt: skip
+    """INPUTS as entries (paths and containers, streamed) read with the flags above."""
+    from worker.pipeline.inputs import iter_input_paths
+    from worker.sources.container import ContainerOptions
+
+    formats = ContainerOptions(image_extension=image_ext.lstrip(".").lower() if image_ext else None,
+                               image_column=image_column, key_column=key_column)  # fmt: skip
+    entries = iter_input_paths(inputs, formats=formats)
+    if samples_per_shard:
+        from worker.sources.splitting import split_entries
+
+        entries = split_entries(entries, samples_per_shard)
+    return entries

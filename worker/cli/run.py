@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from worker.cli.bundle import resolve_bundle
+from worker.cli.common import container_options, input_entries
 from worker.dataset.object_path import ObjectPath
 from worker.dataset.storage import DEFAULT_FETCH_CONCURRENCY, is_url
 from worker.sidecar import ModelSpec, summarize
@@ -90,6 +91,7 @@ def inspect(bundle: Path) -> None:
     help="Largest image decoded (decompression-bomb guard).",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a TTY).")
+@container_options
 def run(
     inputs: tuple[str, ...],
     model_dir: Path | None,
@@ -112,16 +114,21 @@ def run(
     max_bytes: int,
     max_pixels: int,
     progress: bool | None,
+    image_ext: str | None,
+    image_column: str | None,
+    key_column: str | None,
+    samples_per_shard: int | None,
 ) -> None:
-    """Label INPUTS (files, directories, @list files, - for stdin, .parquet/.csv manifests) into a
-    JSONL file or a Parquet dataset folder."""
+    """Label INPUTS (files, directories, @list files, - for stdin, .parquet/.csv manifests, WebDataset
+    .tar shards, Parquet files of image bytes) into a JSONL file or a Parquet dataset folder."""
     from tqdm import tqdm
 
     from worker.local.run import run_local
     from worker.pipeline.build import ServiceConfig, build_service
-    from worker.pipeline.inputs import InputError, iter_input_paths
+    from worker.pipeline.inputs import InputError
     from worker.runners import RunnerError
 
+    entries = input_entries(inputs, image_ext, image_column, key_column, samples_per_shard)
     bundle = resolve_bundle(model_dir)
     spec = ModelSpec.load(bundle)
     for warning in spec.warnings:
@@ -148,13 +155,13 @@ def run(
     if is_url(out_text):  # an object store holds datasets only: one PUT per file, no appending
         if not out_text.endswith("/"):
             raise click.UsageError(f"--out {out_text}: an object URL must be a dataset prefix ending in /")
-        _run_into_dataset(inputs, service, ObjectPath(out_text), resume, retry_errors, shard_size,
+        _run_into_dataset(inputs, entries, service, ObjectPath(out_text), resume, retry_errors, shard_size,
                           embedding_dtype, progress)  # fmt: skip
         return
     out_path = Path(out_text)
     if out_text.endswith(os.sep) or out_path.is_dir():
         _check_folder(out_text, out_path)
-        _run_into_dataset(inputs, service, out_path, resume, retry_errors, shard_size, embedding_dtype, progress)
+        _run_into_dataset(inputs, entries, service, out_path, resume, retry_errors, shard_size, embedding_dtype, progress)
         return
     if retry_errors:
         from worker.local.results import drop_error_records
@@ -170,7 +177,7 @@ def run(
 
     try:
         summary = run_local(
-            iter_input_paths(inputs),
+            entries,
             service,
             out_path,
             resume,
@@ -213,7 +220,7 @@ def _check_folder(out_text: str, out_dir: Path) -> None:
 
 
 def _run_into_dataset(
-    inputs: tuple[str, ...], service, out_dir: Path | ObjectPath, resume: bool, retry_errors: bool, shard_size: int,
+    inputs: tuple[str, ...], entries, service, out_dir: Path | ObjectPath, resume: bool, retry_errors: bool, shard_size: int,
     embedding_dtype: str, progress: bool | None,
 ) -> None:  # fmt: skip
     from tqdm import tqdm
@@ -222,13 +229,13 @@ def _run_into_dataset(
     from worker.dataset.shard_list import ShardListError
     from worker.local.dataset_run import DatasetExists, run_local_dataset
     from worker.local.shard_writer import DatasetWriteFailed
-    from worker.pipeline.inputs import InputError, can_repeat, iter_input_paths
+    from worker.pipeline.inputs import InputError, can_repeat
     from worker.runners import RunnerError
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=None, unit="img", disable=not show, dynamic_ncols=True, smoothing=0.1)
     try:
-        summary = run_local_dataset(iter_input_paths(inputs), service, out_dir, resume=resume,
+        summary = run_local_dataset(entries, service, out_dir, resume=resume,
                                     retry_errors=retry_errors, shard_size=shard_size,
                                     embedding_dtype=embedding_dtype, on_record=lambda _rec: bar.update(1),
                                     deduplicate=can_repeat(inputs))  # fmt: skip

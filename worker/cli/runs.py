@@ -16,7 +16,14 @@ from pathlib import Path
 
 import click
 
-from worker.cli.common import BROKER_HELP, load_settings, open_run, open_store
+from worker.cli.common import (
+    BROKER_HELP,
+    container_options,
+    input_entries,
+    load_settings,
+    open_run,
+    open_store,
+)
 from worker.records import ErrorCode, is_error
 
 
@@ -39,6 +46,7 @@ from worker.records import ErrorCode, is_error
     "--interval", type=float, default=2.0, show_default=True, help="Seconds between --wait updates."
 )
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a TTY).")
+@container_options
 def enqueue_command(
     inputs: tuple[str, ...],
     run_name: str | None,
@@ -52,18 +60,22 @@ def enqueue_command(
     wait: bool,
     interval: float,
     progress: bool | None,
+    image_ext: str | None,
+    image_column: str | None,
+    key_column: str | None,
+    samples_per_shard: int | None,
 ) -> None:
     """Cut INPUTS (files, directories, @list files, - for stdin, .parquet/.csv manifests with a
-    `path` column) into the shards of a run and publish them; print the run id. The shard list is
+    `path` column, WebDataset .tar shards, Parquet files of image bytes) into the shards of a run and publish them; print the run id. The shard list is
     fixed by the first enqueue of a run: enqueue it again to resume."""
     import redis
     from tqdm import tqdm
 
     from worker.client.enqueue import EnqueueError, enqueue_run
-    from worker.dataset.shard_list import ShardListError
+    from worker.dataset.shard_list import ShardListError, entry_text
     from worker.dataset.storage import StorageUnavailable
     from worker.ledger.keys import RunNameError
-    from worker.pipeline.inputs import InputError, can_repeat, iter_input_paths, unique_by_digest
+    from worker.pipeline.inputs import InputError, can_repeat, unique_by_digest
     from worker.settings import output_roots
 
     settings = load_settings(broker_url=broker, queue=queue, shard_size=shard_size, max_queued_jobs=max_queued)
@@ -81,12 +93,12 @@ def enqueue_command(
     def on_progress(summary) -> None:
         bar.update(summary.seen - bar.n)
 
-    paths = iter_input_paths(inputs)
+    paths = input_entries(inputs, image_ext, image_column, key_column, samples_per_shard)
     try:
         summary = enqueue_run(
             ledger.client,
             run,
-            unique_by_digest(paths) if can_repeat(inputs) else paths,
+            unique_by_digest(paths, text=entry_text) if can_repeat(inputs) else paths,
             folder,
             settings.queue,
             settings.shard_size,

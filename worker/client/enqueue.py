@@ -32,6 +32,7 @@ from worker.ledger.ledger import RunLedger
 from worker.ledger.protocol import shard_message
 from worker.ledger.run_manifest import write_manifest_if_finished
 from worker.ledger.states import Registered
+from worker.sources.container import Container
 
 ENQUEUE_LEASE_S = 60.0  # renewed every batch and backpressure poll; a killed enqueue lapses
 PUBLISH_BATCH = 16  # shards per ledger round trip (80k paths at the default size: workers start early)
@@ -66,7 +67,7 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 def enqueue_run(
     client: redis.Redis,
     run: str,
-    paths: Iterable[str],
+    paths: Iterable[str | Container],
     output: str,
     queue: str,
     shard_size: int = 5000,
@@ -76,7 +77,8 @@ def enqueue_run(
     on_progress: Callable[[EnqueueSummary], None] | None = None,
     poll_s: float = 0.5,
 ) -> EnqueueSummary:
-    """Cut `paths` into the run's shards (or reuse its stored list) and publish those not done."""
+    """Cut `paths` (loose paths and containers) into the run's shards (or reuse its stored list) and
+    publish those not done. A container's samples are counted when a worker reads it."""
     check_run_name(run)
     ledger = RunLedger(client, prefix)
     output = canonical_output(output)
@@ -93,18 +95,18 @@ def enqueue_run(
             ledger.renew_enqueue_lease(run, ENQUEUE_LEASE_S)
             summary.reused_list = summary.reused_list or all(shard.stored for shard in batch)
             on_storage = _done_on_storage(ledger, run, batch, written)
-            states = ledger.register_shards(run, [(shard.shard_id, len(shard.paths)) for shard in batch], on_storage)
+            states = ledger.register_shards(run, [(shard.shard_id, shard.size) for shard in batch], on_storage)
             publish = []
             for shard, state in zip(batch, states, strict=True):
-                summary.seen += len(shard.paths)
+                summary.seen += shard.size
                 summary.shards += 1
                 summary.states[state] = summary.states.get(state, 0) + 1
                 if state in (Registered.QUEUED, Registered.LAPSED):
                     publish.append(shard)
                 else:
-                    summary.skipped += len(shard.paths)
+                    summary.skipped += shard.size
                     if shard.shard_id in on_storage and state == Registered.DONE:
-                        summary.from_storage += len(shard.paths)
+                        summary.from_storage += shard.size
             if publish:
                 summary.waited_s += _wait_for_room(
                     client, queue, max_queued_jobs, poll_s, lambda: ledger.renew_enqueue_lease(run, ENQUEUE_LEASE_S)
@@ -112,7 +114,7 @@ def enqueue_run(
                 messages = [shard_message(run, shard.shard_id, output, queue) for shard in publish]
                 client.lpush(queue, *messages)
                 summary.jobs += len(messages)
-                summary.queued += sum(len(shard.paths) for shard in publish)
+                summary.queued += sum(shard.size for shard in publish)
             if on_progress:
                 on_progress(summary)
     finally:

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from worker.records import SOURCE_COLUMNS
 from worker.sidecar import ModelSpec
 
 # Major.minor: a reader accepts every minor of its major. A minor may only add nullable columns;
 # renaming, retyping or removing a column is a new major.
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1 added source_url, source_key, source_row (container samples)
 VERSION_KEY = b"resnet_labeler.schema_version"
 EMBEDDING_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
@@ -89,6 +90,11 @@ def dataset_schema(spec: DatasetSpec) -> pa.Schema:
         pa.field("worker", pa.string(), nullable=False),
         pa.field("labeled_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("shard_id", pa.string(), nullable=False),
+        # Where a container's sample came from (null for loose files): the shard file's URL or path,
+        # the sample's key (a tar's __key__, a Parquet file's key column), its ordinal in the file.
+        pa.field("source_url", pa.string()),
+        pa.field("source_key", pa.string()),
+        pa.field("source_row", pa.int64()),
     ]
     return pa.schema(fields, metadata={VERSION_KEY: SCHEMA_VERSION.encode()})
 
@@ -108,6 +114,7 @@ DICTIONARY_COLUMNS = [
     "worker",
     "labeled_at",
     "shard_id",
+    "source_url",
 ]
 
 
@@ -153,6 +160,9 @@ def records_to_table(
 
 _RECORD_COLUMNS = [
     "path",
+    "source_url",
+    "source_key",
+    "source_row",
     "top1_index",
     "top1_label",
     "top1_score",
@@ -173,6 +183,8 @@ def _append_record(columns: dict[str, list[Any]], record: dict[str, Any], spec: 
     if (labels is None) == (error is None):
         raise DatasetError(f"{path}: a record has either labels or an error, not both or neither")
     columns["path"].append(path)
+    for name in SOURCE_COLUMNS:
+        columns[name].append(record.get(name))
     if error is not None:
         for name in ("top1_index", "top1_label", "top1_score", "topk_index", "topk_label", "topk_score"):
             columns[name].append(None)
@@ -241,11 +253,14 @@ def batch_to_records(batch: pa.RecordBatch) -> list[dict[str, Any]]:
     6 decimals today's records carry (float32 holds those exactly enough to give them back)."""
     columns = {name: batch.column(name).to_pylist() for name in _READ_COLUMNS}
     embeddings = _embedding_rows(batch) if "embedding" in batch.schema.names else None
+    sources = [name for name in SOURCE_COLUMNS if name in batch.schema.names]  # absent before 1.1
+    source_values = {name: batch.column(name).to_pylist() for name in sources}
     records: list[dict[str, Any]] = []
     for i, path in enumerate(columns["path"]):
+        origin = {name: source_values[name][i] for name in sources if source_values[name][i] is not None}
         code = columns["error_code"][i]
         if code is not None:
-            records.append({"path": path, "error": {"code": code, "message": columns["error_message"][i]}})
+            records.append({"path": path, "error": {"code": code, "message": columns["error_message"][i]}} | origin)
             continue
         labels = [
             {"index": index, "label": label, "score": round(score, 6)}
@@ -256,7 +271,7 @@ def batch_to_records(batch: pa.RecordBatch) -> list[dict[str, Any]]:
         record: dict[str, Any] = {"path": path, "labels": labels}
         if embeddings is not None and embeddings[i] is not None:
             record["embedding"] = embeddings[i]
-        records.append(record)
+        records.append(record | origin)
     return records
 
 

@@ -8,7 +8,12 @@ image labeled twice or skipped (new files need a new run). An enqueue killed mid
 where it stopped, but only if the inputs still list the same paths up to there: each shard file
 carries a hash chained over every path before and in it, checked on resume.
 
-A bisected shard (`000123.1.0`) has no file of its own: its paths are halves of its parent's.
+A container shard (one WebDataset tar or Parquet file of image bytes, or a range of one;
+worker/sources/container.py) stores `{"container": {...}}` instead of paths: the list names the file,
+never its samples, and is cut one container per shard.
+
+A bisected shard (`000123.1.0`) has no file of its own: its paths are halves of its parent's (a
+container of unknown length gets its halves written when it is split, after its samples are counted).
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ from pathlib import Path
 from worker.dataset.atomic import atomic_write, ensure_dir
 from worker.dataset.files import check_shard_id, shard_sort_key
 from worker.dataset.object_path import ObjectPath, as_location
+from worker.sources.container import Container, ContainerError
+
+# What one shard reads: a list of paths (loose files or objects), or one container (range).
+ShardSource = list[str] | Container
+Entry = str | Container  # one input: a loose path, or a container
 
 SHARDS_DIR = "shards"
 INDEX_FILE = "index.json"
@@ -46,16 +56,34 @@ def children(shard_id: str) -> tuple[str, str]:
     return f"{shard_id}.0", f"{shard_id}.1"
 
 
-def halves(paths: list[str]) -> tuple[list[str], list[str]]:
-    middle = len(paths) // 2
-    return paths[:middle], paths[middle:]
+def halves(source: ShardSource) -> tuple[ShardSource, ShardSource]:
+    """The two halves of a shard's paths, or of a container range of known length."""
+    if isinstance(source, Container):
+        if source.stop is None:
+            raise ShardListError(f"{source.url}: a container of unknown length has no halves (count it first)")
+        middle = (source.start + source.stop) // 2
+        return source.ranged(source.start, middle, source.offset), source.ranged(middle, source.stop)
+    middle = len(source) // 2
+    return source[:middle], source[middle:]
 
 
-def chain_hash(previous: str, paths: Iterable[str]) -> str:
-    """The listing hash after `paths`, continuing from `previous`."""
+def size_of(source: ShardSource) -> int:
+    """Images in the shard where known without reading it (0: a container not counted yet)."""
+    if isinstance(source, Container):
+        return source.samples if source.samples is not None else (0 if source.stop is None else source.stop - source.start)
+    return len(source)
+
+
+def entry_text(entry: Entry) -> str:
+    """One string per input entry: what deduplication and the listing hash see."""
+    return entry.identity() if isinstance(entry, Container) else entry
+
+
+def chain_hash(previous: str, entries: Iterable[Entry]) -> str:
+    """The listing hash after `entries`, continuing from `previous`."""
     digest = hashlib.sha256(previous.encode("ascii"))
-    for path in paths:
-        digest.update(path.encode("utf-8", "surrogateescape"))
+    for entry in entries:
+        digest.update(entry_text(entry).encode("utf-8", "surrogateescape"))
         digest.update(b"\0")
     return digest.hexdigest()
 
@@ -63,14 +91,23 @@ def chain_hash(previous: str, paths: Iterable[str]) -> str:
 @dataclass(frozen=True)
 class StoredShard:
     shard_id: str
-    paths: list[str]
+    source: ShardSource
     chain: str
 
+    @property
+    def entries(self) -> list[Entry]:
+        return [self.source] if isinstance(self.source, Container) else list(self.source)
 
-def write_shard_paths(out_dir: Path | str, shard_id: str, paths: list[str], chain: str) -> None:
+
+def write_shard_source(out_dir: Path | str, shard_id: str, source: ShardSource, chain: str) -> None:
     folder = shards_dir(out_dir)
     ensure_dir(folder)
-    data = json.dumps({"shard": shard_id, "chain": chain, "paths": paths}, ensure_ascii=False).encode()
+    body: dict = {"shard": shard_id, "chain": chain}
+    if isinstance(source, Container):
+        body["container"] = source.to_json()
+    else:
+        body["paths"] = source
+    data = json.dumps(body, ensure_ascii=False).encode()
     atomic_write(folder / f"{check_shard_id(shard_id)}.json", lambda handle: handle.write(data))
 
 
@@ -82,22 +119,27 @@ def read_stored(out_dir: Path | str, shard_id: str) -> StoredShard:
         raise ShardListError(f"shard {shard_id} has no path list at {path}") from None
     except ValueError as exc:
         raise ShardListError(f"{path} is damaged: {exc}") from None
+    if "container" in data:
+        try:
+            return StoredShard(shard_id, Container.from_json(data["container"]), str(data.get("chain", "")))
+        except ContainerError as exc:
+            raise ShardListError(f"{path}: {exc}") from None
     paths = data.get("paths")
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise ShardListError(f"{path} holds no list of paths")
     return StoredShard(shard_id, paths, str(data.get("chain", "")))
 
 
-def shard_paths(out_dir: Path | str, shard_id: str) -> list[str]:
-    """The paths of `shard_id`: its own file, or its place among its ancestor's halves."""
+def shard_source(out_dir: Path | str, shard_id: str) -> ShardSource:
+    """What `shard_id` reads: its own file, or its place among its ancestor's halves."""
     parts = check_shard_id(shard_id).split(".")
     for depth in range(len(parts), 0, -1):
         stored_id = ".".join(parts[:depth])
         if (shards_dir(out_dir) / f"{stored_id}.json").is_file():
-            paths = read_stored(out_dir, stored_id).paths
+            source = read_stored(out_dir, stored_id).source
             for half in parts[depth:]:
-                paths = halves(paths)[int(half)]
-            return paths
+                source = halves(source)[int(half)]
+            return source
     raise ShardListError(f"shard {shard_id} has no path list under {shards_dir(out_dir)}")
 
 
@@ -128,24 +170,29 @@ def stored_root_shards(out_dir: Path | str) -> list[str]:
 @dataclass
 class CutShard:
     shard_id: str
-    paths: list[str]
+    source: ShardSource
     stored: bool  # True: it was already in the list (a resumed enqueue); False: written now
 
+    @property
+    def size(self) -> int:
+        return size_of(self.source)
 
-def cut_shards(out_dir: Path | str, paths: Iterable[str], shard_size: int) -> Iterator[CutShard]:
-    """Yield the run's shards, writing each new one's path list before it is yielded.
 
-    A complete stored list is yielded as it is and `paths` is not read. A partial one (an
-    interrupted enqueue) is checked against the start of `paths` and continued from there."""
+def cut_shards(out_dir: Path | str, entries: Iterable[Entry], shard_size: int) -> Iterator[CutShard]:
+    """Yield the run's shards, writing each new one's list before it is yielded: up to
+    `shard_size` loose paths per shard, and each container on its own.
+
+    A complete stored list is yielded as it is and `entries` is not read. A partial one (an
+    interrupted enqueue) is checked against the start of `entries` and continued from there."""
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
     index = read_index(out_dir)
     stored = stored_root_shards(out_dir)
     if index is not None:
         for shard_id in stored:
-            yield CutShard(shard_id, read_stored(out_dir, shard_id).paths, True)
+            yield CutShard(shard_id, read_stored(out_dir, shard_id).source, True)
         return
-    source = iter(paths)
+    source = iter(entries)
     chain = GENESIS
     shard_ids: list[str] = []
     images = 0
@@ -153,7 +200,7 @@ def cut_shards(out_dir: Path | str, paths: Iterable[str], shard_size: int) -> It
         if shard_id != root_shard_id(position):
             raise ShardListError(f"{shards_dir(out_dir)}: shard {root_shard_id(position)} is missing")
         kept = read_stored(out_dir, shard_id)
-        given = [next(source, None) for _ in range(len(kept.paths))]
+        given = [next(source, None) for _ in range(len(kept.entries))]
         chain = chain_hash(chain, [p for p in given if p is not None])
         if chain != kept.chain:
             raise ShardListError(
@@ -161,11 +208,21 @@ def cut_shards(out_dir: Path | str, paths: Iterable[str], shard_size: int) -> It
                 f"{shard_id} on): enqueue the same inputs again, or start a new run"
             )
         shard_ids.append(shard_id)
-        images += len(kept.paths)
-        yield CutShard(shard_id, kept.paths, True)
+        images += size_of(kept.source)
+        yield CutShard(shard_id, kept.source, True)
     batch: list[str] = []
-    for path in source:
-        batch.append(path)
+    for entry in source:
+        if isinstance(entry, Container):
+            if batch:
+                chain = _store_new(out_dir, len(shard_ids), batch, chain, shard_ids)
+                images += len(batch)
+                yield CutShard(shard_ids[-1], batch, False)
+                batch = []
+            chain = _store_new(out_dir, len(shard_ids), entry, chain, shard_ids)
+            images += size_of(entry)
+            yield CutShard(shard_ids[-1], entry, False)
+            continue
+        batch.append(entry)
         if len(batch) == shard_size:
             chain = _store_new(out_dir, len(shard_ids), batch, chain, shard_ids)
             images += len(batch)
@@ -178,9 +235,9 @@ def cut_shards(out_dir: Path | str, paths: Iterable[str], shard_size: int) -> It
     write_index(out_dir, shard_size, shard_ids, images, chain)
 
 
-def _store_new(out_dir: Path | str, position: int, batch: list[str], chain: str, shard_ids: list[str]) -> str:
+def _store_new(out_dir: Path | str, position: int, source: ShardSource, chain: str, shard_ids: list[str]) -> str:
     shard_id = root_shard_id(position)
-    chain = chain_hash(chain, batch)
-    write_shard_paths(out_dir, shard_id, batch, chain)
+    chain = chain_hash(chain, [source] if isinstance(source, Container) else source)
+    write_shard_source(out_dir, shard_id, source, chain)
     shard_ids.append(shard_id)
     return chain

@@ -21,12 +21,14 @@ from pathlib import Path
 from worker.dataset.files import DatasetError, DatasetSpec, iter_records, shard_files, write_shard
 from worker.dataset.manifest import check_columns, write_manifest
 from worker.dataset.object_path import ObjectPath, as_location
-from worker.dataset.shard_list import cut_shards, stored_root_shards
+from worker.dataset.shard_list import Entry, ShardSource, cut_shards, entry_text, size_of, stored_root_shards
 from worker.local.run import RunSummary
 from worker.local.shard_writer import ShardWriter
 from worker.pipeline.inputs import unique_by_digest
+from worker.pipeline.reading import ReadPolicy
 from worker.pipeline.service import LabelingService, ServiceFailed
 from worker.records import Record, error_code, is_engine_failure, is_error
+from worker.sources.items import SourceUnavailable, iter_items
 
 DEFAULT_SHARD_SIZE = 5000
 
@@ -38,14 +40,15 @@ class DatasetExists(RuntimeError):
 @dataclass
 class _Shard:
     shard_id: str
-    paths: list[str]
+    paths: list[str] = field(default_factory=list)  # every sample's path, as its source gave them
     records: dict[str, Record] = field(default_factory=dict)
     waiting: int = 0
-    broken: bool = False  # an engine failure: the shard stays unwritten
+    listed: bool = False  # its source was read to the end: no more samples will be submitted
+    broken: bool = False  # an engine failure, or a container the store failed in: the shard stays unwritten
 
 
 def run_local_dataset(
-    paths: Iterable[str],
+    paths: Iterable[Entry],
     service: LabelingService,
     out_dir: Path | ObjectPath,
     *,
@@ -66,7 +69,7 @@ def run_local_dataset(
         raise DatasetExists(f"{out_dir} holds a dataset: add --resume to continue it, or choose a new folder")
     summary = RunSummary()
     if deduplicate:
-        paths = unique_by_digest(paths, on_repeat=lambda _path: _count_repeat(summary))
+        paths = unique_by_digest(paths, on_repeat=lambda _path: _count_repeat(summary), text=entry_text)
     written = shard_files(out_dir)
     skipped_shards: list[str] = []
     load_started = time.monotonic()
@@ -85,6 +88,12 @@ def run_local_dataset(
         def write(shard: _Shard) -> None:
             write_shard(out_dir, shard.shard_id, [shard.records[p] for p in shard.paths], spec, worker=worker)
 
+        def finish_if_complete(shard: _Shard) -> None:
+            """Called with `lock` held: the shard's file is written once all its samples answered."""
+            if shard.listed and shard.waiting == 0 and not shard.broken:
+                shard.listed = False  # written once
+                writer.put(shard.shard_id, lambda: write(shard))
+
         def answer(shard: _Shard, record: Record) -> None:
             with lock:
                 if is_engine_failure(record):
@@ -97,28 +106,23 @@ def run_local_dataset(
                     else:
                         summary.labeled += 1
                 shard.waiting -= 1
-                complete = shard.waiting == 0
+                finish_if_complete(shard)
             if on_record is not None and not is_engine_failure(record):
                 on_record(record)
-            if complete and not shard.broken:
-                writer.put(shard.shard_id, lambda: write(shard))
 
         try:
             for cut in cut_shards(out_dir, paths, shard_size):
                 if writer.failed:
                     break
-                # each path once even in a list stored before repeats were left out (a resumed old run)
-                shard = _Shard(cut.shard_id, list(dict.fromkeys(cut.paths)))
-                todo = _todo(out_dir, shard, written, retry_errors, summary)
-                if not todo:
+                shard = _Shard(cut.shard_id)
+                done = _done_rows(out_dir, shard, written, retry_errors)
+                if done is None:  # its file is there and nothing is retried
+                    summary.skipped += size_of(cut.source)
                     skipped_shards.append(shard.shard_id)
                     continue
-                shard.waiting = len(todo)
-                for path in todo:
-                    if writer.failed:
-                        break
-                    service.submit(path, lambda record, shard=shard: answer(shard, record))
-                    summary.submitted += 1
+                if not _label_shard(shard, cut.source, done, service, lock, answer, finish_if_complete,
+                                    writer, summary, service.options.read_policy):  # fmt: skip
+                    skipped_shards.append(shard.shard_id)
         except ServiceFailed:
             pass
         finally:
@@ -139,17 +143,55 @@ def _count_repeat(summary: RunSummary) -> None:
     summary.repeats += 1
 
 
-def _todo(out_dir: Path | ObjectPath, shard: _Shard, written: dict, retry_errors: bool, summary: RunSummary) -> list[str]:
-    """The paths of `shard` to label now; the rest keep the rows its file has."""
+def _done_rows(out_dir: Path | ObjectPath, shard: _Shard, written: dict, retry_errors: bool) -> dict[str, Record] | None:
+    """The rows of `shard` kept from its file (empty: label it all); None: skip the shard whole."""
     if shard.shard_id not in written:
-        return list(shard.paths)
+        return {}
     if not retry_errors:
-        summary.skipped += len(shard.paths)
-        return []
-    shard.records = {r["path"]: r for r in iter_records(out_dir, shard_ids=[shard.shard_id])}
-    todo = [p for p in shard.paths if p not in shard.records or is_error(shard.records[p])]
-    summary.skipped += len(shard.paths) - len(todo)
-    return todo
+        return None
+    return {r["path"]: r for r in iter_records(out_dir, shard_ids=[shard.shard_id])}
+
+
+def _label_shard(
+    shard: _Shard, source: ShardSource, done: dict[str, Record], service: LabelingService, lock: threading.Lock,
+    answer: Callable[[_Shard, Record], None], finish_if_complete: Callable[[_Shard], None], writer: ShardWriter,
+    summary: RunSummary, read_policy: ReadPolicy,
+) -> bool:  # fmt: skip
+    """Submit the shard's samples that have no good row yet; False if all of them had one (a retry
+    with nothing to retry: the file stays as it is). A store failing inside a container leaves the
+    shard unwritten (summary.not_labeled counts it), so --resume reads it again."""
+    shard.records = done
+    known: set[str] = set()
+    submitted = 0
+    try:
+        for item in iter_items(source, read_policy):
+            if writer.failed:
+                break
+            if item.path in known:  # a path stored twice in a list from before repeats were left out
+                continue
+            known.add(item.path)
+            shard.paths.append(item.path)
+            old = done.get(item.path)
+            if old is not None and not is_error(old):
+                summary.skipped += 1
+                continue
+            with lock:
+                shard.waiting += 1
+            service.submit(item.path, lambda record, shard=shard: answer(shard, record),
+                           data=item.data, error=item.error, source=item.source)  # fmt: skip
+            submitted += 1
+            summary.submitted += 1
+        else:
+            if not submitted:
+                return False
+            with lock:
+                shard.listed = True
+                finish_if_complete(shard)
+    except SourceUnavailable as exc:
+        with lock:
+            shard.broken = True
+        summary.unreadable.append(f"shard {shard.shard_id}: {exc}")
+    return True
 
 
 def _spec(service: LabelingService, embedding_dtype: str) -> DatasetSpec:

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from worker.dataset.shard_list import Entry, entry_text
 from worker.local.results import JsonlWriter, completed_paths
-from worker.pipeline.inputs import unique
+from worker.pipeline.inputs import unique_by_digest
+from worker.pipeline.reading import ReadPolicy
 from worker.pipeline.service import LabelingService, ServiceFailed
 from worker.records import error_code, is_engine_failure, is_error
+from worker.sources.container import Container
+from worker.sources.item import SourceItem
+from worker.sources.items import SourceUnavailable, iter_items
 
 
 @dataclass
@@ -28,11 +33,12 @@ class RunSummary:
     never_submitted: int = 0  # left when the engine gave up (counted in not_labeled too)
     engine_failure: str | None = None  # why the service gave up, if it did
     repeats: int = 0  # inputs naming a path already named: left out, so each image has one record
+    unreadable: list[str] = field(default_factory=list)  # containers a store failed inside: --resume reads them
 
     @property
     def complete(self) -> bool:
         """Every input has its record (labels or an image error)."""
-        return not self.not_labeled and self.engine_failure is None
+        return not self.not_labeled and self.engine_failure is None and not self.unreadable
 
     @property
     def images_per_second(self) -> float:
@@ -49,6 +55,7 @@ class RunSummary:
         out += [f"  {code}: {count}" for code, count in sorted(self.errors.items())]
         if self.engine_failure:
             out.append(f"the engine gave up: {self.engine_failure}")
+        out += [f"not read to the end (the store failed; --resume reads it again): {line}" for line in self.unreadable]
         if not self.complete:
             out.append(
                 f"{self.not_labeled} images met an engine failure and have no record "
@@ -58,25 +65,23 @@ class RunSummary:
 
 
 def run_local(
-    paths: Iterable[str],
+    paths: Iterable[Entry],
     service: LabelingService,
     out_path: Path,
     resume: bool = False,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> RunSummary:
-    """Label every path once into `out_path`; with resume, skip paths already in it. `service` is
-    started here (its engine loads on its own thread) and closed at the end."""
+    """Label every input once into `out_path` (loose paths, and each sample of a container); with
+    resume, skip paths already in it. `service` is started here (its engine loads on its own
+    thread) and closed at the end. `on_total` hears the number of loose images (containers are
+    counted as they are read)."""
     summary = RunSummary()
     done = completed_paths(out_path) if resume else set()
-    todo = []
-    for path in unique(paths):
-        if path in done:
-            summary.skipped += 1
-        else:
-            todo.append(path)
+    entries = list(unique_by_digest(paths, text=entry_text))
+    loose = [entry for entry in entries if not isinstance(entry, Container)]
     if on_total:
-        on_total(len(todo))
+        on_total(sum(1 for path in loose if path not in done))
     load_started = time.monotonic()
     with JsonlWriter(out_path, append=resume) as writer:
 
@@ -95,16 +100,31 @@ def run_local(
         with service:
             started = time.monotonic()
             summary.load_seconds = started - load_started
-            for path in todo:
-                try:
-                    service.submit(path, record)
-                except ServiceFailed:
-                    summary.never_submitted = len(todo) - summary.submitted
-                    summary.not_labeled += summary.never_submitted
-                    break
-                summary.submitted += 1
+            policy = service.options.read_policy
+            try:
+                for item in _items(entries, policy, summary):
+                    if item.path in done:
+                        summary.skipped += 1
+                        continue
+                    service.submit(item.path, record, data=item.data, error=item.error, source=item.source)
+                    summary.submitted += 1
+            except ServiceFailed:
+                summary.never_submitted = max(0, len(loose) - summary.submitted)
+                summary.not_labeled += summary.never_submitted
             service.drain()
             summary.batches = service.batches_run
             summary.engine_failure = service.failure
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _items(entries: list[Entry], policy: ReadPolicy, summary: RunSummary) -> Iterator[SourceItem]:
+    """The samples of every entry; a container the store fails inside is noted, and the run goes on."""
+    for entry in entries:
+        if not isinstance(entry, Container):
+            yield SourceItem(entry)
+            continue
+        try:
+            yield from iter_items(entry, policy)
+        except SourceUnavailable as exc:
+            summary.unreadable.append(f"{entry.url}: {exc}")

@@ -1,5 +1,11 @@
-"""Expanding command-line INPUTS into image paths, streamed: files, directories, @list files,
-stdin, and manifests (Parquet or CSV files with a `path` column).
+"""Expanding command-line INPUTS into entries, streamed: image paths, and containers (WebDataset
+`.tar` shards, Parquet files of image bytes; worker/sources/container.py) named one by one, in
+@list files, on stdin, in manifests (Parquet or CSV files with a `path` column), found in a
+directory or bucket prefix, or written in WebDataset's brace notation (`shards-{000..099}.tar`).
+
+A Parquet file is a container when it has an image column (Hugging Face's `struct<bytes, path>`,
+or a binary column like img2dataset's `jpg`) and a manifest when it has only a `path` column; one
+named in a list or a manifest is taken as a container.
 
 Nothing here holds the whole input in memory: directories are walked lazily, lists and manifests
 are read line by line or batch by batch, so a 100 M-path manifest costs one batch of memory.
@@ -12,53 +18,70 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, TextIO
+from typing import BinaryIO, TextIO, TypeVar
 
 from worker.dataset.storage import is_url
+from worker.sources.container import PARQUET, TAR, Container, ContainerOptions, is_tar_name
+
+Entry = str | Container
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
 )
 MANIFEST_EXTENSIONS = frozenset({".parquet", ".csv"})
 MANIFEST_COLUMN = "path"
+T = TypeVar("T")
 
 
 class InputError(ValueError):
     """An input that names no paths the way it should (a manifest without a `path` column)."""
 
 
-def iter_input_paths(inputs: Iterable[str], stdin: TextIO | None = None) -> Iterator[str]:
-    """Yield absolute paths in input order.
+def iter_input_paths(
+    inputs: Iterable[str], stdin: TextIO | None = None, formats: ContainerOptions | None = None
+) -> Iterator[Entry]:
+    """Yield entries in input order: absolute paths (URLs as written) and containers.
 
     Files and anything that does not exist are yielded as given (a missing file still gets its
     not_found record); directories are walked recursively, in sorted order, for files with image
-    extensions; `@FILE` reads one path per line; `-` reads paths from stdin; a `.parquet` or `.csv`
-    file is a manifest whose `path` column names the images (relative paths are taken from the
-    current directory, as for lists).
-    """
+    extensions, tar shards and Parquet files with an image column; `@FILE` reads one path per line;
+    `-` reads paths from stdin; a `.parquet` or `.csv` file with a `path` column is a manifest
+    (relative paths are taken from the current directory, as for lists); a `.tar` is a container."""
+    formats = formats or ContainerOptions()
     for item in inputs:
-        if item == "-":
-            yield from _iter_lines(stdin or sys.stdin)
-        elif item.startswith("@") and is_url(item[1:]):
-            from worker.pipeline.object_inputs import open_object_text
+        expanded = expand_braces(item) if _has_braces(item) else [item]
+        for one in expanded:
+            yield from _expand_one(one, stdin, formats)
 
-            with open_object_text(item[1:]) as handle:
-                yield from _iter_lines(handle)
-        elif item.startswith("@") and len(item) > 1:
-            with open(item[1:], encoding="utf-8") as handle:
-                yield from _iter_lines(handle)
-        elif is_url(item):
-            from worker.pipeline.object_inputs import iter_url_input
 
-            yield from iter_url_input(item)
-        elif os.path.isdir(item):
-            yield from _walk_images(item)
-        elif os.path.splitext(item)[1].lower() in MANIFEST_EXTENSIONS and os.path.isfile(item):
-            yield from _iter_manifest(item)
-        else:
-            yield os.path.abspath(item)
+def _expand_one(item: str, stdin: TextIO | None, formats: ContainerOptions) -> Iterator[Entry]:
+    if item == "-":
+        yield from _iter_lines(stdin or sys.stdin, formats)
+    elif item.startswith("@") and is_url(item[1:]):
+        from worker.pipeline.object_inputs import open_object_text
+
+        with open_object_text(item[1:]) as handle:
+            yield from _iter_lines(handle, formats)
+    elif item.startswith("@") and len(item) > 1:
+        with open(item[1:], encoding="utf-8") as handle:
+            yield from _iter_lines(handle, formats)
+    elif is_url(item):
+        from worker.pipeline.object_inputs import iter_url_input
+
+        yield from iter_url_input(item, formats)
+    elif os.path.isdir(item):
+        yield from _walk_images(item, formats)
+    elif is_tar_name(item):
+        yield formats.container(TAR, os.path.abspath(item))
+    elif item.lower().endswith(".parquet") and os.path.isfile(item):
+        yield from parquet_input(item, os.path.abspath(item), formats)
+    elif os.path.splitext(item)[1].lower() in MANIFEST_EXTENSIONS and os.path.isfile(item):
+        yield from _iter_manifest(item, formats)
+    else:
+        yield os.path.abspath(item)
 
 
 def can_repeat(inputs: Iterable[str]) -> bool:
@@ -71,11 +94,48 @@ def can_repeat(inputs: Iterable[str]) -> bool:
     return not (len(items) == 1 and os.path.isdir(items[0]))
 
 
-def _iter_lines(handle: TextIO) -> Iterator[str]:
+_BRACES = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def _has_braces(item: str) -> bool:
+    """WebDataset's brace notation, unless a local file is literally named so."""
+    return bool(_BRACES.search(item)) and (is_url(item) or not os.path.exists(item))
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a-{000..002}.tar` -> a-000.tar, a-001.tar, a-002.tar; `{a,b}` -> a, b; several groups
+    multiply (as the `braceexpand` package WebDataset uses: zero padding follows the first bound)."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numbers = _RANGE.match(body)
+    if numbers:
+        low, high = numbers.group(1), numbers.group(2)
+        step = 1 if int(high) >= int(low) else -1
+        width = len(low) if low.lstrip("-").startswith("0") else 0
+        choices = [f"{n:0{width}d}" for n in range(int(low), int(high) + step, step)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [f"{head}{choice}{rest}" for choice in choices for rest in expand_braces(tail)]
+
+
+def _iter_lines(handle: TextIO, formats: ContainerOptions) -> Iterator[Entry]:
     for line in handle:
         path = line.rstrip("\r\n")
         if path.strip():
-            yield as_input_path(path)
+            yield entry_for(as_input_path(path), formats)
+
+
+def entry_for(path: str, formats: ContainerOptions) -> Entry:
+    """A path named in a list or a manifest: a tar or a Parquet file is a container, else an image."""
+    if is_tar_name(path):
+        return formats.container(TAR, path)
+    if path.lower().endswith(".parquet"):
+        return formats.container(PARQUET, path)
+    return path
 
 
 def as_input_path(path: str) -> str:
@@ -83,27 +143,64 @@ def as_input_path(path: str) -> str:
     return path if is_url(path) else os.path.abspath(path)
 
 
-def _walk_images(directory: str) -> Iterator[str]:
+def _walk_images(directory: str, formats: ContainerOptions) -> Iterator[Entry]:
     for root, dirs, files in os.walk(directory):
         dirs.sort()
         for name in sorted(files):
+            path = os.path.abspath(os.path.join(root, name))
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield os.path.abspath(os.path.join(root, name))
+                yield path
+            elif is_tar_name(name):
+                yield formats.container(TAR, path)
+            elif name.lower().endswith(".parquet") and has_image_column(path, path, formats):
+                yield formats.container(PARQUET, path)
 
 
-def _iter_manifest(path: str) -> Iterator[str]:
-    values = _parquet_column(path) if path.lower().endswith(".parquet") else _csv_column(path)
-    yield from iter_manifest_values(values)
+def has_image_column(source: str | BinaryIO, where: str, formats: ContainerOptions) -> bool:
+    """Whether a Parquet file holds image bytes (its footer only). A folder's metadata sidecars
+    (img2dataset writes one beside each tar) do not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from worker.sources.parquet_rows import ParquetImageError, find_image_columns
+
+    try:
+        schema = pq.ParquetFile(source).schema_arrow
+        return find_image_columns(schema, where, formats.image_column, formats.key_column) is not None
+    except (pa.ArrowException, ParquetImageError, OSError):
+        return False
 
 
-def iter_manifest_values(values: Iterable[str]) -> Iterator[str]:
+def parquet_input(source: str | BinaryIO, where: str, formats: ContainerOptions) -> Iterator[Entry]:
+    """A named Parquet file: a container of image bytes, or a manifest of paths."""
+    import pyarrow.parquet as pq
+
+    from worker.sources.parquet_rows import ParquetImageError, find_image_columns
+
+    try:
+        schema = pq.ParquetFile(source).schema_arrow
+        found = find_image_columns(schema, where, formats.image_column, formats.key_column)
+    except ParquetImageError as exc:
+        raise InputError(str(exc)) from None
+    if found is not None:
+        yield formats.container(PARQUET, where)
+    elif MANIFEST_COLUMN in schema.names:
+        if not isinstance(source, str):
+            source.seek(0)
+        yield from iter_manifest_values(parquet_column(source, where), formats)
+    else:
+        raise InputError(f"{where}: neither image bytes (a struct<bytes, path> or binary column; name it with "
+                         f"--image-column) nor a {MANIFEST_COLUMN!r} column of paths (has {schema.names})")  # fmt: skip
+
+
+def _iter_manifest(path: str, formats: ContainerOptions) -> Iterator[Entry]:
+    yield from iter_manifest_values(_csv_column(path), formats)
+
+
+def iter_manifest_values(values: Iterable[str], formats: ContainerOptions) -> Iterator[Entry]:
     for value in values:
         if value:
-            yield as_input_path(value)
-
-
-def _parquet_column(path: str, batch_rows: int = 65536) -> Iterator[str]:
-    yield from parquet_column(path, path, batch_rows)
+            yield entry_for(as_input_path(value), formats)
 
 
 def parquet_column(source: str | BinaryIO, where: str, batch_rows: int = 65536) -> Iterator[str]:
@@ -138,15 +235,17 @@ def unique(paths: Iterable[str], skip: set[str] | None = None) -> Iterator[str]:
             yield path
 
 
-def unique_by_digest(paths: Iterable[str], on_repeat: Callable[[str], None] | None = None) -> Iterator[str]:
-    """Each path once, remembering a 128-bit digest per path instead of the path (about 75 B of
-    memory per path; a collision that would drop a path is ~1e-20 likely at 100 M paths).
-    `on_repeat` hears of each path left out, so a summary can say how many were."""
+def unique_by_digest(
+    entries: Iterable[T], on_repeat: Callable[[T], None] | None = None, text: Callable[[T], str] = str
+) -> Iterator[T]:
+    """Each entry once, remembering a 128-bit digest of its `text` (a path, a container's identity)
+    instead of the text (about 75 B of memory per entry; a collision that would drop one is ~1e-20
+    likely at 100 M). `on_repeat` hears of each entry left out, so a summary can say how many were."""
     seen: set[int] = set()
-    for path in paths:
-        digest = int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=16).digest())
+    for entry in entries:
+        digest = int.from_bytes(hashlib.blake2b(text(entry).encode("utf-8", "surrogateescape"), digest_size=16).digest())
         if digest not in seen:
             seen.add(digest)
-            yield path
+            yield entry
         elif on_repeat is not None:
-            on_repeat(path)
+            on_repeat(entry)

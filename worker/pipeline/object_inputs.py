@@ -21,25 +21,35 @@ from worker.dataset.storage import StorageUnavailable, filesystem_for, join_url,
 from worker.pipeline.inputs import (
     IMAGE_EXTENSIONS,
     MANIFEST_EXTENSIONS,
+    Entry,
     InputError,
     csv_column,
+    has_image_column,
     iter_manifest_values,
-    parquet_column,
+    parquet_input,
 )
+from worker.sources.container import PARQUET, TAR, ContainerOptions, is_tar_name
 
 LIST_PAGE_SIZE = 1000  # S3's own maximum per ListObjectsV2 page
 
 
-def iter_url_input(url: str, page_size: int = LIST_PAGE_SIZE) -> Iterator[str]:
-    """Expand one URL input: a prefix into its image objects, a manifest into its paths, an object
-    as itself (a missing one still gets its not_found record when read)."""
+def iter_url_input(url: str, formats: ContainerOptions, page_size: int = LIST_PAGE_SIZE) -> Iterator[Entry]:
+    """Expand one URL input: a prefix into its image objects and containers, a manifest into its
+    paths, a tar into a container, an object as itself (a missing one still gets its not_found
+    record when read)."""
     extension = _extension(url)
     if extension in IMAGE_EXTENSIONS:
         yield url
+    elif is_tar_name(url):
+        yield formats.container(TAR, url)
+    elif extension == ".parquet" and not url.endswith("/") and _is_object(url):
+        fs, path = _fs(url)
+        with _listing_errors(url), fs.open(path, "rb") as handle:
+            yield from parquet_input(handle, url, formats)
     elif extension in MANIFEST_EXTENSIONS and not url.endswith("/") and _is_object(url):
-        yield from _iter_object_manifest(url)
+        yield from _iter_object_manifest(url, formats)
     elif is_prefix(url):
-        yield from iter_prefix_images(url, page_size)
+        yield from iter_prefix_images(url, formats, page_size)
     else:
         yield url
 
@@ -55,8 +65,9 @@ def is_prefix(url: str) -> bool:
         return bool(fs.isdir(path))
 
 
-def iter_prefix_images(url: str, page_size: int = LIST_PAGE_SIZE) -> Iterator[str]:
-    """Image objects under a prefix, sorted by key, listed lazily page by page."""
+def iter_prefix_images(url: str, formats: ContainerOptions, page_size: int = LIST_PAGE_SIZE) -> Iterator[Entry]:
+    """Image objects and containers under a prefix, sorted by key, listed lazily page by page (a
+    Parquet object's footer is read to see whether it holds image bytes)."""
     protocol, rest = split_url(url)
     fs, _ = _fs(url)
     bucket, _, key = rest.partition("/")
@@ -66,8 +77,15 @@ def iter_prefix_images(url: str, page_size: int = LIST_PAGE_SIZE) -> Iterator[st
     else:
         keys = _walk_keys(fs, f"{bucket}/{prefix}".rstrip("/"), bucket, url)
     for object_key in keys:
+        object_url = join_url(protocol, f"{bucket}/{object_key}")
         if os.path.splitext(object_key)[1].lower() in IMAGE_EXTENSIONS:
-            yield join_url(protocol, f"{bucket}/{object_key}")
+            yield object_url
+        elif is_tar_name(object_key):
+            yield formats.container(TAR, object_url)
+        elif object_key.lower().endswith(".parquet"):
+            with _listing_errors(object_url), fs.open(f"{bucket}/{object_key}", "rb") as handle:
+                if has_image_column(handle, object_url, formats):
+                    yield formats.container(PARQUET, object_url)
 
 
 @contextmanager
@@ -80,14 +98,10 @@ def open_object_text(url: str) -> Iterator[TextIO]:
         yield text
 
 
-def _iter_object_manifest(url: str) -> Iterator[str]:
+def _iter_object_manifest(url: str, formats: ContainerOptions) -> Iterator[Entry]:
     fs, path = _fs(url)
-    with _listing_errors(url), fs.open(path, "rb") as handle:
-        if url.lower().endswith(".parquet"):
-            yield from iter_manifest_values(parquet_column(handle, url))
-        else:
-            with io.TextIOWrapper(handle, encoding="utf-8", newline="") as text:
-                yield from iter_manifest_values(csv_column(text, url))
+    with _listing_errors(url), fs.open(path, "rb") as handle, io.TextIOWrapper(handle, encoding="utf-8", newline="") as text:
+        yield from iter_manifest_values(csv_column(text, url), formats)
 
 
 def _s3_keys(fs: Any, bucket: str, prefix: str, page_size: int, url: str) -> Iterator[str]:

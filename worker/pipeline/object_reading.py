@@ -70,7 +70,7 @@ def read_object_bytes(
             raise ImageError(ErrorCode.PERMISSION_DENIED, "access denied (credentials or bucket policy)") from None
         except IsADirectoryError:
             raise ImageError(ErrorCode.NOT_A_FILE, "a prefix, not an object") from None
-        except _transient_errors() as exc:  # the store's own failures: retried, then read_failed
+        except transient_errors() as exc:  # the store's own failures: retried, then read_failed
             last = exc
     raise ImageError(
         ErrorCode.READ_FAILED,
@@ -78,7 +78,7 @@ def read_object_bytes(
     )
 
 
-def _transient_errors() -> tuple[type[BaseException], ...]:
+def transient_errors() -> tuple[type[BaseException], ...]:
     """Failures of the store or the network (not of our code, which must surface as a bug):
     OSError and TimeoutError, and the client libraries' own error bases where installed."""
     errors: list[type[BaseException]] = [OSError, TimeoutError]

@@ -115,6 +115,7 @@ class _Prepared:
     ready_at: float = 0.0
     features: bool = False  # this image's record carries the embedding (or every one: options.embeddings)
     answered: bool = False  # its record went out (never twice, even while failing after a crash)
+    source: dict[str, Any] | None = None  # a container sample's source columns, copied into its record
 
 
 @dataclass
@@ -170,9 +171,15 @@ class LabelingService:
             raise self._load_error
         return self
 
-    def submit(self, path: str, callback: RecordCallback, features: bool = False) -> None:
+    def submit(
+        self, path: str, callback: RecordCallback, features: bool = False, *,
+        data: bytes | None = None, error: ImageError | None = None, source: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         """Queue one image; its record reaches `callback` (with its embedding when `features` or
-        `options.embeddings`). Blocks while too many are in flight."""
+        `options.embeddings`). Blocks while too many are in flight.
+
+        A container's sample comes with its `data` (read by worker/sources/), or with the `error`
+        that is its record; `source` columns (worker/sources/item.py) go into its record."""
         if self._closed:
             raise RuntimeError("service is closed")
         if self.failure is not None:
@@ -181,7 +188,11 @@ class LabelingService:
         with self._idle:
             self._in_flight += 1
         features = features or self.options.embeddings
-        if self.fetcher.takes(path):
+        if error is not None:
+            self._put_ready(_Prepared(path, callback, error=error, features=features, source=source), time.perf_counter())
+        elif data is not None:
+            self._pool.submit(self._prepare, path, callback, features, data, 0, source)
+        elif self.fetcher.takes(path):
             self.fetcher.submit(path, partial(self._fetched, path, callback, features, time.perf_counter()))
         else:
             self._pool.submit(self._prepare, path, callback, features)
@@ -218,10 +229,11 @@ class LabelingService:
             self._put_ready(_Prepared(path, callback, error=error, features=features), started)
 
     def _prepare(
-        self, path: str, callback: RecordCallback, features: bool, data: bytes | None = None, started: float = 0
-    ) -> None:
-        """On the pool: read the file (unless the fetch stage brought its bytes), decode, crop."""
-        item = _Prepared(path, callback, features=features)
+        self, path: str, callback: RecordCallback, features: bool, data: bytes | None = None, started: float = 0,
+        source: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """On the pool: read the file (unless the fetch stage or a container brought its bytes), decode, crop."""
+        item = _Prepared(path, callback, features=features, source=source)
         started = started or time.perf_counter()
         try:
             if data is None:
@@ -408,6 +420,8 @@ class LabelingService:
             return
         item.answered = True
         item.crop = None
+        if item.source:
+            record.update(item.source)
         try:
             item.callback(record)
             if self.options.observer is not None:

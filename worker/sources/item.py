@@ -6,11 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.pipeline.errors import ImageError
+from worker.records import SOURCE_COLUMNS
 
-# The columns a row carries back to its source (dataset schema 1.1, all nullable): the container
-# file's URL or path, the sample's key (a tar's `__key__`, a Parquet file's own key column) and the
-# sample's ordinal in the file (tar sample index, Parquet row index).
-SOURCE_COLUMNS = ("source_url", "source_key", "source_row")
+__all__ = ["SOURCE_COLUMNS", "SourceItem", "repeated_sample_path", "sample_path"]
+
 
 
 @dataclass

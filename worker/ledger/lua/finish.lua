@@ -10,6 +10,10 @@ if state['s'] ~= RUNNING or state['o'] ~= ARGV[2] then return 0 end
 state['s'] = DONE
 state['l'] = tonumber(ARGV[4])
 state['f'] = tonumber(ARGV[5])
+if tonumber(state['n']) == 0 then  -- a container counted now that it was read: its rows are its images
+  state['n'] = state['l'] + state['f']
+  redis.call('HINCRBY', KEYS[3], 'images', state['n'])
+end
 state['o'] = nil
 state['u'] = nil
 state['r'] = nil

@@ -1,7 +1,8 @@
 -- register: an enqueue adds the shards of its run that the ledger does not know yet.
 -- KEYS[1] shards hash of the run   KEYS[2] meta hash of the run   KEYS[3] queued index (zset)
 -- ARGV[1] now   ARGV[2] run
--- ARGV[3..] quads: shard id, images, rows of its file on storage (-1: no file), failed rows of that file
+-- ARGV[3..] quads: shard id, images (0: a container not counted yet), rows of its file on storage
+--   (-1: no file), failed rows of that file
 -- A new shard whose file on storage already holds one row per image is registered done (storage
 -- is the record of what is done: a wiped ledger does not relabel it); any other new shard is queued.
 -- Returns, per shard, its state after the call: queued or lapsed ones need a message.
@@ -23,6 +24,7 @@ for i = 3, #ARGV, 4 do
     end
   else
     added = added + 1
+    if n == 0 and rows > 0 then n = rows end  -- a container's file holds one row per sample it has
     images = images + n
     if rows == n then
       redis.call('HSET', KEYS[1], shard, cjson.encode({s = DONE, n = n, l = n - bad, f = bad, a = 0}))

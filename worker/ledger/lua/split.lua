@@ -11,13 +11,16 @@ parent['o'] = nil
 parent['u'] = nil
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(parent))
 redis.call('ZREM', KEYS[4], ARGV[2] .. '|' .. ARGV[1])
-local added = 0
+local added, counted = 0, 0
 for i = 4, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[1], ARGV[i], cjson.encode({s = QUEUED, n = tonumber(ARGV[i + 1]), a = 0})) == 1 then
     added = added + 1
+    counted = counted + tonumber(ARGV[i + 1])
   end
   redis.call('ZADD', KEYS[4], tonumber(ARGV[3]), ARGV[2] .. '|' .. ARGV[i])
   redis.call('RPUSH', KEYS[3], ARGV[i + 2])
 end
 redis.call('HINCRBY', KEYS[2], 'shards', added - 1)
+-- a container registered uncounted (0 images) was counted to be split: its halves bring its images
+if tonumber(parent['n']) == 0 then redis.call('HINCRBY', KEYS[2], 'images', counted) end
 return 1
