@@ -57,11 +57,13 @@ def _parquet_items(stream, source: Container, policy: ReadPolicy) -> Iterator[So
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from worker.sources.parquet_rows import iter_parquet_rows
+    from worker.sources.parquet_rows import ParquetImageError, iter_parquet_rows
 
     try:
         metadata = pq.ParquetFile(stream).metadata
-    except pa.ArrowException as exc:  # no footer to read: not a Parquet file, or cut short
+    except SourceUnavailable:
+        raise
+    except (pa.ArrowException, OSError) as exc:  # pyarrow reports a damaged footer as either  # no footer to read: not a Parquet file, or cut short
         error = ImageError(ErrorCode.CORRUPT, f"not a readable Parquet file ({type(exc).__name__})")
         yield SourceItem(source.url, error=error, source={"source_url": source.url})
         return
@@ -76,12 +78,16 @@ def _parquet_items(stream, source: Container, policy: ReadPolicy) -> Iterator[So
             stop_group = group
             break
         row += rows
-    for item in iter_parquet_rows(
+    rows = iter_parquet_rows(
         stream, source.url, max_bytes=policy.max_bytes, image_column=source.image, key_column=source.key,
         row_groups=(first, stop_group),
-    ):  # fmt: skip
-        if source.start <= item.source.get("source_row", 0) < stop:
-            yield item
+    )  # fmt: skip
+    try:
+        for item in rows:
+            if source.start <= item.source.get("source_row", 0) < stop:
+                yield item
+    except ParquetImageError as exc:  # no image column to read (a manifest named as a shard file?)
+        yield SourceItem(source.url, error=ImageError(ErrorCode.BAD_COLUMN, str(exc)), source={"source_url": source.url})
 
 
 @dataclass(frozen=True)
