@@ -208,7 +208,8 @@ def run_counts(client: redis.Redis, run: str) -> dict[str, int]:
 def wait_run_done(client: redis.Redis, run: str, timeout: float, interval: float = 0.25) -> dict[str, int]:
     def finished() -> dict[str, int] | None:
         counts = run_counts(client, run)
-        return counts if counts["images"] and counts["done"] >= counts["images"] else None
+        done = counts["images"] and counts["done"] >= counts["images"] and counts["shards_done"] >= counts["shards"]
+        return counts if done else None
 
     return wait_for(finished, timeout, f"run {run} to finish", interval=interval)  # type: ignore[return-value]
 

@@ -114,8 +114,9 @@ class RunStatus:
         return self.enqueuing_until is not None and self.enqueuing_until > (now or time.time())
 
     def finished(self, now: float | None = None) -> bool:
-        """Every shard is done and no enqueue is adding more (an empty run is finished too)."""
-        return self.pending == 0 and not self.enqueuing(now)
+        """Every shard is done and no enqueue is adding more (an empty run is finished too). Shards
+        as well as images: a container shard's images are counted only once it is read."""
+        return self.pending == 0 and self.shards_done >= self.shards and not self.enqueuing(now)
 
     @property
     def failed_run(self) -> bool:
