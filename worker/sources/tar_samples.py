@@ -17,7 +17,8 @@ word. Here damage gives rows, then reading stops:
   inside a member or a header, `corrupt` where a header fails its checksum (or gzip data is bad);
 - where no sample is in progress, or the file ends cleanly at a member boundary without its two
   end-of-archive blocks (then after the last sample's own row), one row `URL#@OFFSET` (no key, the
-  next ordinal) says so, OFFSET being the byte offset of the damaged or missing block.
+  next ordinal) says so, OFFSET being the byte offset of the damaged or missing block; so does a
+  .tar.gz whose gzip data fails its check (CRC) or ends early after a whole tar.
 I/O errors of the stream itself (OSError) propagate: the caller decides between retrying and rows.
 """
 
@@ -93,7 +94,8 @@ def iter_tar_samples(
     if stop is not None and stop <= start:
         return
     wanted = image_extension.lower().lstrip(".") if image_extension else None
-    reader = _Reader(_Gunzip(stream) if gzip else stream, offset)
+    gunzip = _Gunzip(stream) if gzip else None
+    reader = _Reader(gunzip or stream, offset)
     seen: set[int] = set()
     sample: _Sample | None = None
     ordinal = start - 1 if offset else -1
@@ -109,6 +111,9 @@ def iter_tar_samples(
             if ordinal >= start:
                 sample.add(event, reader, wanted, max_bytes)
             continue
+        if event is None and gunzip is not None and (problem := gunzip.finish()):
+            code = ErrorCode.CORRUPT if gunzip.damage else ErrorCode.TRUNCATED
+            event = _Damage(code, problem, reader.pos, True)
         if isinstance(event, _Damage) and not event.boundary and sample is not None:
             sample.error = ImageError(event.code, event.message)
             sample.image = None
@@ -421,6 +426,15 @@ class _Gunzip:
 
     def seekable(self) -> bool:
         return False
+
+    def finish(self) -> str | None:
+        """Reads what follows the tar (its record padding) to check the gzip data's CRC: what is
+        wrong, if the data is bad or ends early (the bytes read before may then be wrong)."""
+        while self.read(CHUNK):
+            pass
+        if self.damage:
+            return f"{self.damage}, after the tar's end: some bytes read may be wrong"
+        return None if self._inflate.eof else "the gzip data ends before its end, after the tar's"
 
     def read(self, n: int) -> bytes:
         parts: list[bytes] = []
