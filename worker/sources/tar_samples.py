@@ -46,6 +46,7 @@ _REGULAR = frozenset(b"0\x007")  # the typeflags tarfile (so webdataset) reads a
 _SPLIT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _IMAGE_EXTS = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+_HEADER = struct.Struct("100s24x12s12x8sB100x6s82x155s12x")  # name, size, chksum, typeflag, magic, prefix
 _SIGNED = struct.Struct("148b8x356b")
 
 
@@ -88,7 +89,8 @@ def iter_tar_samples(
     `index_tar`, whose sample then counts as ordinal `start`; with offset 0 the samples before
     `start` are read through (headers only). `image_extension` names the image member's extension;
     None takes each sample's first member with an image extension. `gzip`: a .tar.gz stream,
-    decompressed as it is read (offset must be 0)."""
+    decompressed as it is read (offset must be 0). Keys are remembered from where reading starts:
+    a key repeated across ranges read from their offsets is not caught."""
     if gzip and offset:
         raise ValueError("a gzip tar is read from its start: offset must be 0")
     if stop is not None and stop <= start:
@@ -111,21 +113,28 @@ def iter_tar_samples(
             if ordinal >= start:
                 sample.add(event, reader, wanted, max_bytes)
             continue
-        if event is None and gunzip is not None and (problem := gunzip.finish()):
-            code = ErrorCode.CORRUPT if gunzip.damage else ErrorCode.TRUNCATED
-            event = _Damage(code, problem, reader.pos, True)
-        if isinstance(event, _Damage) and not event.boundary and sample is not None:
-            sample.error = ImageError(event.code, event.message)
+        # The archive's end, or damage: reading stops here.
+        damage = event if event is not None else _gzip_end(gunzip, reader.pos)
+        if damage and not damage.boundary and sample is not None:
+            sample.error = ImageError(damage.code, damage.message)  # it may have lost members
             sample.image = None
         if sample is not None and sample.ordinal >= start:
             yield sample.item(url)
-        if isinstance(event, _Damage) and (event.boundary or sample is None):
-            ordinal += 1
-            if ordinal >= start and (stop is None or ordinal < stop):
-                source = {"source_url": url, "source_key": None, "source_row": ordinal}
-                error = ImageError(event.code, event.message)
-                yield SourceItem(f"{url}#@{event.offset}", error=error, source=source)
+        ordinal += 1  # a row for the damage itself takes the next ordinal
+        in_range = ordinal >= start and (stop is None or ordinal < stop)
+        if damage and (damage.boundary or sample is None) and in_range:
+            source = {"source_url": url, "source_key": None, "source_row": ordinal}
+            error = ImageError(damage.code, damage.message)
+            yield SourceItem(f"{url}#@{damage.offset}", error=error, source=source)
         return
+
+
+def _gzip_end(gunzip: _Gunzip | None, pos: int) -> _Damage | None:
+    """After a whole tar, whether its gzip data fails its check or ends early."""
+    problem = gunzip.finish() if gunzip is not None else None
+    if problem is None:
+        return None
+    return _Damage(ErrorCode.CORRUPT if gunzip.damage else ErrorCode.TRUNCATED, problem, pos, True)
 
 
 def index_tar(stream: BinaryIO, every: int) -> tuple[list[SampleStart], int]:
@@ -239,7 +248,7 @@ def _header(reader: _Reader) -> tuple[int, int, str] | _Damage | None:
     """The next member's (typeflag, size, name), its pax and GNU long-name headers applied (the
     first to name it wins, as in tarfile); None at the end of the archive, or the damage met."""
     first = reader.pos
-    long_name: str | None = None
+    long_name: bytes | None = None
     long_size: int | None = None
     while True:
         at = reader.pos
@@ -269,11 +278,11 @@ def _header(reader: _Reader) -> tuple[int, int, str] | _Damage | None:
             return _cut(reader, at, "inside an extended tar header")
         try:
             if typeflag == ord("L"):
-                long_name = long_name or _text(data[:size].split(b"\0", 1)[0])
-            else:
+                long_name = long_name or data[:size].partition(b"\0")[0]
+            elif b" path=" in data or b" size=" in data:  # else only times and owners
                 records = _pax_records(data[:size])
                 if long_name is None and b"path" in records:
-                    long_name = _text(records[b"path"])
+                    long_name = records[b"path"]
                 if long_size is None and b"size" in records:
                     long_size = int(records[b"size"])
         except ValueError as exc:
@@ -283,29 +292,31 @@ def _header(reader: _Reader) -> tuple[int, int, str] | _Damage | None:
     return (
         typeflag,
         size if long_size is None else long_size,
-        name if long_name is None else long_name,
+        _text(name if long_name is None else long_name),
     )
 
 
-def _parse_header(block: bytes) -> tuple[int, int, str]:
+def _parse_header(block: bytes) -> tuple[int, int, bytes]:
     """(typeflag, size, name) of a ustar, GNU or v7 header; ValueError if it is none of them."""
-    magic = block[257:263]
-    if magic[:5] != b"ustar" and magic != b"\0" * 6:
+    name, size_field, sum_field, typeflag, magic, prefix = _HEADER.unpack(block)
+    if not magic.startswith(b"ustar") and magic != b"\0\0\0\0\0\0":
         raise ValueError(f"no tar magic ({magic!r})")
-    field = block[148:156]
-    stored = _number(field)
-    unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
-    unsigned += 256 - sum(field)  # the checksum field counts as eight spaces
+    try:  # octal text, as nearly every writer writes them
+        stored = int(sum_field.partition(b"\0")[0], 8)
+        size = int(size_field.partition(b"\0")[0], 8)
+    except ValueError:
+        stored, size = _number(sum_field), _number(size_field)
+    # The byte sum, the checksum field counting as eight spaces (adler32's low half sums bytes).
+    unsigned = (
+        (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) + 254 - sum(sum_field)
+    )
     if stored != unsigned and stored != sum(_SIGNED.unpack(block)) + 256:
         raise ValueError(f"checksum {stored} where the header sums to {unsigned}")
-    size = _number(block[124:136])
     if size < 0:
         raise ValueError(f"negative size {size}")
-    typeflag = block[156]
-    name = _text(block[:100].split(b"\0", 1)[0])
-    prefix = block[345:500].split(b"\0", 1)[0]
-    if prefix and typeflag not in b"LKS":  # ustar keeps a long name's folders here (as tarfile)
-        name = _text(prefix) + "/" + name
+    name = name.partition(b"\0")[0]
+    if prefix[0] and typeflag not in b"LKS":  # ustar keeps a long name's folders here (as tarfile)
+        name = prefix.partition(b"\0")[0] + b"/" + name
     return typeflag, size, name
 
 
@@ -314,7 +325,13 @@ def _number(field: bytes) -> int:
     if field[0] in (0o200, 0o377):
         value = int.from_bytes(field[1:], "big")
         return value - 256 ** (len(field) - 1) if field[0] == 0o377 else value
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    digits = field.partition(b"\0")[0]
+    try:
+        return int(digits, 8)
+    except ValueError:
+        if digits.strip():
+            raise
+        return 0
 
 
 def _pax_records(data: bytes) -> dict[bytes, bytes]:
@@ -351,7 +368,7 @@ def _is_image(ext: str, wanted: str | None) -> bool:
 
 def _is_meta(name: str) -> bool:
     """webdataset's metadata names, skipped: `__key__`-like names, `__*__/` folders."""
-    return ("/" not in name and name.startswith("__") and name.endswith("__")) or bool(_META.match(name))
+    return name.startswith("__") and (("/" not in name and name.endswith("__")) or bool(_META.match(name)))
 
 
 def _text(raw: bytes) -> str:
@@ -374,11 +391,12 @@ class _Reader:
 
     def __init__(self, stream: BinaryIO | _Gunzip, pos: int) -> None:
         self._stream = stream
+        self._read = stream.read
         self.pos = pos
-        self._left: int | None = None  # bytes to the stream's end, where skips seek
+        self._end: int | None = None  # the stream's end (as a file offset), where skips seek
         if stream.seekable():
             here = stream.tell()
-            self._left = stream.seek(0, io.SEEK_END) - here
+            self._end = pos + stream.seek(0, io.SEEK_END) - here
             stream.seek(here)
 
     @property
@@ -386,25 +404,22 @@ class _Reader:
         return getattr(self._stream, "damage", None)
 
     def read(self, n: int) -> bytes:
-        data = self._stream.read(n) or b""
+        data = self._read(n) or b""
         if 0 < len(data) < n:  # a raw stream may give less before its end: ask again
             parts = [data]
             got = len(data)
-            while got < n and (more := self._stream.read(n - got)):
+            while got < n and (more := self._read(n - got)):
                 parts.append(more)
                 got += len(more)
             data = b"".join(parts)
         self.pos += len(data)
-        if self._left is not None:
-            self._left -= len(data)
         return data
 
     def skip(self, n: int) -> int:
         """Skips up to n bytes (fewer where the data ends); returns how many."""
-        if self._left is not None:
-            n = max(0, min(n, self._left))
+        if self._end is not None:
+            n = max(0, min(n, self._end - self.pos))
             self._stream.seek(n, io.SEEK_CUR)
-            self._left -= n
             self.pos += n
             return n
         done = 0
