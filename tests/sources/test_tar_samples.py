@@ -108,6 +108,7 @@ MIXED = [
     {"__key__": "000003", "txt": b"no image here", "json": b"{}"},
     {"__key__": "000004", "webp": b"not really webp", "txt": b"x"},
     {"__key__": "000005", "jpg": bytes(3000)},  # over a 2000-byte cap
+    {"__key__": "naïve/日本語 key", "jpeg": _jpeg(6)},  # a pax path in UTF-8
 ]
 
 
@@ -122,18 +123,19 @@ def test_valid_shard_gives_webdatasets_samples(tmp_path):
     ]
     assert items[0].data == reference[0]["jpg"] and items[1].data == reference[1]["jpg"]
     assert items[2].data == reference[2]["png"] and items[4].data == reference[4]["webp"]
-    assert all(i.error is None for i in items[:3]) and items[4].error is None
+    assert all(i.error is None for i in items[:3]) and items[4].error is None and items[6].error is None
+    assert items[6].data == reference[6]["jpeg"]
     assert items[3].error.code == ErrorCode.NO_IMAGE and "json, txt" in items[3].error.message
     assert items[5].error.code == ErrorCode.TOO_LARGE and "3000 bytes" in items[5].error.message
     assert items[3].data is None and items[5].data is None
-    assert count_samples(io.BytesIO(data)) == len(reference) == 6
+    assert count_samples(io.BytesIO(data)) == len(reference) == 7
 
 
 def test_image_extension_names_the_member():
     data = _write(MIXED)
     by_seg = _read(data, image_extension="seg.png")
     assert by_seg[1].data == MIXED[1]["seg.png"] and by_seg[1].error is None
-    assert [i.error.code for n, i in enumerate(by_seg) if n != 1] == [ErrorCode.NO_IMAGE] * 5
+    assert [i.error.code for n, i in enumerate(by_seg) if n != 1] == [ErrorCode.NO_IMAGE] * 6
     assert _read(data, image_extension=".PNG")[2].data == MIXED[2]["PNG"]
 
 
@@ -292,6 +294,15 @@ def test_corrupt_header(shard, members):
     assert [(i.path, i.error.code, i.source["source_row"]) for i in items] == [
         (f"{URL}#@0", ErrorCode.CORRUPT, 0)
     ]
+
+
+def test_empty_files():
+    """A tar with no samples gives no rows; a file with no bytes is no tar (a cut-short copy)."""
+    assert _read(_write([])) == [] and index_tar(io.BytesIO(_write([])), 1) == ([], 0)
+    [item] = _read(b"")
+    assert (
+        item.path == f"{URL}#@0" and item.error.code == ErrorCode.TRUNCATED and item.source["source_row"] == 0
+    )
 
 
 def test_every_cut_gives_rows_never_an_exception(shard):
