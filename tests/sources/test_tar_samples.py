@@ -88,7 +88,6 @@ class _Unseekable(io.RawIOBase):
     def __init__(self, data: bytes, most: int = 1000) -> None:
         self._data = io.BytesIO(data)
         self._most = most
-        self.largest_read = 0
 
     def readable(self) -> bool:
         return True
@@ -97,7 +96,6 @@ class _Unseekable(io.RawIOBase):
         return False
 
     def read(self, n: int = -1) -> bytes:
-        self.largest_read = max(self.largest_read, n)
         return self._data.read(min(n, self._most))
 
 
