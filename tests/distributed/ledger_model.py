@@ -53,7 +53,14 @@ from worker.client.retry import retry_failed
 from worker.dataset.files import ShardFile, iter_records, shard_files, write_shard
 from worker.dataset.manifest import file_counts, read_manifest
 from worker.dataset.schema import DatasetError, DatasetSpec
-from worker.dataset.shard_list import ShardListError, children, halves, read_index, root_shard_id, shard_source
+from worker.dataset.shard_list import (
+    ShardListError,
+    children,
+    halves,
+    read_index,
+    root_shard_id,
+    shard_source,
+)
 from worker.ledger.keys import lease_member
 from worker.ledger.ledger import RunLedger, ShardState
 from worker.ledger.messages import UNACKED, UNACKED_INDEX, shard_of

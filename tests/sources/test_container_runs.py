@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -173,7 +174,7 @@ def test_bad_shards_give_one_row_each_with_its_code_and_nothing_else_stops(tmp_p
     keys = sorted(jpegs)
     folder = tmp_path / "bad"
     folder.mkdir()
-    big = cv2.imencode(".png", cv2.resize(cv2.imdecode(jpegs[keys[0]], cv2.IMREAD_COLOR), (400, 400)))[1].tobytes()
+    big = cv2.imencode(".png", cv2.resize(cv2.imdecode(np.frombuffer(jpegs[keys[0]], np.uint8), cv2.IMREAD_COLOR), (400, 400)))[1].tobytes()
     cap = max(len(data) for data in jpegs.values()) + 1000
     assert len(big) > cap
     with wds.TarWriter(str(folder / "a.tar")) as sink:
@@ -187,8 +188,8 @@ def test_bad_shards_give_one_row_each_with_its_code_and_nothing_else_stops(tmp_p
         for key in keys[:4]:
             sink.write({"__key__": key, "jpg": jpegs[key]})
     cut_bytes = (folder / "cut.tar").read_bytes()
-    third = _member_offsets(folder / "cut.tar")[2]  # the third sample's header
-    (folder / "cut.tar").write_bytes(cut_bytes[: third + 512 + 100])  # ends inside the third image
+    third = _data_offsets(folder / "cut.tar")[2]  # the third sample's image bytes
+    (folder / "cut.tar").write_bytes(cut_bytes[: third + 100])  # ends inside the third image
     pq.write_table(pa.table({"key": ["n0", "n1"], "jpg": pa.array([jpegs[keys[4]], None], pa.binary())}),
                    folder / "nulls.parquet")  # fmt: skip
     out = tmp_path / "labels"
@@ -254,9 +255,9 @@ def test_jsonl_output_takes_container_samples_too(tmp_path, jpegs, tiny_bundle) 
     assert len(out.read_text().splitlines()) == len(jpegs)
 
 
-def _member_offsets(path: Path) -> list[int]:
+def _data_offsets(path: Path) -> list[int]:
     with tarfile.open(path) as archive:
-        return [member.offset for member in archive.getmembers()]
+        return [member.offset_data for member in archive.getmembers()]
 
 
 def test_a_folder_that_cannot_be_read_or_written_is_one_line(tmp_path, jpegs, tiny_bundle) -> None:

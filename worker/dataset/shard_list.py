@@ -59,10 +59,13 @@ def children(shard_id: str) -> tuple[str, str]:
 def halves(source: ShardSource) -> tuple[ShardSource, ShardSource]:
     """The two halves of a shard's paths, or of a container range of known length."""
     if isinstance(source, Container):
-        if source.stop is None:
-            raise ShardListError(f"{source.url}: a container of unknown length has no halves (count it first)")
-        middle = (source.start + source.stop) // 2
-        return source.ranged(source.start, middle, source.offset), source.ranged(middle, source.stop)
+        end = source.stop if source.stop is not None else source.start + (source.samples or 0)
+        if end - source.start < 2:
+            raise ShardListError(f"{source.url}: a container range of unknown or single length has no halves")
+        middle = (source.start + end) // 2
+        # the second half keeps an open end: a damaged tar's last row (after its counted samples) stays in it
+        return (source.ranged(source.start, middle, source.offset, middle - source.start),
+                source.ranged(middle, source.stop, 0, end - middle))  # fmt: skip
     middle = len(source) // 2
     return source[:middle], source[middle:]
 

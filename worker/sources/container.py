@@ -75,7 +75,7 @@ class Container:
         except TypeError as exc:
             raise ContainerError(f"container entry {data!r:.200}: {exc}") from None
 
-    def ranged(self, start: int, stop: int, offset: int = 0, samples: int | None = None) -> Container:
+    def ranged(self, start: int, stop: int | None, offset: int = 0, samples: int | None = None) -> Container:
         return replace(self, start=start, stop=stop, offset=offset, samples=samples)
 
     @property

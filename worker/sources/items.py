@@ -112,22 +112,24 @@ def first_sample(source: Source, policy: ReadPolicy) -> ShardError:
 
 
 def count_container(source: Container, policy: ReadPolicy) -> Container:
-    """`source` with its range's end and sample count known (a header walk of a tar from its
-    offset, a Parquet footer), so it can be halved. ImageError: the file cannot be opened."""
+    """`source` with its sample count known (a header walk of a tar from its offset, a Parquet
+    footer), so it can be halved. ImageError: the file cannot be opened."""
+    if source.samples is not None:
+        return source
     if source.stop is not None:
-        return source if source.samples is not None else replace(source, samples=source.stop - source.start)
+        return replace(source, samples=source.stop - source.start)
     if source.format == TAR:
         from worker.sources.tar_samples import index_tar
 
         with open_container(source.url, policy, source.offset) as stream:
-            readable = gzip.GzipFile(fileobj=stream) if source.gzip else stream
-            _, total = index_tar(readable, every=1 << 62)
-        if source.gzip:  # counted from the start of the file: the range's own samples follow `start`
-            total -= source.start
-        stop = source.start + max(total, 1)
+            if source.gzip:
+                with gzip.GzipFile(fileobj=stream) as readable:
+                    total = index_tar(readable, every=1 << 62)[1] - source.start  # counted from the file's start
+            else:
+                total = index_tar(stream, every=1 << 62)[1]
     else:
         import pyarrow.parquet as pq
 
         with open_container(source.url, policy) as stream:
-            stop = max(pq.ParquetFile(stream).metadata.num_rows, source.start + 1)
-    return replace(source, stop=stop, samples=stop - source.start)
+            total = pq.ParquetFile(stream).metadata.num_rows - source.start
+    return replace(source, samples=max(total, 1))

@@ -49,9 +49,10 @@ def _split_tar(container: Container, every: int) -> list[Container]:
         return [container]
     ranges = []
     for position, start in enumerate(starts):
-        stop = starts[position + 1].ordinal if position + 1 < len(starts) else total
+        last = position + 1 == len(starts)
+        stop = None if last else starts[position + 1].ordinal  # the last range reads to the end (and any damage)
         offset = 0 if container.gzip else start.offset  # a gzip stream cannot be entered mid-way
-        ranges.append(container.ranged(start.ordinal, stop, offset, stop - start.ordinal))
+        ranges.append(container.ranged(start.ordinal, stop, offset, (total if last else stop) - start.ordinal))
     return ranges
 
 
