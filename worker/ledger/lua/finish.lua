@@ -10,9 +10,12 @@ if state['s'] ~= RUNNING or state['o'] ~= ARGV[2] then return 0 end
 state['s'] = DONE
 state['l'] = tonumber(ARGV[4])
 state['f'] = tonumber(ARGV[5])
-if tonumber(state['n']) == 0 then  -- a container counted now that it was read: its rows are its images
-  state['n'] = state['l'] + state['f']
-  redis.call('HINCRBY', KEYS[3], 'images', state['n'])
+-- A shard's rows are its images: a container is counted only when it is read (registered with 0),
+-- and read again by a retry it may hold more samples than before (a partial copy completed).
+local rows = state['l'] + state['f']
+if rows ~= tonumber(state['n']) then
+  redis.call('HINCRBY', KEYS[3], 'images', rows - tonumber(state['n']))
+  state['n'] = rows
 end
 state['o'] = nil
 state['u'] = nil
