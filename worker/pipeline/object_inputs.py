@@ -33,10 +33,11 @@ from worker.sources.container import PARQUET, TAR, ContainerOptions, is_tar_name
 LIST_PAGE_SIZE = 1000  # S3's own maximum per ListObjectsV2 page
 
 
-def iter_url_input(url: str, formats: ContainerOptions, page_size: int = LIST_PAGE_SIZE) -> Iterator[Entry]:
+def iter_url_input(url: str, formats: ContainerOptions | None = None, page_size: int = LIST_PAGE_SIZE) -> Iterator[Entry]:
     """Expand one URL input: a prefix into its image objects and containers, a manifest into its
     paths, a tar into a container, an object as itself (a missing one still gets its not_found
     record when read)."""
+    formats = formats or ContainerOptions()
     extension = _extension(url)
     if extension in IMAGE_EXTENSIONS:
         yield url
@@ -65,9 +66,12 @@ def is_prefix(url: str) -> bool:
         return bool(fs.isdir(path))
 
 
-def iter_prefix_images(url: str, formats: ContainerOptions, page_size: int = LIST_PAGE_SIZE) -> Iterator[Entry]:
+def iter_prefix_images(
+    url: str, formats: ContainerOptions | None = None, page_size: int = LIST_PAGE_SIZE
+) -> Iterator[Entry]:
     """Image objects and containers under a prefix, sorted by key, listed lazily page by page (a
     Parquet object's footer is read to see whether it holds image bytes)."""
+    formats = formats or ContainerOptions()
     protocol, rest = split_url(url)
     fs, _ = _fs(url)
     bucket, _, key = rest.partition("/")
