@@ -114,7 +114,10 @@ def enqueue_command(
     finally:
         bar.close()
     click.echo(
-        f"run {run}: {summary.seen} images in {summary.shards} shards"
+        f"run {run}: {summary.seen} images"
+        + (f" and {summary.containers} tar/Parquet shard files (their samples are counted as they are read)"
+           if summary.containers else "")
+        + f" in {summary.shards} shards"
         + (" (the run's stored shard list)" if summary.reused_list else "")
         + f", {summary.queued} queued in {summary.jobs} shards, {summary.skipped} done or running; "
         f"{summary.seconds:.1f} s" + (f" ({summary.waited_s:.0f} s waiting for the queue)" if summary.waited_s else "")
@@ -123,7 +126,7 @@ def enqueue_command(
         + f"\ndataset: {summary.output}/labels/*.parquet",
         err=True,
     )
-    if wait and summary.seen == 0:
+    if wait and summary.shards == 0:
         click.echo("nothing to wait for: the inputs named no paths", err=True)
     elif wait:
         _follow(settings, run, interval, show)

@@ -46,7 +46,8 @@ class EnqueueError(ValueError):
 class EnqueueSummary:
     run: str
     output: str = ""
-    seen: int = 0  # images in the run's shard list
+    seen: int = 0  # images in the run's shard list (where known: a container is counted when read)
+    containers: int = 0  # shards that are a tar or Parquet file (or a range of one)
     shards: int = 0
     queued: int = 0  # images published now
     jobs: int = 0  # shards published now
@@ -99,6 +100,7 @@ def enqueue_run(
             publish = []
             for shard, state in zip(batch, states, strict=True):
                 summary.seen += shard.size
+                summary.containers += isinstance(shard.source, Container)
                 summary.shards += 1
                 summary.states[state] = summary.states.get(state, 0) + 1
                 if state in (Registered.QUEUED, Registered.LAPSED):
