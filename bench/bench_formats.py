@@ -151,7 +151,7 @@ def image_of(path: str) -> str:
 
 def label_once(
     bundle: Path, entries: list, batch: int, store_pid: int, out: Path
-) -> tuple[float, float, float, dict]:
+) -> tuple[float, float, float, dict, float]:
     from worker.local.run import run_local
     from worker.pipeline.build import ServiceConfig, build_service
 
@@ -166,12 +166,12 @@ def label_once(
     assert summary.complete and not summary.errors, summary.lines()
     labels = {image_of(path): label for path, label in top_labels(out).items()}
     assert len(labels) == images, f"{images} records name {len(labels)} images"
-    return images / summary.seconds, cpu / images, store / images, labels
+    return images / summary.seconds, cpu / images, store / images, labels, images / max(1, summary.batches)
 
 
 def bench_throughput(bundle: Path, ways: dict[str, list], args, store_pid: int, tmp: Path) -> dict:
     """Every way once per repeat, the order rotated each repeat (so no way always follows another)."""
-    rates, cpus, stores, ratios = (defaultdict(list) for _ in range(4))
+    rates, cpus, stores, ratios, fills = (defaultdict(list) for _ in range(5))
     loads: list[float] = []
     mismatches: dict[str, int] = defaultdict(int)
     for repeat in range(args.repeats):
@@ -179,7 +179,7 @@ def bench_throughput(bundle: Path, ways: dict[str, list], args, store_pid: int, 
         order = MODES[repeat % len(MODES) :] + MODES[: repeat % len(MODES)]
         found: dict[str, dict[str, str]] = {}
         for mode in order:
-            rate, cpu, store, labels = label_once(
+            rate, cpu, store, labels, fill = label_once(
                 bundle, ways[mode], args.batch_size, store_pid, tmp / "out.jsonl"
             )
             assert len(labels) == args.images, f"{mode}: {len(labels)} of {args.images} images labeled"
@@ -187,13 +187,15 @@ def bench_throughput(bundle: Path, ways: dict[str, list], args, store_pid: int, 
             rates[mode].append(rate)
             cpus[mode].append(cpu)
             stores[mode].append(store)
-            print(f"  repeat {repeat + 1}: {mode}: {rate:.1f} img/s, CPU/img {cpu * 1e3:.2f} + {store * 1e3:.2f} ms",
+            fills[mode].append(fill)
+            print(f"  repeat {repeat + 1}: {mode}: {rate:.1f} img/s, CPU/img {cpu * 1e3:.2f} + {store * 1e3:.2f} ms, "
+                  f"{fill:.1f} images/batch",
                   flush=True)  # fmt: skip
         for mode in MODES:
             ratios[mode].append(rates[mode][-1] / rates[MODES[0]][-1])
             mismatches[mode] += sum(found[mode][name] != label for name, label in found[MODES[0]].items())
         loads.append(load_one())
-    return {"rates": rates, "ratios": ratios, "cpu": cpus, "store_cpu": stores,
+    return {"rates": rates, "ratios": ratios, "cpu": cpus, "store_cpu": stores, "batch_fill": fills,
             "label_mismatches": mismatches, "load_1min": loads}  # fmt: skip
 
 
@@ -299,12 +301,14 @@ def bench_enqueue(args, tmp: Path) -> dict:
     }
     results: dict = {name: defaultdict(list) for name in specs}
     loads = []
+    parent = Path(tempfile.mkdtemp(dir=args.enqueue_dir)) if args.enqueue_dir else tmp
+    output = parent / "enqueue-out"
     server = RedisServer(tmp / "redis").start()
     try:
         for repeat in range(args.enqueue_repeats):
             loads.append(load_one())
             for name, spec in specs.items():
-                figures = enqueue_once(server, spec, tmp / "enqueue-out", count)
+                figures = enqueue_once(server, spec, output, count)
                 for key, value in figures.items():
                     results[name][key].append(value)
                 print(f"  repeat {repeat + 1}: {name}: expand {figures['listing_s']:.2f} s, expand + enqueue "
@@ -314,6 +318,8 @@ def bench_enqueue(args, tmp: Path) -> dict:
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+        if args.enqueue_dir:
+            shutil.rmtree(parent, ignore_errors=True)
     return {"specs": specs, "results": results, "load_1min": loads}
 
 
@@ -335,14 +341,15 @@ def print_tables(report: dict) -> None:
               f"{report['args']['images']} images; load (1 min) {load_range(throughput['load_1min'])}, "
               f"input {load_range(reading['load_1min'])}")  # fmt: skip
         print("| input | img/s | ratio to local files | CPU/img labeler + store "
-              "| input CPU/img labeler + store | input alone |")  # fmt: skip
-        print("|---|---|---|---|---|---|")
+              "| images/batch | input CPU/img labeler + store | input alone |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|")
         for mode in MODES:
             rate, ratio = median(throughput["rates"][mode]), median(throughput["ratios"][mode])
             cpu, store = median(throughput["cpu"][mode]) * 1e3, median(throughput["store_cpu"][mode]) * 1e3
             in_cpu, in_store = median(reading["cpu"][mode]) * 1e3, median(reading["store_cpu"][mode]) * 1e3
             print(f"| {mode} | {rate:.1f} | {ratio:.2f} ({min(throughput['ratios'][mode]):.2f}-"
                   f"{max(throughput['ratios'][mode]):.2f}) | {cpu:.2f} + {store:.2f} ms "
+                  f"| {median(throughput['batch_fill'][mode]):.1f} "
                   f"| {in_cpu:.3f} + {in_store:.3f} ms | {median(reading['rates'][mode]):.0f} img/s |")  # fmt: skip
         bad = {mode: n for mode, n in throughput["label_mismatches"].items() if n}
         print(f"top labels differing from local files' (all repeats): {bad or 'none'}")
@@ -380,6 +387,9 @@ def main() -> None:
     parser.add_argument(
         "--enqueue-repeats", type=int, default=3, help="repeats of the enqueue part (default 3)"
     )
+    parser.add_argument("--enqueue-dir", type=Path, metavar="DIR",
+                        help="make the enqueue's output folder under DIR (default: the temporary folder; "
+                        "/dev/shm shows what the disk costs)")  # fmt: skip
     parser.add_argument("--enqueue-shards", type=int, default=10_000, help="tars enqueued (default 10,000)")
     parser.add_argument("--skip-throughput", action="store_true", help="only the enqueue part")
     parser.add_argument("--skip-enqueue", action="store_true", help="no enqueue part")
