@@ -61,14 +61,10 @@ def _normalize_root(root: str) -> str:
     return canonical_url(root) if is_url(root) else os.path.realpath(os.path.expanduser(root))
 
 
-def read_image_bytes(path: str, policy: ReadPolicy) -> bytes:
-    """Return the file's (or object's) bytes or raise ImageError with a stable code."""
-    if is_url(path):
-        from worker.pipeline.object_reading import read_object_bytes
-
-        if policy.allowed_roots and not policy.url_roots():
-            raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, "object URLs are not under any allowed root")
-        return read_object_bytes(path, policy.url_roots(), policy.max_bytes, policy.read_attempts, policy.backoff_s)
+def open_regular_file(path: str, policy: ReadPolicy) -> tuple[int, os.stat_result]:
+    """A descriptor (and its stat) of the regular file `path` resolves to, under the policy's roots,
+    opened without following a last symlink or blocking on a FIFO or device; ImageError otherwise.
+    Images and container shard files (worker/sources/streams.py) are opened here."""
     real_path = os.path.realpath(path)
     policy.check_allowed(real_path)
     try:
@@ -81,11 +77,24 @@ def read_image_bytes(path: str, policy: ReadPolicy) -> bytes:
         if exc.errno in (errno.ENXIO, errno.ELOOP, errno.ENODEV, errno.EISDIR):
             raise ImageError(ErrorCode.NOT_A_FILE, f"cannot open as a file: {exc.strerror}") from None
         raise ImageError(ErrorCode.NOT_FOUND, f"cannot open: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise ImageError(ErrorCode.NOT_A_FILE, f"{kind}")
+    return fd, info
+
+
+def read_image_bytes(path: str, policy: ReadPolicy) -> bytes:
+    """Return the file's (or object's) bytes or raise ImageError with a stable code."""
+    if is_url(path):
+        from worker.pipeline.object_reading import read_object_bytes
+
+        if policy.allowed_roots and not policy.url_roots():
+            raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, "object URLs are not under any allowed root")
+        return read_object_bytes(path, policy.url_roots(), policy.max_bytes, policy.read_attempts, policy.backoff_s)
+    fd, info = open_regular_file(path, policy)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-            raise ImageError(ErrorCode.NOT_A_FILE, f"{kind}")
         if info.st_size > policy.max_bytes:
             raise ImageError(
                 ErrorCode.TOO_LARGE,
@@ -93,12 +102,12 @@ def read_image_bytes(path: str, policy: ReadPolicy) -> bytes:
             )
         if info.st_size == 0:
             raise ImageError(ErrorCode.DECODE_FAILED, "empty file (0 bytes)")
-        return _read_at_most(fd, policy.max_bytes, real_path)
+        return _read_at_most(fd, policy.max_bytes)
     finally:
         os.close(fd)
 
 
-def _read_at_most(fd: int, max_bytes: int, real_path: str) -> bytes:
+def _read_at_most(fd: int, max_bytes: int) -> bytes:
     chunks: list[bytes] = []
     total = 0
     while True:

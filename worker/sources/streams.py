@@ -14,10 +14,8 @@ unknown, so the shard is not finished (a worker hands it back; `labeler run` lea
 
 from __future__ import annotations
 
-import errno
 import io
 import os
-import stat
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
@@ -25,7 +23,7 @@ from typing import Any, BinaryIO
 from worker.dataset.storage import StorageUnavailable, filesystem_for, is_url
 from worker.pipeline.errors import ImageError
 from worker.pipeline.object_reading import check_url_allowed, transient_errors
-from worker.pipeline.reading import ReadPolicy
+from worker.pipeline.reading import ReadPolicy, open_regular_file
 from worker.records import ErrorCode
 
 BLOCK_BYTES = 8 * 2**20
@@ -48,21 +46,8 @@ def open_container(url: str, policy: ReadPolicy, offset: int = 0) -> BinaryIO:
 
 
 def _open_local(path: str, policy: ReadPolicy, offset: int) -> BinaryIO:
-    real_path = os.path.realpath(path)
-    policy.check_allowed(real_path)
+    fd, _ = open_regular_file(path, policy)
     try:
-        fd = os.open(real_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise ImageError(ErrorCode.NOT_FOUND, "no such file") from None
-    except PermissionError:
-        raise ImageError(ErrorCode.PERMISSION_DENIED, "permission denied") from None
-    except OSError as exc:
-        if exc.errno in (errno.ENXIO, errno.ELOOP, errno.ENODEV, errno.EISDIR):
-            raise ImageError(ErrorCode.NOT_A_FILE, f"cannot open as a file: {exc.strerror}") from None
-        raise ImageError(ErrorCode.NOT_FOUND, f"cannot open: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ImageError(ErrorCode.NOT_A_FILE, "not a regular file")
         os.set_blocking(fd, True)
         handle = os.fdopen(fd, "rb", buffering=LOCAL_BUFFER)
     except BaseException:
