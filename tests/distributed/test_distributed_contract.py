@@ -14,6 +14,8 @@ import sys
 import uuid
 from collections.abc import Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import redis
 from click.testing import CliRunner
@@ -213,6 +215,12 @@ def test_cli_enqueue_waits_for_the_run_and_resumes(contract_worker, redis_server
     results = CliRunner().invoke(main, ["results", "cli-run", "--broker", redis_server.url, "--out", str(out)])
     assert results.exit_code == 0, results.output
     assert sorted(json.loads(line)["path"] for line in out.read_text().splitlines()) == sorted(small_jpegs[20:45])
+    table = tmp_path / "labels.parquet"  # the dataset's own schema and rows, not a second format
+    results = CliRunner().invoke(main, ["results", "cli-run", "--broker", redis_server.url, "--out", str(table)])
+    assert results.exit_code == 0, results.output
+    shards = sorted((run_output("cli-run") / "labels").glob("part-*.parquet"))
+    assert pq.read_schema(table).equals(pq.read_schema(shards[0]), check_metadata=True)
+    assert pq.read_table(table).equals(pa.concat_tables(pq.read_table(shard) for shard in shards))
 
 
 def test_redis_requires_the_password(contract_worker, redis_server) -> None:

@@ -24,7 +24,7 @@ from worker.cli.common import (
     open_run,
     open_store,
 )
-from worker.records import ErrorCode, is_error
+from worker.records import ErrorCode
 
 
 @click.command("enqueue")
@@ -213,15 +213,14 @@ def status_command(run: str, broker: str | None, watch: bool, interval: float, a
     "out_path",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="FILE.jsonl, FILE.csv or FILE.parquet.",
+    help="FILE.jsonl, FILE.csv or FILE.parquet (.parquet: the dataset's own columns, docs/dataset.md).",
 )
 @click.option("--broker", help=BROKER_HELP)
 @click.option("--errors-only", is_flag=True, help="Only the error records: which images failed, and why.")
 def results_command(run: str, out_path: Path, broker: str | None, errors_only: bool) -> None:
     """Stream every row of RUN's dataset to one file (format by extension), in constant memory.
     The dataset itself (OUTPUT/labels/*.parquet) reads as one table in DuckDB, pandas or pyarrow."""
-    from worker.client.export import ExportError, export_records, format_for
-    from worker.dataset.files import iter_records
+    from worker.client.export import ExportError, export_run, format_for
 
     settings = load_settings(broker_url=broker)
     try:
@@ -231,10 +230,7 @@ def results_command(run: str, out_path: Path, broker: str | None, errors_only: b
     ledger = open_run(settings, run)
     status = ledger.status(run, settings.queue)
     try:
-        records = iter_records(status.output)
-        if errors_only:
-            records = (record for record in records if is_error(record))
-        count = export_records(records, out_path)
+        count = export_run(status.output, out_path, errors_only=errors_only)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{count} records written to {out_path} ({status.pending} images still pending)", err=True)

@@ -1,24 +1,34 @@
-"""`labeler results`: stream a run's records to JSONL, CSV or Parquet, never holding the run in memory.
+"""`labeler results`: a run's dataset as one JSONL, CSV or Parquet file, never holding the run in memory.
 
-Records come from HSCAN in batches; CSV and Parquet rows are written as they arrive (Parquet in row
-groups of `rows_per_group`). Order is Redis's hash order, not input order.
+Rows come shard by shard, by path within a shard, as the dataset stores them. A Parquet export is
+the dataset's own schema (docs/dataset.md) and its rows as the shard files hold them, so the file
+and the run's `labels/*.parquet` read the same way; JSONL and CSV carry the records
+(worker/records.py) that `iter_records` gives back.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from worker.records import compact_json
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from worker.dataset.files import ROWS_PER_GROUP, WRITE_OPTIONS, iter_batches, iter_records, shard_files
+from worker.dataset.manifest import spec_of_shard_file
+from worker.dataset.object_path import ObjectPath
+from worker.dataset.schema import DatasetError, conform_batch, dataset_schema
+from worker.records import compact_json, is_error
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 CSV_COLUMNS = ["path", "top1_index", "top1_label", "top1_score", "labels", "error_code", "error_message"]
 
 
 class ExportError(ValueError):
-    """The output file name names no format we write."""
+    """The output file name names no format we write, or the run has nothing to write it from."""
 
 
 def format_for(path: Path) -> str:
@@ -28,14 +38,26 @@ def format_for(path: Path) -> str:
     return fmt
 
 
-def export_records(records: Iterable[dict[str, Any]], out_path: Path, rows_per_group: int = 10000) -> int:
-    """Write `records` to `out_path` in the format its extension names; returns the count."""
+def export_run(out_dir: Path | str | ObjectPath, out_path: Path, *, errors_only: bool = False) -> int:
+    """Write the dataset in `out_dir` to `out_path` in the format its extension names; returns the
+    count of rows. `errors_only`: only the rows of images that failed."""
+    if format_for(out_path) == "parquet":
+        return _write_parquet(out_dir, out_path, errors_only)
+    records: Iterable[dict[str, Any]] = iter_records(out_dir)
+    if errors_only:
+        records = (record for record in records if is_error(record))
+    return export_records(records, out_path)
+
+
+def export_records(records: Iterable[dict[str, Any]], out_path: Path) -> int:
+    """Write `records` as JSONL or CSV (by the extension); returns the count. Parquet is written
+    from the dataset's rows (`export_run`): records no longer say which shard, worker and time."""
     fmt = format_for(out_path)
     if fmt == "jsonl":
         return _write_jsonl(records, out_path)
     if fmt == "csv":
         return _write_csv(records, out_path)
-    return _write_parquet(records, out_path, rows_per_group)
+    raise ExportError(f"{out_path}: Parquet is written from a run's dataset, not from records")
 
 
 def _write_jsonl(records: Iterable[dict[str, Any]], out_path: Path) -> int:
@@ -73,42 +95,43 @@ def _write_csv(records: Iterable[dict[str, Any]], out_path: Path) -> int:
     return count
 
 
-def _write_parquet(records: Iterable[dict[str, Any]], out_path: Path, rows_per_group: int) -> int:
+def _write_parquet(out_dir: Path | str | ObjectPath, out_path: Path, errors_only: bool) -> int:
+    """The shard files' rows into one file of the run's schema, in row groups as large as a shard
+    file's (a reader holds one at a time), as the dataset writer writes them."""
+    present = shard_files(out_dir)
+    if not present:
+        raise ExportError(f"{out_dir}: no shard has been written yet, so there is no Parquet schema to export")
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ExportError("Parquet export needs pyarrow: pip install 'resnet-labeler[parquet]'") from None
-    label = pa.struct([("index", pa.int32()), ("label", pa.string()), ("score", pa.float64())])
-    schema = pa.schema(
-        [
-            ("path", pa.string()),
-            ("labels", pa.list_(label)),
-            ("error_code", pa.string()),
-            ("error_message", pa.string()),
-        ]
-    )
-    count = 0
-    rows: list[dict[str, Any]] = []
-    with pq.ParquetWriter(str(out_path), schema) as writer:
-
-        def write_group() -> None:
-            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-            rows.clear()
-
-        for record in records:
-            error = record.get("error") or {}
-            rows.append(
-                {
-                    "path": record["path"],
-                    "labels": record.get("labels"),
-                    "error_code": error.get("code"),
-                    "error_message": error.get("message"),
-                }
-            )
-            count += 1
-            if len(rows) >= rows_per_group:
-                write_group()
-        if rows or count == 0:
-            write_group()
+        schema = dataset_schema(spec_of_shard_file(next(iter(present.values()))))
+        count = 0
+        with pq.ParquetWriter(str(out_path), schema, **WRITE_OPTIONS) as writer:
+            for group in _row_groups(_run_batches(out_dir, schema, errors_only), schema):
+                writer.write_table(group, row_group_size=ROWS_PER_GROUP)
+                count += group.num_rows
+    except DatasetError as exc:
+        raise ExportError(str(exc)) from None
     return count
+
+
+def _run_batches(out_dir: Path | str | ObjectPath, schema: pa.Schema, errors_only: bool) -> Iterator[pa.RecordBatch]:
+    for batch in iter_batches(out_dir):
+        if errors_only:
+            batch = batch.filter(pc.is_valid(batch.column("error_code")))
+        yield conform_batch(batch, schema)
+
+
+def _row_groups(batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.Table]:
+    """Batches regrouped into tables of ROWS_PER_GROUP rows (the last one: what is left), so small
+    shards do not make small row groups; at most two groups' rows are held."""
+    held: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in batches:
+        held.append(batch)
+        rows += batch.num_rows
+        if rows >= ROWS_PER_GROUP:
+            table = pa.Table.from_batches(held, schema)
+            full = rows - rows % ROWS_PER_GROUP
+            yield table.slice(0, full)
+            held, rows = table.slice(full).to_batches(), rows - full
+    if rows:
+        yield pa.Table.from_batches(held, schema)

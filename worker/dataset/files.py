@@ -41,6 +41,8 @@ _SHARD_FILE = re.compile(r"^part-(?P<id>[0-9]{6,}(?:\.[01])*)\.parquet$")
 # Row groups bound a reader's memory: 4,096 rows of 2048-d float32 embeddings are 32 MiB.
 ROWS_PER_GROUP = 4096
 COMPRESSION = "zstd"
+# How every Parquet file of the dataset's schema is written: shard files and `labeler results` alike.
+WRITE_OPTIONS = {"compression": COMPRESSION, "use_dictionary": DICTIONARY_COLUMNS, "write_statistics": True}
 # A temporary file this old has no live writer (a 10k-row shard with embeddings takes ~1 s).
 STALE_TEMP_S = 15 * 60.0
 
@@ -115,14 +117,7 @@ def _refuse_duplicate_paths(rows: Sequence[dict[str, Any]], shard_id: str) -> No
 
 
 def _write_parquet(table: pa.Table, handle: Any) -> None:
-    pq.write_table(
-        table,
-        handle,
-        row_group_size=ROWS_PER_GROUP,
-        compression=COMPRESSION,
-        use_dictionary=DICTIONARY_COLUMNS,
-        write_statistics=True,
-    )
+    pq.write_table(table, handle, row_group_size=ROWS_PER_GROUP, **WRITE_OPTIONS)
 
 
 def shard_files(out_dir: Path | str | ObjectPath) -> dict[str, Path | ObjectPath]:
@@ -204,7 +199,7 @@ def iter_batches(
 def iter_records(
     out_dir: Path | str, *, shard_ids: Iterable[str] | None = None, batch_rows: int = ROWS_PER_GROUP
 ) -> Iterator[dict[str, Any]]:
-    """The dataset as records of today's shape (what `labeler results` exports), streaming; in
-    shard order, by path within a shard."""
+    """The dataset as records of today's shape (what `labeler results` writes as JSONL or CSV),
+    streaming; in shard order, by path within a shard."""
     for batch in iter_batches(out_dir, shard_ids=shard_ids, batch_rows=batch_rows):
         yield from batch_to_records(batch)

@@ -127,6 +127,22 @@ def check_schema_version(schema: pa.Schema, where: str) -> None:
         raise DatasetError(f"{where}: schema version {found.decode()}, this reader knows {SCHEMA_VERSION}")
 
 
+def conform_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """A batch read from a shard file, as `schema`: a file written under an earlier minor version
+    lacks the columns a later one added (nullable, by the rule above), so they come back null. A
+    column of another type (another model's embedding) is refused, never cast."""
+    columns = []
+    for field in schema:
+        if field.name not in batch.schema.names:
+            columns.append(pa.nulls(batch.num_rows, field.type))
+            continue
+        found = batch.schema.field(field.name)
+        if not found.equals(field):
+            raise DatasetError(f"column {field.name} is {found.type}, the run's is {field.type}")
+        columns.append(batch.column(field.name))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
 def records_to_table(
     records: Sequence[dict[str, Any]],
     spec: DatasetSpec,
