@@ -1,4 +1,4 @@
-"""The result dataset's bytes per image and write/read rates, against today's JSONL and Redis hash.
+"""The result dataset's bytes per image and write/read rates, against JSONL and protocol 1's Redis hash.
 
     python bench/bench_dataset.py [--images 24000] [--shard-size 4000] [--top-k 5] [--feature-size 2048]
 
@@ -10,7 +10,7 @@ post-ReLU-like features (gamma distributed, non-negative, about as compressible 
 barely). Three datasets: no embeddings, float32 and float16 embeddings, each written with
 `write_shard` (conversion, zstd, fsync, rename) into a temporary folder on the system's disk,
 `--rounds` times (each round rewrites the same shards). Reading is `iter_records` (record dicts,
-what `labeler results` exports).
+what `labeler results` writes as JSONL).
 Then the same table under other Parquet settings, to justify the module's choices.
 """
 
@@ -164,7 +164,7 @@ def main() -> None:
         ),
     ]
     print(
-        f"{len(plain)} images, shards of {args.shard_size}, top-{args.top_k}; Redis hash today: "
+        f"{len(plain)} images, shards of {args.shard_size}, top-{args.top_k}; Redis hash of protocol 1 (retired): "
         f"{REDIS_BYTES_PER_IMAGE} B/image (no embeddings)"
     )
     print("| dataset | bytes/image | JSONL bytes/image | write rows/s, median (range) | read records/s |")

@@ -35,8 +35,8 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from common import cpu_name  # noqa: E402
-from worker.runs import dataset_schema  # noqa: E402
 
+import worker.dataset.schema as dataset_schema  # noqa: E402
 from worker.dataset.schema import DatasetSpec, records_to_table  # noqa: E402
 from worker.pipeline.labels import top_k_labels  # noqa: E402
 from worker.records import compact_json, label_record  # noqa: E402

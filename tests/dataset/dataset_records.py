@@ -1,4 +1,4 @@
-"""Records of today's shape (worker/postprocess.py) for the dataset tests: ImageNet class names,
+"""Records of today's shape (worker/records.py) for the dataset tests: ImageNet class names,
 top-k scores as the worker rounds them, an error record every few images. Also imported by the
 processes the tests start, so it needs nothing from pytest."""
 

@@ -1,7 +1,7 @@
 """The result dataset on real files: what a worker writes, every reader reads back the same.
 
 Real pyarrow, real DuckDB, real processes for kills and concurrent writers; no mocks of the file
-system. Records have today's shape (worker/postprocess.py).
+system. Records have today's shape (worker/records.py).
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def test_a_bad_spec_is_refused(fields, message):
 def test_the_dataset_modules_load_without_celery_or_the_engine():
     probe = (
         "import sys, worker.dataset.files, worker.dataset.manifest; "
-        "print(sorted(m for m in ('celery', 'worker.service', 'worker.preprocess', 'cv2', 'onnxruntime') "
+        "print(sorted(m for m in ('celery', 'worker.pipeline', 'worker.celery_worker', 'cv2', 'onnxruntime') "
         "if m in sys.modules))"
     )
     child = subprocess.run(

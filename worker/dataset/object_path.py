@@ -1,5 +1,5 @@
 """A run's output folder in object storage, behind the few pathlib.Path operations the dataset
-layout uses, so dataset.py, shard_list.py and dataset_manifest.py take `s3://bucket/prefix/` and a
+layout uses, so files.py, shard_list.py and manifest.py take `s3://bucket/prefix/` and a
 local folder through the same code.
 
 An object store has no rename, so "whole or not at all" comes from the store itself: every file is

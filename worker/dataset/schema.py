@@ -205,7 +205,7 @@ def _append_record(columns: dict[str, list[Any]], record: dict[str, Any], spec: 
         for name in ("top1_index", "top1_label", "top1_score", "topk_index", "topk_label", "topk_score"):
             columns[name].append(None)
         if not isinstance(error.get("code"), str) or not error["code"]:
-            raise DatasetError(f"{path}: an error record needs a code (worker/errors.py)")
+            raise DatasetError(f"{path}: an error record needs a code (ErrorCode, worker/records.py)")
         columns["error_code"].append(error["code"])
         columns["error_message"].append(error.get("message", ""))
         columns["embedding"].append(None)

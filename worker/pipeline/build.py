@@ -1,10 +1,10 @@
 """One way to build the labeling service, for `labeler run` and for every worker process.
 
-Both used to assemble runner and options themselves and drifted apart (a worker lost max_pixels,
-embeddings and, under `--backend auto`, its thread count). Now both describe what they want as a
-`ServiceConfig` (a worker fills it from its Settings by field name) and call `build_service`.
-The bundle is always a path: resolving the embedded default is the command line's job, so the
-runtime never imports engine_build.
+Both describe what they want as a `ServiceConfig` (a worker fills it from its Settings by field
+name) and call `build_service`, so the same settings give the same runner and options (max_pixels,
+embeddings, thread counts under `--backend auto`) wherever the service runs: two builders would
+drift apart. The bundle is always a path: resolving the embedded default is the command line's
+job, so the runtime never imports engine_build.
 """
 
 from __future__ import annotations
