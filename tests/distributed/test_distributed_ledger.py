@@ -123,6 +123,22 @@ def test_split_replaces_a_shard_by_its_halves_at_the_front(ledger: RunLedger, tm
     assert ledger.status("r", "q").finished()
 
 
+def test_a_shard_a_living_worker_holds_is_not_split_under_it(ledger: RunLedger, tmp_path) -> None:
+    """A worker allowed more attempts took the shard after another's claim said exhausted: the
+    split waits for its lease to lapse (its worker lost), and the holder can still finish it."""
+    new_run(ledger, tmp_path, shards=1)
+    clock = [1000.0]
+    ledger.clock = lambda: clock[0]
+    assert ledger.claim("r", "000000", OWNER_A, 30, 5, 10).verdict == "run"
+    halves = [("000000.0", 5, "m0"), ("000000.1", 5, "m1")]
+    assert not ledger.split("r", "q", "000000", halves)
+    assert ledger.shard_state("r", "000000").state == "running" and ledger.client.llen("q") == 0
+    clock[0] += 31  # the holder is lost: its lease lapsed
+    assert ledger.split("r", "q", "000000", halves)
+    assert not ledger.finish("r", "000000", OWNER_A, 10, 0)
+    assert ledger.status("r", "q").shards == 2
+
+
 def test_reopen_takes_failed_shards_out_of_the_counts_until_they_finish_again(ledger: RunLedger, tmp_path) -> None:
     new_run(ledger, tmp_path)
     for shard, failed in (("000000", 2), ("000001", 0)):

@@ -65,7 +65,7 @@ from worker.dataset.storage import is_under, is_url, url_is_under
 from worker.ledger.keys import check_run_name
 from worker.ledger.protocol import shard_message
 from worker.ledger.run_manifest import write_manifest_if_finished
-from worker.ledger.states import Verdict
+from worker.ledger.states import State, Verdict
 from worker.pipeline.errors import ImageError
 from worker.pipeline.service import LabelingService, ServiceFailed
 from worker.records import ErrorCode, Record, error_code, error_record, is_engine_failure, is_error
@@ -393,10 +393,21 @@ class ShardJob:
                     write_shard_source(self.output, child, half, chain="")
             parts = [(child, size_of(half), shard_message(self.run, child, str(self.output), self.queue, origin="labeler-split"))
                      for child, half in zip(names, (first, second), strict=True)]  # fmt: skip
-            self.redis(lambda: self.ledger.split(self.run, self.queue, self.shard, parts), "splitting a shard")
+            split = self.redis(lambda: self.ledger.split(self.run, self.queue, self.shard, parts), "splitting a shard")
+            if not split:
+                return self._not_split()
             log.error("run %s shard %s taken %d times without finishing: split in two", self.run, self.shard, attempts)
             return Split(attempts)
         return self._error_row_claimed(first_sample(source, self.process.read_policy), attempts)
+
+    def _not_split(self) -> Outcome:
+        """The ledger kept the shard whole: it finished, was split, or a living worker took it meanwhile."""
+        state = self.redis(lambda: self.ledger.shard_state(self.run, self.shard), "reading a shard")
+        verdict = Verdict.UNKNOWN
+        if state is not None:
+            verdict = {State.DONE: Verdict.DONE, State.SPLIT: Verdict.SPLIT}.get(state.state, Verdict.BUSY)
+        log.warning("run %s shard %s: not split (%s)", self.run, self.shard, verdict.value)
+        return Skipped(verdict.value)
 
     def _error_row_claimed(self, sample: ShardError, attempts: int, why: str = "") -> Outcome:
         claim = self.redis(lambda: self.ledger.claim(self.run, self.shard, self.owner, self.settings.lease_s,

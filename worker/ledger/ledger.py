@@ -12,7 +12,8 @@ workers, a sweeper and a client can never both win one:
   run's counts move once;
 - requeue_lapsed: any worker's sweeper puts a shard whose lease lapsed back at the front of the
   queue (state and message in one step, so nothing is lost between them);
-- split: a shard that has used its attempts is bisected; its halves are queued in its place;
+- split: a shard that has used its attempts, and that no living worker holds, is bisected; its
+  halves are queued in its place;
 - republish: the reconciler gives a message to a queued shard whose message was lost.
 
 No orphans: a shard is done, split, running under a lease (the sweeper requeues it when the lease
@@ -362,7 +363,8 @@ class RunLedger:
         return _texts(self._scripts["requeue_lapsed"](keys=keys, args=args))
 
     def split(self, run: str, queue: str, parent: str, halves: Sequence[tuple[str, int, str]]) -> bool:
-        """Replace `parent` by its halves (id, images, message), queued at the front."""
+        """Replace `parent` by its halves (id, images, message), queued at the front. False: not
+        split, as it is done, split already, or held under a live lease by another worker."""
         keys = self.keys(run)
         args: list[Any] = [parent, run, self._now()]
         for child, images, message in halves:

@@ -1,11 +1,14 @@
 -- split: a shard that used its attempts is replaced by its halves, queued at the front.
 -- KEYS[1] shards   KEYS[2] meta   KEYS[3] the run's queue   KEYS[4] queued index
 -- ARGV[1] parent   ARGV[2] run   ARGV[3] now   ARGV[4..] triples: child, images, message
--- Only a shard that is not done or split already is split. Returns 1 if it was split now.
+-- Not split: a shard done or split already, nor one running under a lease that has not lapsed (a
+-- living worker took it meanwhile, e.g. one allowed more attempts: it writes the shard's file).
+-- Returns 1 if it was split now.
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 0 end
 local parent = cjson.decode(raw)
 if parent['s'] == DONE or parent['s'] == SPLIT then return 0 end
+if parent['s'] == RUNNING and tonumber(parent['u']) > tonumber(ARGV[3]) then return 0 end
 parent['s'] = SPLIT
 parent['o'] = nil
 parent['u'] = nil
