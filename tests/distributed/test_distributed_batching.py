@@ -1,26 +1,23 @@
 """Images of concurrent jobs share engine batches.
 
 Batch sizes are not visible from outside a worker, so this runs several jobs (`PathsJob.label`) in
-threads of this process, exactly as the threads pool does, against the real labeling service of
-the process state, and reads the service's batch sizes.
+threads of one worker process, exactly as the threads pool does, against the real labeling service
+of that process, and reads the service's batch sizes.
 """
 
 from __future__ import annotations
 
 import threading
 
-from worker.celery_worker.app import app, configure
+from worker.celery_worker.app import create_app
 from worker.celery_worker.job import PathsJob
-from worker.celery_worker.tasks import LabelerTask
+from worker.celery_worker.process import WorkerProcess
 from worker.settings import Settings
 
 
 def test_concurrent_jobs_share_engine_batches(redis_url, tiny_bundle, small_jpegs) -> None:
-    original = app.labeler_settings
-    configure(app, Settings(broker_url=redis_url, model=str(tiny_bundle), batch_size=32, max_wait_ms=400,
-                            decode_threads=2, intra_op_threads=1))  # fmt: skip
-    process = LabelerTask.process
-    process.forget_ledger()
+    process = WorkerProcess(create_app(Settings(broker_url=redis_url, model=str(tiny_bundle), batch_size=32,
+                                                max_wait_ms=400, decode_threads=2, intra_op_threads=1)))  # fmt: skip
     try:
         service = process.service()
         jobs = [small_jpegs[i * 3 : (i + 1) * 3] for i in range(6)]
@@ -41,5 +38,3 @@ def test_concurrent_jobs_share_engine_batches(redis_url, tiny_bundle, small_jpeg
         assert sorted(r["path"] for result in results for r in result["records"]) == sorted(small_jpegs[:18])
     finally:
         process.close()
-        process.forget_ledger()
-        configure(app, original)

@@ -142,8 +142,3 @@ class WorkerProcess:
                 self._metrics.up.labels(self._metrics.hostname).set(0)
         if service is not None:
             service.close()
-
-    def forget_ledger(self) -> None:
-        """Drop the Redis client (tests that reconfigure the app between workers)."""
-        with self._lock:
-            self._ledger = None
