@@ -1,10 +1,14 @@
-"""The labeling service: a slow file never holds up the batch, and one failure stays with its images."""
+"""The labeling service: a slow file never holds up the batch, and one failure stays with its images.
+
+No test here reads a clock: order comes from events, batches from a service whose images are all
+decoded and queued before its inference thread starts (then max_batch_size alone cuts them), so a
+busy machine changes how long they take, never what they find.
+"""
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import deque
 from dataclasses import is_dataclass
 from pathlib import Path
@@ -24,7 +28,7 @@ def collect(service, paths):
 
     def on_record(record):
         with lock:
-            records.append((time.monotonic(), record))
+            records.append(record)
 
     for path in paths:
         service.submit(path, on_record)
@@ -32,26 +36,60 @@ def collect(service, paths):
     return records
 
 
+class _Ready:
+    """An observer that says when `count` images are decoded and queued for the engine."""
+
+    def __init__(self, count: int) -> None:
+        self.left, self.all, self._lock = count, threading.Event(), threading.Lock()
+
+    def prepared(self, seconds):
+        with self._lock:
+            self.left -= 1
+            if self.left == 0:
+                self.all.set()
+
+    def batch(self, size, seconds, waits):
+        pass
+
+    def emitted(self, record):
+        pass
+
+
+def queued_service(runner, count: int, **options) -> tuple[LabelingService, threading.Event]:
+    """A service not started yet, and an event set once `count` submitted images are queued for its
+    engine: started after it, its batches are exactly max_batch_size (nothing waits on max_wait_s)."""
+    ready = _Ready(count)
+    options = {"max_in_flight": 64, "decode_threads": 2, **options}
+    return LabelingService(runner, ServiceOptions(observer=ready, **options)), ready.all
+
+
 def test_a_slow_file_does_not_hold_up_the_others(tiny_bundle, image_paths, monkeypatch):
-    """One read stalls for 2 s (a slow network mount, simulated); everything else is labeled first."""
+    """One read stalls (a slow network mount, simulated) until every other image has its record:
+    were a batch held up for it, they never would, and its read would give up waiting."""
     slow = image_paths[0]
+    others_answered, waited = threading.Event(), []
     real_read = service_module.read_image_bytes
 
     def read(path, policy):
         if path == slow:
-            time.sleep(2.0)
+            waited.append(others_answered.wait(120))
         return real_read(path, policy)
+
+    order = []
+
+    def on_record(record):
+        order.append(record["path"])
+        if len(order) == len(image_paths) - 1:
+            others_answered.set()
 
     monkeypatch.setattr(service_module, "read_image_bytes", read)
     options = ServiceOptions(max_batch_size=4, max_wait_s=0.01, decode_threads=4)
-    started = time.monotonic()
     with LabelingService(OnnxRuntimeRunner(tiny_bundle), options) as service:
-        records = collect(service, image_paths)
-    by_path = {rec["path"]: when - started for when, rec in records}
-    others = [t for p, t in by_path.items() if p != slow]
-    assert len(by_path) == len(image_paths)
-    assert max(others) < by_path[slow], "the slow file should be the last record"
-    assert max(others) < 1.9, "the other images must not wait for the slow one"
+        for path in image_paths:
+            service.submit(path, on_record)
+        assert service.drain(timeout=240)
+    assert waited == [True], "the other images waited for the slow one"
+    assert sorted(order) == image_paths and order[-1] == slow
 
 
 class FailingRunner(Runner):
@@ -90,7 +128,7 @@ def lost_gpu_runner(bundle_dir, from_call: int = 2) -> FailingRunner:
 def test_a_failed_batch_gives_error_records_and_the_service_goes_on(tiny_bundle, image_paths):
     options = ServiceOptions(max_batch_size=2, max_wait_s=0.0, decode_threads=1)
     with LabelingService(flaky_runner(tiny_bundle), options) as service:
-        records = [rec for _, rec in collect(service, image_paths)]
+        records = collect(service, image_paths)
     assert len(records) == len(image_paths)
     failed = [r for r in records if "error" in r]
     labeled = [r for r in records if "labels" in r]
@@ -138,33 +176,36 @@ def test_a_runner_that_cannot_load_fails_start(tmp_path, tiny_bundle):
 
 
 def test_batches_are_shared_by_concurrent_submitters(tiny_bundle, image_paths):
-    """Two jobs submitting at once: their images meet in the same engine batches."""
-    options = ServiceOptions(max_batch_size=32, max_wait_s=0.2, decode_threads=2)
-    with LabelingService(OnnxRuntimeRunner(tiny_bundle), options) as service:
-        half = len(image_paths) // 2
-        threads = [
-            threading.Thread(target=collect, args=(service, part))
-            for part in (image_paths[:half], image_paths[half:])
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert service.batch_stats.images == len(image_paths)
-        assert service.batches_run < len(image_paths) / 2
+    """Two jobs submitting at once: their images meet in the same engine batch."""
+    service, ready = queued_service(FailingRunner(tiny_bundle, lambda n: False), len(image_paths), max_batch_size=32)
+    half = len(image_paths) // 2
+    jobs = {"first": image_paths[:half], "second": image_paths[half:]}
+    records = {name: [] for name in jobs}
+    threads = [
+        threading.Thread(target=lambda name=name: [service.submit(p, records[name].append) for p in jobs[name]])
+        for name in jobs
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert ready.wait(120)
+    with service:
+        assert service.drain(timeout=120)
+    assert {name: sorted(r["path"] for r in got) for name, got in records.items()} == jobs
+    assert dict(service.batch_stats.by_size) == {len(image_paths): 1}  # one batch held both jobs' images
 
 
 def test_batches_failing_in_a_row_make_the_service_give_up_and_answer_every_image(tiny_bundle, image_paths):
     """Three failed batches in a row: the engine is broken, not the images. Every image submitted
     still gets a record (nobody waits forever), later ones say the service stopped, and new
     images are refused so a worker can hand its jobs back."""
-    options = ServiceOptions(
-        max_batch_size=2, max_wait_s=0.0, decode_threads=1, max_failed_batches=3, max_in_flight=64
-    )
+    options = {"max_batch_size": 2, "max_wait_s": 0.0, "decode_threads": 1, "max_failed_batches": 3}
     records: list[dict] = []
-    service = LabelingService(lost_gpu_runner(tiny_bundle), options)
+    service, ready = queued_service(lost_gpu_runner(tiny_bundle), len(image_paths), **options)
     for path in image_paths:  # all queued before the engine starts: the batches are deterministic
         service.submit(path, records.append)
+    assert ready.wait(120)
     with service:
         assert service.drain(timeout=120)
         assert service.failure is not None and "3 batches in a row failed" in service.failure
@@ -174,8 +215,7 @@ def test_batches_failing_in_a_row_make_the_service_give_up_and_answer_every_imag
     assert len(records) == len(image_paths)
     assert {r["error"]["code"] for r in records} == {"inference_failed"}
     stopped = [r for r in records if r["error"]["message"].startswith("service stopped")]
-    tried = len(image_paths) - len(stopped)
-    assert 3 <= tried <= 3 * 2  # only three batches (of one or two crops) reached the engine
+    assert len(image_paths) - len(stopped) == 3 * 2  # only three batches of two reached the engine
     assert service.batches_run == 0
 
 
@@ -203,7 +243,7 @@ def test_a_crashed_inference_thread_still_answers_every_image(tiny_bundle, image
     )
     service = LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), options).start()
     try:
-        records = [rec for _, rec in collect(service, image_paths)]  # drain returns: nothing hangs
+        records = collect(service, image_paths)  # drain returns: nothing hangs
         assert "inference thread failed: ValueError: observer bug" in (service.failure or "")
         with pytest.raises(ServiceFailed):
             service.submit(image_paths[0], lambda record: None)
