@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 import worker.pipeline.service as service_module
+from worker.pipeline.errors import ImageError
 from worker.pipeline.service import LabelingService, ServiceFailed, ServiceOptions
+from worker.records import ErrorCode
 from worker.runners.base import InferenceOutput, Runner
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner
 
@@ -225,32 +227,128 @@ def test_a_runner_that_loads_but_cannot_infer_fails_start(tiny_bundle):
 
 
 class _ObserverThatRaises:
-    """Breaks the rule that observers never raise, to crash the inference thread between batches."""
+    """Breaks the rule that observers are cheap and quiet: metrics must not stop labeling."""
 
     def prepared(self, seconds):
-        pass
+        raise ValueError("observer bug")
 
     def batch(self, size, seconds, waits):
         raise ValueError("observer bug")
 
     def emitted(self, record):
-        pass
+        raise ValueError("observer bug")
+
+
+def test_an_observer_that_raises_stops_neither_images_nor_the_service(tiny_bundle, image_paths):
+    options = ServiceOptions(max_batch_size=4, max_wait_s=0.0, decode_threads=2, observer=_ObserverThatRaises())
+    with LabelingService(FailingRunner(tiny_bundle, lambda n: False), options) as service:
+        records = collect(service, image_paths)
+        assert service.failure is None
+    assert sorted(r["path"] for r in records) == image_paths and all("labels" in r for r in records)
+
+
+class _Crash(BaseException):
+    """Not an Exception: no per-batch handler takes it, so it ends the inference loop."""
+
+
+class CrashingRunner(FailingRunner):
+    """Raises _Crash on call `crash_call` (1 is the warm-up)."""
+
+    def __init__(self, bundle_dir, crash_call: int):
+        super().__init__(bundle_dir, lambda n: False)
+        self.crash_call = crash_call
+
+    def _infer(self, crops, want_features):
+        if self.calls + 1 == self.crash_call:
+            self.calls += 1
+            raise _Crash("the loop itself broke")
+        return super()._infer(crops, want_features)
 
 
 def test_a_crashed_inference_thread_still_answers_every_image(tiny_bundle, image_paths):
-    options = ServiceOptions(
-        max_batch_size=4, max_wait_s=0.0, decode_threads=2, observer=_ObserverThatRaises()
-    )
-    service = LabelingService(OnnxRuntimeRunner(tiny_bundle, intra_op_threads=1), options).start()
-    try:
-        records = collect(service, image_paths)  # drain returns: nothing hangs
-        assert "inference thread failed: ValueError: observer bug" in (service.failure or "")
+    """Every image is submitted before the crash (else, on a busy machine, the crash can come before
+    the last submit, which then meets ServiceFailed); each is answered once, none waits."""
+    records: list[dict] = []
+    service, ready = queued_service(CrashingRunner(tiny_bundle, crash_call=2), len(image_paths), max_batch_size=4)
+    for path in image_paths:
+        service.submit(path, records.append)
+    assert ready.wait(120)
+    with service:
+        assert service.drain(timeout=120)
+        assert "inference thread failed: _Crash: the loop itself broke" in (service.failure or "")
         with pytest.raises(ServiceFailed):
             service.submit(image_paths[0], lambda record: None)
-    finally:
-        service.close()
     assert sorted(r["path"] for r in records) == image_paths  # each image answered exactly once
     assert all(r["error"]["code"] == "inference_failed" for r in records)
+
+
+def test_a_crash_while_error_records_go_out_still_answers_the_rest_of_the_batch(tiny_bundle):
+    """The loop crashed in the callback of a batch's first bad image: the other bad images of that
+    batch were held by the loop, not queued, and drain() waited for their records for ever."""
+    bad = [f"/missing/{i}.jpg" for i in range(4)]
+    records: list[dict] = []
+
+    def on_record(record):
+        records.append(record)
+        if len(records) == 1:
+            raise _Crash("a consumer broke the loop")
+
+    service = LabelingService(FailingRunner(tiny_bundle, lambda n: False), ServiceOptions(max_batch_size=8))
+    for path in bad:  # their errors are ready at once: one batch holds the four
+        service.submit(path, on_record, error=ImageError(ErrorCode.NOT_FOUND, "gone"))
+    service.start()
+    assert service.drain(timeout=60), "images of the crashed batch were never answered"  # close() would hang
+    service.close()
+    assert "_Crash" in (service.failure or "")
+    assert sorted(r["path"] for r in records) == bad
+    assert {r["error"]["code"] for r in records} == {"not_found"}
+
+
+class _OutOfMemory(np.ndarray):
+    """Probabilities that pass the runner's shape check, whose labels cannot be made: NumPy raising
+    MemoryError for the batch's arrays, as it does on a machine whose memory others took."""
+
+    def __neg__(self):
+        raise MemoryError("simulated: no memory for the batch's labels")
+
+
+class UnusableOutputRunner(FailingRunner):
+    """Answers call `bad_call` with outputs the runner's own checks pass but records cannot use."""
+
+    def __init__(self, bundle_dir, bad_call: int, spoil):
+        super().__init__(bundle_dir, lambda n: False)
+        self.bad_call, self.spoil = bad_call, spoil
+
+    def _infer(self, crops, want_features):
+        output = super()._infer(crops, want_features)
+        return self.spoil(output) if self.calls == self.bad_call else output
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda out: InferenceOutput(out.probabilities.view(_OutOfMemory)),
+        lambda out: InferenceOutput(out.probabilities, np.zeros((len(out.probabilities) - 1, 4), np.float32)),
+    ],
+    ids=["no memory for the labels", "a feature row short"],
+)
+def test_a_batch_whose_outputs_cannot_become_records_fails_alone(tiny_bundle, image_paths, spoil):
+    """What goes wrong between the runner's outputs and the records fails that batch's images, as
+    a failed inference does; it used to end the inference loop, and the service gave up on the
+    first one, stopping its worker."""
+    records: list[dict] = []
+    runner = UnusableOutputRunner(tiny_bundle, bad_call=2, spoil=spoil)
+    service, ready = queued_service(runner, len(image_paths), max_batch_size=4)
+    for path in image_paths:
+        service.submit(path, records.append)
+    assert ready.wait(120)
+    with service:
+        assert service.drain(timeout=120)
+        assert service.failure is None
+    failed = [r for r in records if "error" in r]
+    assert len(records) == len(image_paths) and len(failed) == 4  # the first batch of four
+    assert {r["error"]["code"] for r in failed} == {"inference_failed"}
+    assert service.batch_stats.batches == len(image_paths) // 4 - 1
 
 
 def test_local_run_keeps_no_record_for_engine_failures_and_resume_retries_them(

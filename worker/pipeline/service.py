@@ -15,11 +15,12 @@ The runner is loaded and used on the inference thread only: CUDA contexts are pe
 GPU runner the thread keeps `runner.pipeline_depth` batches started: it gathers and starts batch
 n+1 before it waits for batch n, so the GPU never idles while the host labels and emits records.
 
-A failed batch gives its images `inference_failed` records and the service goes on, but a run of
-`max_failed_batches` failures in a row, a failed warm-up or a crash of the inference thread means the
-engine itself is broken (a lost GPU, a sticky CUDA error): the service then gives up (`failure`),
-refuses new images and answers the ones it holds with records its callers know not to keep, so a
-distributed worker hands the jobs back instead of failing a whole run on one bad node.
+A failed batch (the runner raised, or its outputs could not become records) gives its images
+`inference_failed` records and the service goes on, but a run of `max_failed_batches` failures in a
+row, a failed warm-up or a crash of the inference thread means the engine itself is broken (a lost
+GPU, a sticky CUDA error): the service then gives up (`failure`), refuses new images and answers the
+ones it holds with records its callers know not to keep, so a distributed worker hands the jobs
+back instead of failing a whole run on one bad node.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from worker.pipeline.labels import top_k_labels
 from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
 from worker.pipeline.reading import ReadPolicy, read_image_bytes
 from worker.records import ErrorCode, error_record, label_record
-from worker.runners.base import PendingInference, Runner
+from worker.runners.base import InferenceOutput, PendingInference, Runner, RunnerError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class ServiceFailed(RuntimeError):
 
 
 class ServiceObserver(Protocol):
-    """Told what the service did, for metrics (worker/celery_worker/metrics.py). Calls must be cheap and not raise."""
+    """Told what the service did, for metrics (worker/celery_worker/metrics.py). Calls must be cheap;
+    one that raises is logged and labeling goes on."""
 
     def prepared(self, seconds: float) -> None: ...  # read + decode + crop of one image
     # seconds: batch started -> outputs back; waits: each crop ready -> batch started
@@ -249,8 +251,16 @@ class LabelingService:
     def _put_ready(self, item: _Prepared, started: float) -> None:
         item.ready_at = time.perf_counter()
         self._ready.put(item)
-        if self.options.observer is not None:
-            self.options.observer.prepared(item.ready_at - started)
+        self._observe(lambda observer: observer.prepared(item.ready_at - started))
+
+    def _observe(self, tell: Callable[[ServiceObserver], None]) -> None:
+        """Tell the observer, if any; metrics never stop labeling, so its failure is only logged."""
+        if self.options.observer is None:
+            return
+        try:
+            tell(self.options.observer)
+        except Exception:  # noqa: BLE001 - a metrics bug must not fail images or the service
+            log.exception("the service's observer failed")
 
     def _inference_loop(self) -> None:
         try:
@@ -328,26 +338,37 @@ class LabelingService:
                 started.popleft()
 
     def _answer_the_rest(self) -> None:
-        """After a crash of the loop: every image still held gets a record, so no caller waits forever."""
+        """After a crash of the loop: every image still held gets a record, so no caller waits
+        forever; those of the batch being gathered too, its bad images included (the crash may
+        have come while their error records went out)."""
         reason = RuntimeError(self.failure)
-        self._fail_batch([item for item in self._holding if item.error is None], reason)
+        for item in self._holding:
+            self._answer_failed(item, reason)
         while self._started:
             self._fail_batch(self._started.popleft().items, reason)
         while not self._stop_taken:
             item = self._ready.get()
             if item is STOP:
                 return
-            if item.error is not None:
-                self._emit(item, error_record(item.path, str(item.error.code), item.error.message))
-            else:
-                self._fail_batch([item], reason)
+            self._answer_failed(item, reason)
+
+    def _answer_failed(self, item: _Prepared, reason: BaseException) -> None:
+        """Its own error record for a bad image, an engine failure for a good one (once, as ever)."""
+        if item.error is not None:
+            self._emit_error(item)
+        else:
+            self._fail_batch([item], reason)
+
+    def _emit_error(self, item: _Prepared) -> None:
+        assert item.error is not None
+        self._emit(item, error_record(item.path, str(item.error.code), item.error.message))
 
     def _start_batch(self, items: list[_Prepared]) -> _Started | None:
         """Emit the error records, start inference on the good crops (None: nothing to run)."""
         good = [item for item in items if item.crop is not None]
         for item in items:
             if item.error is not None:
-                self._emit(item, error_record(item.path, str(item.error.code), item.error.message))
+                self._emit_error(item)
         if not good:
             return None
         if self.failure is not None:
@@ -383,21 +404,34 @@ class LabelingService:
         return [item for index, item in enumerate(good) if index not in dropped]
 
     def _finish_batch(self, batch: _Started) -> None:
+        """The batch's records, made whole before any goes out: whatever fails between the runner
+        and the records (its outputs, or memory for them on a loaded machine) fails this batch's
+        images, as a failed inference does, and the loop goes on to the next batch."""
         good = batch.items
         try:
             output = batch.pending.result()
+            seconds = time.perf_counter() - batch.started
+            records = self._records(good, output)
         except Exception as exc:  # noqa: BLE001 - the batch's images get error records instead
             self._fail_batch(good, exc)
             return
         self._failures_in_a_row = 0
         self.batch_stats.add(len(good))
-        if self.options.observer is not None:
-            waits = [batch.started - item.ready_at for item in good]
-            self.options.observer.batch(len(good), time.perf_counter() - batch.started, waits)
+        self._observe(lambda observer: observer.batch(len(good), seconds, [batch.started - i.ready_at for i in good]))
+        for item, record in zip(good, records, strict=True):
+            self._emit(item, record)
+
+    def _records(self, good: list[_Prepared], output: InferenceOutput) -> list[dict[str, Any]]:
+        """One label record per image of a finished batch (the runner checked the probabilities'
+        shape; the features are checked here, where rows of them are taken)."""
+        features = output.features
+        if features is not None and len(features) != len(good):
+            raise RunnerError(f"the runner returned {len(features)} feature rows for {len(good)} images")
         labels = top_k_labels(output.probabilities, self.runner.spec.classes, self.options.top_k)
-        for row, item in enumerate(good):
-            embedding = output.features[row] if output.features is not None and item.features else None
-            self._emit(item, label_record(item.path, labels[row], embedding))
+        return [
+            label_record(item.path, labels[row], features[row] if features is not None and item.features else None)
+            for row, item in enumerate(good)
+        ]
 
     def _fail_batch(self, good: list[_Prepared], exc: BaseException) -> None:
         message = f"service stopped: {self.failure}" if self.failure else str(exc)
@@ -424,11 +458,10 @@ class LabelingService:
             record.update(item.source)
         try:
             item.callback(record)
-            if self.options.observer is not None:
-                self.options.observer.emitted(record)
         except Exception:  # noqa: BLE001 - a failing consumer must not stop other jobs
             log.exception("record callback failed for %s", item.path)
         finally:
+            self._observe(lambda observer: observer.emitted(record))
             self._slots.release()
             with self._idle:
                 self._in_flight -= 1
