@@ -35,14 +35,14 @@ def collect(service, paths):
 def test_a_slow_file_does_not_hold_up_the_others(tiny_bundle, image_paths, monkeypatch):
     """One read stalls for 2 s (a slow network mount, simulated); everything else is labeled first."""
     slow = image_paths[0]
-    real_read = service_module.read_image_bytes
+    real_read = service_module.read_image
 
     def read(path, policy):
         if path == slow:
             time.sleep(2.0)
         return real_read(path, policy)
 
-    monkeypatch.setattr(service_module, "read_image_bytes", read)
+    monkeypatch.setattr(service_module, "read_image", read)
     options = ServiceOptions(max_batch_size=4, max_wait_s=0.01, decode_threads=4)
     started = time.monotonic()
     with LabelingService(OnnxRuntimeRunner(tiny_bundle), options) as service:

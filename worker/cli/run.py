@@ -53,6 +53,16 @@ def inspect(bundle: Path) -> None:
     is_flag=True,
     help="With --resume: drop the error records from --out first, so those images are tried again.",
 )
+@click.option(
+    "--skip-done-in",
+    "skip_done_in",
+    multiple=True,
+    metavar="DIR_OR_URL",
+    help="With --out DIR/: an earlier dataset (and those it built on); inputs it holds labeled by this "
+    "model and precision, unchanged since (size and mtime, ETag), are left out. Repeatable.",
+)
+@click.option("--skip-failed", is_flag=True,
+              help="With --skip-done-in: also leave out inputs whose earlier row is an error (default: retry them).")  # fmt: skip
 @click.option("--top-k", type=int, default=5, show_default=True)
 @click.option("--embeddings", is_flag=True, help="Add the 2048-d pooled features to each record.")
 @click.option(
@@ -101,6 +111,8 @@ def run(
     allowed_roots: tuple[str, ...],
     resume: bool,
     retry_errors: bool,
+    skip_done_in: tuple[str, ...],
+    skip_failed: bool,
     top_k: int,
     embeddings: bool,
     batch_size: int | None,
@@ -129,6 +141,13 @@ def run(
     from worker.runners import RunnerError
 
     entries = input_entries(inputs, image_ext, image_column, key_column, samples_per_shard)
+    into_dataset = is_url(out_text) or out_text.endswith(os.sep) or Path(out_text).is_dir()
+    if (skip_done_in or skip_failed) and not into_dataset:
+        raise click.UsageError("--skip-done-in and --skip-failed need --out DIR/ (a dataset: its rows record "
+                               "the model and each source's version; a JSON-lines file does not)")  # fmt: skip
+    if skip_failed and not skip_done_in:
+        raise click.UsageError("--skip-failed goes with --skip-done-in (which earlier rows to trust)")
+    chain = _earlier_datasets(skip_done_in, out_text)
     bundle = resolve_bundle(model_dir)
     spec = ModelSpec.load(bundle)
     for warning in spec.warnings:
@@ -156,12 +175,13 @@ def run(
         if not out_text.endswith("/"):
             raise click.UsageError(f"--out {out_text}: an object URL must be a dataset prefix ending in /")
         _run_into_dataset(inputs, entries, service, ObjectPath(out_text), resume, retry_errors, shard_size,
-                          embedding_dtype, progress)  # fmt: skip
+                          embedding_dtype, progress, chain, skip_failed)  # fmt: skip
         return
     out_path = Path(out_text)
     if out_text.endswith(os.sep) or out_path.is_dir():
         _check_folder(out_text, out_path)
-        _run_into_dataset(inputs, entries, service, out_path, resume, retry_errors, shard_size, embedding_dtype, progress)
+        _run_into_dataset(inputs, entries, service, out_path, resume, retry_errors, shard_size, embedding_dtype, progress,
+                          chain, skip_failed)  # fmt: skip
         return
     if retry_errors:
         from worker.local.results import drop_error_records
@@ -219,14 +239,27 @@ def _check_folder(out_text: str, out_dir: Path) -> None:
             return
 
 
+def _earlier_datasets(named: tuple[str, ...], out_text: str):
+    """The chain `--skip-done-in` names (None: none named), or a one-line error."""
+    if not named:
+        return None
+    from worker.delta.lineage import LineageError, resolve_chain
+
+    try:
+        return resolve_chain(named, out_text)
+    except LineageError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _run_into_dataset(
     inputs: tuple[str, ...], entries, service, out_dir: Path | ObjectPath, resume: bool, retry_errors: bool, shard_size: int,
-    embedding_dtype: str, progress: bool | None,
+    embedding_dtype: str, progress: bool | None, chain=None, skip_failed: bool = False,
 ) -> None:  # fmt: skip
     from tqdm import tqdm
 
     from worker.dataset.files import DatasetError
     from worker.dataset.shard_list import ShardListError
+    from worker.delta.lineage import LineageError
     from worker.local.dataset_run import DatasetExists, run_local_dataset
     from worker.local.shard_writer import DatasetWriteFailed
     from worker.pipeline.inputs import InputError, can_repeat
@@ -238,8 +271,9 @@ def _run_into_dataset(
         summary = run_local_dataset(entries, service, out_dir, resume=resume,
                                     retry_errors=retry_errors, shard_size=shard_size,
                                     embedding_dtype=embedding_dtype, on_record=lambda _rec: bar.update(1),
-                                    deduplicate=can_repeat(inputs))  # fmt: skip
-    except (DatasetExists, DatasetWriteFailed, DatasetError, ShardListError, RunnerError, InputError, OSError) as exc:
+                                    deduplicate=can_repeat(inputs), skip_done_in=chain, skip_failed=skip_failed)  # fmt: skip
+    except (DatasetExists, DatasetWriteFailed, DatasetError, ShardListError, RunnerError, InputError, OSError,
+            LineageError) as exc:  # fmt: skip
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         bar.close()

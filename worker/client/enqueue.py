@@ -15,6 +15,7 @@ shard finished while this enqueue held its lease gets its manifest here.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from worker.dataset.manifest import file_counts
 from worker.dataset.object_path import as_location, canonical_output
 from worker.dataset.schema import DatasetError
 from worker.dataset.shard_list import CutShard, cut_shards
+from worker.delta.counts import DeltaCounts
+from worker.delta.lineage import EarlierDataset
+from worker.delta.skip import delta_entries
 from worker.ledger.keys import check_run_name
 from worker.ledger.ledger import RunLedger
 from worker.ledger.protocol import shard_message
@@ -57,6 +61,7 @@ class EnqueueSummary:
     seconds: float = 0.0
     reused_list: bool = False  # the stored shard list was used (an enqueue of this run before)
     states: dict[str, int] = field(default_factory=dict)
+    delta: DeltaCounts = field(default_factory=DeltaCounts)  # what --skip-done-in left out
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -77,9 +82,15 @@ def enqueue_run(
     options: dict | None = None,
     on_progress: Callable[[EnqueueSummary], None] | None = None,
     poll_s: float = 0.5,
+    skip_done_in: list[EarlierDataset] | None = None,
+    skip_failed: bool = False,
 ) -> EnqueueSummary:
     """Cut `paths` (loose paths and containers) into the run's shards (or reuse its stored list) and
-    publish those not done. A container's samples are counted when a worker reads it."""
+    publish those not done. A container's samples are counted when a worker reads it.
+
+    `skip_done_in`: earlier datasets (worker/delta/); what they hold labeled by the model the run's
+    options name (`model_sha256`, `precision`: workers serving another refuse the run) from the
+    same source version is left out of the shard list."""
     check_run_name(run)
     ledger = RunLedger(client, prefix)
     output = canonical_output(output)
@@ -88,6 +99,8 @@ def enqueue_run(
         raise EnqueueError(f"run {run} writes into {stored['output']}, not {output}: drop --output to resume it")
     shard_size = int(stored["shard_size"])
     summary = EnqueueSummary(run=run, output=output)
+    paths, _chain = delta_entries(as_location(output), paths, skip_done_in, skip_failed,
+                                  lambda: _delta_model(run, stored["options"]), summary.delta)  # fmt: skip
     started = time.monotonic()
     ledger.renew_enqueue_lease(run, ENQUEUE_LEASE_S)
     written = shard_files(output)
@@ -129,6 +142,15 @@ def enqueue_run(
     if on_progress:
         on_progress(summary)
     return summary
+
+
+def _delta_model(run: str, options_json: str) -> tuple[str, str]:
+    """The (checksum, precision) whose earlier rows count as done: the run's, as first enqueued."""
+    options = json.loads(options_json)
+    if not options.get("model_sha256") or not options.get("precision"):
+        raise EnqueueError(f"run {run} builds on earlier datasets but names no model: enqueue it with --model or "
+                           "--skip-done-in (whose manifest names one)")  # fmt: skip
+    return str(options["model_sha256"]), str(options["precision"])
 
 
 def _done_on_storage(ledger: RunLedger, run: str, batch: list[CutShard], written: dict) -> dict[str, tuple[int, int]]:

@@ -176,11 +176,12 @@ def remove_stale_temps(
 
 
 def iter_batches(
-    out_dir: Path | str, *, shard_ids: Iterable[str] | None = None, batch_rows: int = ROWS_PER_GROUP
-) -> Iterator[pa.RecordBatch]:
+    out_dir: Path | str, *, shard_ids: Iterable[str] | None = None, batch_rows: int = ROWS_PER_GROUP,
+    columns: Sequence[str] | None = None,
+) -> Iterator[pa.RecordBatch]:  # fmt: skip
     """The dataset's rows as Arrow batches, shard by shard, one row group in memory at a time.
     `shard_ids`: only these shards (e.g. a manifest's list), each of which must exist; default:
-    every shard file present."""
+    every shard file present. `columns`: only those of them a file has (an older minor lacks some)."""
     present = shard_files(out_dir)
     if shard_ids is None:
         paths = list(present.values())
@@ -195,7 +196,8 @@ def iter_batches(
         try:
             with pq.ParquetFile(source) as parquet:
                 check_schema_version(parquet.schema_arrow, str(path))
-                yield from parquet.iter_batches(batch_size=batch_rows)
+                names = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+                yield from parquet.iter_batches(batch_size=batch_rows, columns=names)
         finally:
             if source is not path:
                 source.close()

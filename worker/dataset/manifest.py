@@ -42,10 +42,12 @@ def write_manifest(
     settings: Mapping[str, Any],
     model: Mapping[str, Any] | None = None,
     remove_strays: bool = False,
+    lineage: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Check that every shard of the run has a file of the run's schema and model, then write the
     manifest; returns it. A shard file that is not in `shard_ids` (a bisected parent a late worker
-    wrote) would duplicate rows for every glob reader: refused, or deleted with `remove_strays`."""
+    wrote) would duplicate rows for every glob reader: refused, or deleted with `remove_strays`.
+    `lineage`: the earlier datasets an incremental run built on (worker/delta/lineage.py)."""
     wanted = sorted({*shard_ids}, key=shard_sort_key)
     present = shard_files(out_dir)
     missing = [shard_id for shard_id in wanted if shard_id not in present]
@@ -70,6 +72,8 @@ def write_manifest(
         | {"shards": len(shards)},
         "shards": shards,
     }
+    if lineage:
+        manifest["lineage"] = lineage
     data = (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode()
     atomic_write(manifest_path(out_dir), lambda handle: handle.write(data))
     return manifest

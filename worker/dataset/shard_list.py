@@ -166,7 +166,7 @@ def stored_root_shards(out_dir: Path | str) -> list[str]:
     folder = shards_dir(out_dir)
     if not isinstance(folder, ObjectPath) and not folder.is_dir():
         return []
-    ids = [p.stem for p in folder.glob("*.json") if p.name != INDEX_FILE and "." not in p.stem]
+    ids = [p.stem for p in folder.glob("*.json") if p.stem.isdigit()]  # not index.json, lineage.json, halves
     return sorted(ids, key=shard_sort_key)
 
 

@@ -10,6 +10,7 @@ import logging
 from worker.dataset.files import DatasetSpec, shard_files
 from worker.dataset.manifest import spec_of_shard_file, write_manifest
 from worker.dataset.shard_list import read_index
+from worker.delta.lineage import stored_lineage
 from worker.ledger.ledger import RunLedger
 from worker.ledger.states import State
 
@@ -37,6 +38,7 @@ def write_manifest_if_finished(ledger: RunLedger, run: str, queue: str, spec: Da
     settings = {"shard_size": index["shard_size"], **stored["options"]}
     if top_k is not None:
         settings["top_k"] = top_k
-    write_manifest(status.output, run_id=run, shard_ids=done, spec=spec, remove_strays=True, settings=settings)
+    write_manifest(status.output, run_id=run, shard_ids=done, spec=spec, remove_strays=True, settings=settings,
+                   lineage=stored_lineage(status.output))  # fmt: skip
     ledger.mark_manifested(run)
     return True

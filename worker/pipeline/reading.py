@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from worker.dataset.storage import canonical_url, is_under, is_url
 from worker.pipeline.errors import ImageError
 from worker.records import ErrorCode
+from worker.sources.version import file_version
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -87,12 +88,18 @@ def open_regular_file(path: str, policy: ReadPolicy) -> tuple[int, os.stat_resul
 
 def read_image_bytes(path: str, policy: ReadPolicy) -> bytes:
     """Return the file's (or object's) bytes or raise ImageError with a stable code."""
+    return read_image(path, policy)[0]
+
+
+def read_image(path: str, policy: ReadPolicy) -> tuple[bytes, str]:
+    """The file's (or object's) bytes and the version they were read at (worker/sources/version.py:
+    the row's `source_version`), or ImageError with a stable code."""
     if is_url(path):
-        from worker.pipeline.object_reading import read_object_bytes
+        from worker.pipeline.object_reading import read_object
 
         if policy.allowed_roots and not policy.url_roots():
             raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, "object URLs are not under any allowed root")
-        return read_object_bytes(path, policy.url_roots(), policy.max_bytes, policy.read_attempts, policy.backoff_s)
+        return read_object(path, policy.url_roots(), policy.max_bytes, policy.read_attempts, policy.backoff_s)
     fd, info = open_regular_file(path, policy)
     try:
         if info.st_size > policy.max_bytes:
@@ -102,7 +109,7 @@ def read_image_bytes(path: str, policy: ReadPolicy) -> bytes:
             )
         if info.st_size == 0:
             raise ImageError(ErrorCode.DECODE_FAILED, "empty file (0 bytes)")
-        return _read_at_most(fd, policy.max_bytes)
+        return _read_at_most(fd, policy.max_bytes), file_version(info)
     finally:
         os.close(fd)
 
