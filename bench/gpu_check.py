@@ -89,10 +89,10 @@ class RandomResNetRunner(TorchCudaRunner):
     def _build_model(self):
         import torch
 
-        from worker.resnet import build_resnet, resnet50_spec
+        from worker.resnet import resnet50
 
         torch.manual_seed(0)
-        return build_resnet(resnet50_spec(self.spec.num_classes, self.base_width)).eval()
+        return resnet50(self.spec.num_classes, self.base_width).eval()
 
 
 def make_runner_factory(work: Path, classes: int, base_width: int, size: int, device: str, precision: str):

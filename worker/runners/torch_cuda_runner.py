@@ -185,6 +185,8 @@ class TorchCudaRunner(Runner):
         """uint8 NHWC on the device -> probabilities (and features) into the slot's host buffers."""
         import torch
 
+        from worker.resnet import logits_and_features
+
         count = len(x)
         x = x.index_select(3, self._order).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
         if not self.channels_last:
@@ -192,7 +194,7 @@ class TorchCudaRunner(Runner):
         x = (x.float() * self._scale + self._bias).to(self._dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits, features = self._model(x)
+        logits, features = logits_and_features(self._model, x)
         slot.probabilities[:count].copy_(torch.softmax(logits.float(), dim=1), non_blocking=True)
         if want_features:
             slot.features[:count].copy_(features.float(), non_blocking=True)
