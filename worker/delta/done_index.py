@@ -32,12 +32,15 @@ BATCH_ROWS = 65536
 
 
 def digests(kind: bytes, names: Sequence[str], versions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The (high, low) uint64 halves of each (kind, name, version) digest, in order."""
-    block = bytearray(16 * len(names))
-    for i, (name, version) in enumerate(zip(names, versions, strict=True)):
-        text = b"%s\0%s\0%s" % (kind, name.encode("utf-8", "surrogateescape"), version.encode("utf-8", "surrogateescape"))
-        block[16 * i : 16 * i + 16] = hashlib.blake2b(text, digest_size=16).digest()
-    halves = np.frombuffer(bytes(block), dtype=">u8").reshape(-1, 2)
+    """The (high, low) uint64 halves of each (kind, name, version) digest, in order. One text per
+    pair (versions never hold a NUL, so the last one splits it unambiguously)."""
+    tag = kind.decode()
+    blake2b = hashlib.blake2b
+    block = b"".join([
+        blake2b(f"{tag}\0{name}\0{version}".encode("utf-8", "surrogateescape"), digest_size=16).digest()
+        for name, version in zip(names, versions, strict=True)
+    ])  # fmt: skip
+    halves = np.frombuffer(block, dtype=">u8").reshape(-1, 2)
     return halves[:, 0].astype(np.uint64), halves[:, 1].astype(np.uint64)
 
 

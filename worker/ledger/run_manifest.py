@@ -29,12 +29,15 @@ def write_manifest_if_finished(ledger: RunLedger, run: str, queue: str, spec: Da
     if index is None:  # the listing is not complete: more shards are coming
         return False
     done = [s.shard_id for s in ledger.shard_states(run) if s.state == State.DONE]
+    stored = ledger.run_settings(run) or {"options": {}}
     if spec is None:
         files = shard_files(status.output)
-        if not files:
+        if files:
+            spec = spec_of_shard_file(next(iter(files.values())))
+        elif stored["options"].get("model_sha256"):  # an incremental run with nothing new: its chain goes on
+            spec = DatasetSpec(model_sha256=stored["options"]["model_sha256"], precision=stored["options"]["precision"])
+        else:
             return False
-        spec = spec_of_shard_file(next(iter(files.values())))
-    stored = ledger.run_settings(run) or {"options": {}}
     settings = {"shard_size": index["shard_size"], **stored["options"]}
     if top_k is not None:
         settings["top_k"] = top_k
