@@ -33,6 +33,8 @@ RULES = [
                         "worker.runners", "worker.ledger", "celery", "cv2", "redis")),
     ("worker/client", ("engine_build", "worker.cli", "worker.celery_worker", "worker.pipeline", "worker.runners",
                        "celery", "cv2")),
+    ("worker/delta", ("engine_build", "worker.cli", "worker.pipeline", "worker.celery_worker", "worker.client",
+                      "worker.runners", "worker.ledger", "worker.local", "celery", "cv2", "redis")),
     ("worker/records.py", ("engine_build", "worker.")),
     ("worker/sidecar.py", ("engine_build", "worker.")),
     ("worker/resnet.py", ("engine_build", "worker.")),
