@@ -94,6 +94,8 @@ def enqueue_command(
     from worker.pipeline.inputs import InputError, can_repeat, unique_by_digest
     from worker.settings import output_roots
 
+    if not skip_done_in and (skip_failed or model_dir or precision):
+        raise click.UsageError("--skip-failed, --model and --precision go with --skip-done-in")
     settings = load_settings(broker_url=broker, queue=queue, shard_size=shard_size, max_queued_jobs=max_queued)
     run = run_name or time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(3).hex()
     click.echo(run)
@@ -159,8 +161,6 @@ def _earlier_for_enqueue(named: tuple[str, ...], skip_failed: bool, model_dir: s
     """The chain --skip-done-in names (None: none), with the run's model put in `options`: the
     bundle's where --model names one, else the first named dataset's (said on stderr)."""
     if not named:
-        if skip_failed or model_dir or precision:
-            raise click.UsageError("--skip-failed, --model and --precision go with --skip-done-in")
         return None
     from worker.delta.lineage import LineageError, resolve_chain
     from worker.sidecar import ModelSpec
