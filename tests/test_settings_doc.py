@@ -143,3 +143,13 @@ def test_no_default_is_written_again_outside_the_table(pattern: str) -> None:
         if re.search(pattern, line)
     ]
     assert not hits, f"{pattern} outside worker/setting_table.py: {hits}"
+
+
+def test_the_commands_embedding_types_are_the_datasets() -> None:
+    from worker.cli.common import EMBEDDING_DTYPES
+    from worker.dataset.schema import EMBEDDING_DTYPES as COLUMN_TYPES
+
+    assert set(EMBEDDING_DTYPES) == set(COLUMN_TYPES)
+    for name in ("run", "enqueue"):
+        (param,) = [p for p in main.commands[name].params if p.name == "embedding_dtype"]
+        assert param.default == "float32" and tuple(param.type.choices) == EMBEDDING_DTYPES

@@ -54,6 +54,20 @@ def setting_option(name: str, *, from_env: bool = True, **overrides: Any) -> Cal
     return click.option(setting.flag, name, **(kwargs | overrides))
 
 
+EMBEDDING_DTYPES = ("float32", "float16")  # the dataset's embedding column types (worker/dataset/schema.py)
+
+
+def embedding_dtype_option(help_text: str | None = None) -> Callable:
+    """`--embedding-dtype` (run, enqueue): one list of types and one default."""
+    return click.option("--embedding-dtype", type=click.Choice(EMBEDDING_DTYPES), default=EMBEDDING_DTYPES[0],
+                        show_default=True, help=help_text)  # fmt: skip
+
+
+def interval_option(what: str) -> Callable:
+    """`--interval` of the commands that follow a run (enqueue --wait, status --watch, retry --wait)."""
+    return click.option("--interval", type=float, default=2.0, show_default=True, help=f"Seconds between {what} updates.")
+
+
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment, with the flags that were given (None or () means not given)."""
     try:

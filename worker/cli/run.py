@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from worker.cli.bundle import resolve_bundle
-from worker.cli.common import container_options, input_entries, setting_option
+from worker.cli.common import container_options, embedding_dtype_option, input_entries, setting_option
 from worker.dataset.object_path import ObjectPath
 from worker.dataset.storage import is_url
 from worker.sidecar import ModelSpec, summarize
@@ -42,8 +42,7 @@ def inspect(bundle: Path) -> None:
     "dataset of one file per shard, the layout of a distributed run.",
 )
 @run_option("shard_size")
-@click.option("--embedding-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="With --embeddings and --out DIR/: the embedding column's type.")  # fmt: skip
+@embedding_dtype_option("With --embeddings and --out DIR/: the embedding column's type.")
 @run_option("allowed_roots")
 @click.option("--resume", is_flag=True, help="Skip inputs that already have a record in --out.")
 @click.option(

@@ -18,7 +18,9 @@ import click
 
 from worker.cli.common import (
     container_options,
+    embedding_dtype_option,
     input_entries,
+    interval_option,
     load_settings,
     open_run,
     open_store,
@@ -42,11 +44,9 @@ from worker.setting_table import default
 @setting_option("shard_size")
 @setting_option("max_queued_jobs")
 @click.option("--embeddings", is_flag=True, help="Rows carry the model's pooled features (a fixed-size list).")
-@click.option("--embedding-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@embedding_dtype_option()
 @click.option("--wait", is_flag=True, help="Follow the run until every image has a row.")
-@click.option(
-    "--interval", type=float, default=2.0, show_default=True, help="Seconds between --wait updates."
-)
+@interval_option("--wait")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a TTY).")
 @click.option("--skip-done-in", "skip_done_in", multiple=True, metavar="DIR_OR_URL",
               help="An earlier dataset (and those it built on): inputs it holds labeled by the run's model, "
@@ -220,9 +220,7 @@ def _exit_if_failed(status) -> None:
 @click.argument("run")
 @setting_option("broker_url")
 @click.option("--watch", is_flag=True, help="Keep a live view until the run finishes (Ctrl-C to leave).")
-@click.option(
-    "--interval", type=float, default=2.0, show_default=True, help="Seconds between --watch updates."
-)
+@interval_option("--watch")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as one JSON object.")
 def status_command(run: str, broker_url: str | None, watch: bool, interval: float, as_json: bool) -> None:
     """Show a run's total, done, failed, pending, images/s and ETA, and each worker's throughput."""
@@ -319,9 +317,7 @@ def results_command(run: str, out_path: Path, broker_url: str | None, errors_onl
 @setting_option("broker_url")
 @setting_option("queue")
 @click.option("--wait", is_flag=True, help="Follow the run until every image has a row.")
-@click.option(
-    "--interval", type=float, default=2.0, show_default=True, help="Seconds between --wait updates."
-)
+@interval_option("--wait")
 def retry_command(
     run: str, codes: tuple[str, ...], broker_url: str | None, queue: str | None, wait: bool, interval: float
 ) -> None:
