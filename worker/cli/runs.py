@@ -17,15 +17,18 @@ from pathlib import Path
 import click
 
 from worker.cli.common import (
-    BROKER_HELP,
     container_options,
+    embedding_dtype_option,
     input_entries,
+    interval_option,
     load_settings,
     open_run,
     open_store,
+    setting_option,
 )
 from worker.dataset.storage import is_url
 from worker.records import ErrorCode, is_error
+from worker.setting_table import default
 
 
 @click.command("enqueue")
@@ -36,16 +39,14 @@ from worker.records import ErrorCode, is_error
     type=click.Path(file_okay=False),
     help="The run's dataset: a folder on storage the workers share, or s3://bucket/prefix/ (default: FIRST_OUTPUT_ROOT/RUN).",
 )
-@click.option("--broker", help=BROKER_HELP)
-@click.option("--queue", help="Queue to publish to (default: $LABELER_QUEUE or 'labeler').")
-@click.option("--shard-size", type=int, help="Images per shard, one job and one Parquet file each (default 5000).")
-@click.option("--max-queued", type=int, help="Wait while the queue holds more shards than this (default 1000).")
+@setting_option("broker_url")
+@setting_option("queue")
+@setting_option("shard_size")
+@setting_option("max_queued_jobs")
 @click.option("--embeddings", is_flag=True, help="Rows carry the model's pooled features (a fixed-size list).")
-@click.option("--embedding-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@embedding_dtype_option()
 @click.option("--wait", is_flag=True, help="Follow the run until every image has a row.")
-@click.option(
-    "--interval", type=float, default=2.0, show_default=True, help="Seconds between --wait updates."
-)
+@interval_option("--wait")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a TTY).")
 @click.option("--skip-done-in", "skip_done_in", multiple=True, metavar="DIR_OR_URL",
               help="An earlier dataset (and those it built on): inputs it holds labeled by the run's model, "
@@ -61,10 +62,10 @@ def enqueue_command(
     inputs: tuple[str, ...],
     run_name: str | None,
     output: str | None,
-    broker: str | None,
+    broker_url: str | None,
     queue: str | None,
     shard_size: int | None,
-    max_queued: int | None,
+    max_queued_jobs: int | None,
     embeddings: bool,
     embedding_dtype: str,
     wait: bool,
@@ -96,7 +97,8 @@ def enqueue_command(
 
     if not skip_done_in and (skip_failed or model_dir or precision):
         raise click.UsageError("--skip-failed, --model and --precision go with --skip-done-in")
-    settings = load_settings(broker_url=broker, queue=queue, shard_size=shard_size, max_queued_jobs=max_queued)
+    settings = load_settings(broker_url=broker_url, queue=queue, shard_size=shard_size,
+                             max_queued_jobs=max_queued_jobs)  # fmt: skip
     run = run_name or time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(3).hex()
     click.echo(run)
     ledger = open_store(settings)
@@ -170,7 +172,7 @@ def _earlier_for_enqueue(named: tuple[str, ...], skip_failed: bool, model_dir: s
     except LineageError as exc:
         raise click.ClickException(str(exc)) from None
     if model_dir:
-        wanted = precision or "fp32"
+        wanted = precision or default("precision")
         try:
             checksum = ModelSpec.load(Path(model_dir)).model_for(wanted)[1]
         except (ValueError, KeyError, OSError) as exc:
@@ -216,18 +218,16 @@ def _exit_if_failed(status) -> None:
 
 @click.command("status")
 @click.argument("run")
-@click.option("--broker", help=BROKER_HELP)
+@setting_option("broker_url")
 @click.option("--watch", is_flag=True, help="Keep a live view until the run finishes (Ctrl-C to leave).")
-@click.option(
-    "--interval", type=float, default=2.0, show_default=True, help="Seconds between --watch updates."
-)
+@interval_option("--watch")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as one JSON object.")
-def status_command(run: str, broker: str | None, watch: bool, interval: float, as_json: bool) -> None:
+def status_command(run: str, broker_url: str | None, watch: bool, interval: float, as_json: bool) -> None:
     """Show a run's total, done, failed, pending, images/s and ETA, and each worker's throughput."""
     from worker.client.status import follow, format_status
     from worker.ledger.activity import worker_activity
 
-    settings = load_settings(broker_url=broker)
+    settings = load_settings(broker_url=broker_url)
     store = open_run(settings, run)
     if as_json:
         status = store.status(run, settings.queue)
@@ -269,11 +269,11 @@ def status_command(run: str, broker: str | None, watch: bool, interval: float, a
     required=True,
     help="FILE.jsonl, FILE.csv or FILE.parquet.",
 )
-@click.option("--broker", help=BROKER_HELP)
+@setting_option("broker_url")
 @click.option("--errors-only", is_flag=True, help="Only the error records: which images failed, and why.")
 @click.option("--with-lineage", is_flag=True,
               help="Also the datasets it built on (--skip-done-in): one row per image, the newest winning.")  # fmt: skip
-def results_command(run: str, out_path: Path, broker: str | None, errors_only: bool, with_lineage: bool) -> None:
+def results_command(run: str, out_path: Path, broker_url: str | None, errors_only: bool, with_lineage: bool) -> None:
     """Stream every row of RUN's dataset (a run name, or a finished dataset's folder or URL) to one
     file (format by extension), in constant memory. The dataset itself (OUTPUT/labels/*.parquet)
     reads as one table in DuckDB, pandas or pyarrow."""
@@ -291,7 +291,7 @@ def results_command(run: str, out_path: Path, broker: str | None, errors_only: b
     if is_url(run) or os.path.isdir(run):
         output = run
     else:
-        settings = load_settings(broker_url=broker)
+        settings = load_settings(broker_url=broker_url)
         ledger = open_run(settings, run)
         status = ledger.status(run, settings.queue)
         output, pending = status.output, f" ({status.pending} images still pending)"
@@ -314,14 +314,12 @@ def results_command(run: str, out_path: Path, broker: str | None, errors_only: b
     type=click.Choice(sorted(str(code) for code in ErrorCode if code != ErrorCode.INFERENCE_FAILED)),
     help="Retry only images with this error code (repeatable; default: every failed image).",
 )
-@click.option("--broker", help=BROKER_HELP)
-@click.option("--queue", help="Queue to publish to (default: $LABELER_QUEUE or 'labeler').")
+@setting_option("broker_url")
+@setting_option("queue")
 @click.option("--wait", is_flag=True, help="Follow the run until every image has a row.")
-@click.option(
-    "--interval", type=float, default=2.0, show_default=True, help="Seconds between --wait updates."
-)
+@interval_option("--wait")
 def retry_command(
-    run: str, codes: tuple[str, ...], broker: str | None, queue: str | None, wait: bool, interval: float
+    run: str, codes: tuple[str, ...], broker_url: str | None, queue: str | None, wait: bool, interval: float
 ) -> None:
     """Label RUN's failed images again (after fixing a mount, restoring files): each still ends
     with exactly one row, and the run's counts stay exact."""
@@ -329,7 +327,7 @@ def retry_command(
 
     from worker.client.retry import retry_failed
 
-    settings = load_settings(broker_url=broker, queue=queue)
+    settings = load_settings(broker_url=broker_url, queue=queue)
     ledger = open_run(settings, run)
     try:
         summary = retry_failed(ledger.client, run, settings.queue, codes, settings.key_prefix)

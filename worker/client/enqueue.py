@@ -36,6 +36,7 @@ from worker.ledger.ledger import RunLedger
 from worker.ledger.protocol import shard_message
 from worker.ledger.run_manifest import write_manifest_if_finished
 from worker.ledger.states import Registered
+from worker.setting_table import default
 from worker.sources.container import Container
 
 ENQUEUE_LEASE_S = 60.0  # renewed every batch and backpressure poll; a killed enqueue lapses
@@ -76,9 +77,9 @@ def enqueue_run(
     paths: Iterable[str | Container],
     output: str,
     queue: str,
-    shard_size: int = 5000,
-    max_queued_jobs: int = 1000,
-    prefix: str = "labeler",
+    shard_size: int = default("shard_size"),
+    max_queued_jobs: int = default("max_queued_jobs"),
+    prefix: str = default("key_prefix"),
     options: dict | None = None,
     on_progress: Callable[[EnqueueSummary], None] | None = None,
     poll_s: float = 0.5,

@@ -30,9 +30,10 @@ from worker.pipeline.inputs import unique_by_digest
 from worker.pipeline.reading import ReadPolicy
 from worker.pipeline.service import LabelingService, ServiceFailed
 from worker.records import Record, error_code, is_engine_failure, is_error
+from worker.setting_table import default
 from worker.sources.items import SourceUnavailable, iter_items
 
-DEFAULT_SHARD_SIZE = 5000
+DEFAULT_SHARD_SIZE: int = default("shard_size")
 
 
 class DatasetExists(RuntimeError):

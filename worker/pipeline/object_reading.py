@@ -27,9 +27,6 @@ from worker.pipeline.errors import ImageError
 from worker.records import ErrorCode
 from worker.sources.version import object_version
 
-DEFAULT_READ_ATTEMPTS = 3
-DEFAULT_BACKOFF_S = 0.25
-
 
 def check_url_allowed(url: str, roots: tuple[str, ...]) -> None:
     """Raise outside_allowed_roots unless `url` names a key under one of the URL roots."""
@@ -48,10 +45,12 @@ def read_object(
     url: str,
     allowed_roots: tuple[str, ...],
     max_bytes: int,
-    attempts: int = DEFAULT_READ_ATTEMPTS,
-    backoff_s: float = DEFAULT_BACKOFF_S,
+    attempts: int,
+    backoff_s: float,
 ) -> tuple[bytes, str]:
-    """The object's bytes and version (its ETag, from the HEAD before the GET), or ImageError."""
+    """The object's bytes and version (its ETag, from the HEAD before the GET), or ImageError;
+    `attempts` and `backoff_s` come from the ReadPolicy (worker/pipeline/reading.py), which holds
+    their defaults."""
     check_url_allowed(url, allowed_roots)
     try:
         fs, path = filesystem_for(url)

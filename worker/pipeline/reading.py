@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from worker.dataset.storage import canonical_url, is_under, is_url
 from worker.pipeline.errors import ImageError
 from worker.records import ErrorCode
+from worker.setting_table import default
 from worker.sources.version import file_version
 
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BYTES: int = default("max_bytes")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ReadPolicy:
 
     allowed_roots: tuple[str, ...] = field(default=())
     max_bytes: int = DEFAULT_MAX_BYTES
-    read_attempts: int = 3
+    read_attempts: int = 3  # object_reading.py has no default of its own: these are the retries'
     backoff_s: float = 0.25
 
     @classmethod
