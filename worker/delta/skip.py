@@ -26,7 +26,7 @@ from worker.delta.lineage import EarlierDataset, settle_lineage
 from worker.sources.container import Container
 from worker.sources.version import current_version
 
-CHUNK = 4096
+CHUNK = 16384  # inputs per lookup (and per round of HEADs): one vectorized call each
 HEAD_CONCURRENCY = 32  # objects asked for their ETag at once
 READ_COLUMNS = ["path", "source_url", "source_version", "error_code"]
 
