@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO / "tests" / "objectstore"))
 from objectstore_helpers import IMAGES_BUCKET, running_server  # noqa: E402
 
 from worker.dataset import storage  # noqa: E402
+from worker.dataset.shard_list import stored_root_shards  # noqa: E402
 from worker.pipeline.inputs import iter_input_paths  # noqa: E402
 from worker.pipeline.reading import ReadPolicy, read_image_bytes  # noqa: E402
 from worker.sources.container import Container, ContainerOptions  # noqa: E402
@@ -239,13 +240,13 @@ def bench_input(ways: dict[str, list], args, store_pid: int) -> dict:
 
 
 class ShardListClock:
-    """Time spent writing the run's shard list (one small JSON file per container shard, written
+    """Time spent writing the run's shard list (pack files of container shards, each written
     durably: create, fsync, rename, fsync of the folder), by wrapping the one function that does."""
 
     def __init__(self) -> None:
         from worker.dataset import shard_list
 
-        self.module, self.original, self.seconds = shard_list, shard_list.write_shard_source, 0.0
+        self.module, self.original, self.seconds = shard_list, shard_list._write_json, 0.0
 
     def __enter__(self) -> ShardListClock:
         def timed(*args, **kwargs):
@@ -255,11 +256,11 @@ class ShardListClock:
             finally:
                 self.seconds += time.perf_counter() - started
 
-        self.module.write_shard_source = timed
+        self.module._write_json = timed
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.module.write_shard_source = self.original
+        self.module._write_json = self.original
 
 
 def enqueue_once(server: RedisServer, spec: str, output: Path, count: int) -> dict[str, float]:
@@ -284,7 +285,7 @@ def enqueue_once(server: RedisServer, spec: str, output: Path, count: int) -> di
         seconds = time.perf_counter() - started
     cpu = process_cpu() - cpu
     assert summary.shards == count and summary.jobs == count and client.llen("labeler") == count, summary
-    assert sum(1 for _ in (output / "shards").glob("*.json")) >= count
+    assert len(stored_root_shards(output)) == count
     return {"listing_s": listing, "enqueue_s": seconds, "shard_files_s": files.seconds, "cpu_s": cpu}
 
 
