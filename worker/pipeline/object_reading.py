@@ -41,17 +41,10 @@ def check_url_allowed(url: str, roots: tuple[str, ...]) -> None:
         raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, f"{canonical_url(url)} is not under an allowed root")
 
 
-def read_object(
-    url: str,
-    allowed_roots: tuple[str, ...],
-    max_bytes: int,
-    attempts: int,
-    backoff_s: float,
-) -> tuple[bytes, str]:
-    """The object's bytes and version (its ETag, from the HEAD before the GET), or ImageError;
-    `attempts` and `backoff_s` come from the ReadPolicy (worker/pipeline/reading.py), which holds
-    their defaults."""
-    check_url_allowed(url, allowed_roots)
+def read_object(url: str, max_bytes: int, attempts: int, backoff_s: float) -> tuple[bytes, str]:
+    """The object's bytes and version (its ETag, from the HEAD before the GET), or ImageError.
+    The caller has checked the URL against its roots (ReadPolicy.check_url, which also holds the
+    defaults of `attempts` and `backoff_s`)."""
     try:
         fs, path = filesystem_for(url)
     except StorageUnavailable as exc:

@@ -45,6 +45,15 @@ class ReadPolicy:
     def url_roots(self) -> tuple[str, ...]:
         return tuple(root for root in self.allowed_roots if is_url(root))
 
+    def check_url(self, url: str) -> None:
+        """Raise outside_allowed_roots unless the URL roots admit `url` (directory roots admit no
+        URL: a policy with roots but none of them a URL refuses every object)."""
+        from worker.pipeline.object_reading import check_url_allowed
+
+        if self.allowed_roots and not self.url_roots():
+            raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, "object URLs are not under any allowed root")
+        check_url_allowed(url, self.url_roots())
+
     def check_allowed(self, real_path: str) -> None:
         if not self.allowed_roots:
             return
@@ -98,9 +107,8 @@ def read_image(path: str, policy: ReadPolicy) -> tuple[bytes, str]:
     if is_url(path):
         from worker.pipeline.object_reading import read_object
 
-        if policy.allowed_roots and not policy.url_roots():
-            raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, "object URLs are not under any allowed root")
-        return read_object(path, policy.url_roots(), policy.max_bytes, policy.read_attempts, policy.backoff_s)
+        policy.check_url(path)
+        return read_object(path, policy.max_bytes, policy.read_attempts, policy.backoff_s)
     fd, info = open_regular_file(path, policy)
     try:
         if info.st_size > policy.max_bytes:

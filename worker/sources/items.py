@@ -80,7 +80,7 @@ def _parquet_items(stream, source: Container, policy: ReadPolicy) -> Iterator[So
         row += rows
     rows = iter_parquet_rows(
         stream, source.url, max_bytes=policy.max_bytes, image_column=source.image, key_column=source.key,
-        row_groups=(first, stop_group),
+        row_groups=(first, stop_group), metadata=metadata,
     )  # fmt: skip
     try:
         for item in rows:

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 from worker.dataset.storage import StorageUnavailable, filesystem_for, is_url
 from worker.pipeline.errors import ImageError
-from worker.pipeline.object_reading import check_url_allowed, transient_errors
+from worker.pipeline.object_reading import transient_errors
 from worker.pipeline.reading import ReadPolicy, open_regular_file
 from worker.records import ErrorCode
 from worker.sources.version import file_version, object_version
@@ -45,9 +45,7 @@ def open_versioned(url: str, policy: ReadPolicy, offset: int = 0) -> tuple[Binar
     """`open_container`'s stream and the version it reads (worker/sources/version.py): every
     sample's row records it, so a later run can skip the unchanged file whole."""
     if is_url(url):
-        if policy.allowed_roots and not policy.url_roots():
-            raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, "object URLs are not under any allowed root")
-        check_url_allowed(url, policy.url_roots())
+        policy.check_url(url)
         return _open_object(url, policy, offset)
     return _open_local(url, policy, offset)
 
