@@ -49,6 +49,7 @@ def _tar_items(stream, source: Container, policy: ReadPolicy) -> Iterator[Source
     yield from iter_tar_samples(
         stream, source.url, max_bytes=policy.max_bytes, image_extension=source.image,
         start=source.start, stop=source.stop, offset=source.offset, gzip=source.gzip,
+        repeats=frozenset(source.repeats),
     )  # fmt: skip
 
 
