@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from worker.dataset.storage import StorageUnavailable, filesystem_for, join_url, split_url
-from worker.pipeline.inputs import (
+from worker.pipeline.input_forms import (
     IMAGE_EXTENSIONS,
     MANIFEST_EXTENSIONS,
     Entry,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from worker.pipeline.errors import ImageError
-from worker.pipeline.inputs import IMAGE_EXTENSIONS
+from worker.pipeline.input_forms import IMAGE_EXTENSIONS
 from worker.records import ErrorCode
 from worker.sources.item import SourceItem, repeated_sample_path, sample_path
 
