@@ -51,7 +51,7 @@ from worker.dataset.files import (
     shard_path,
     write_shard,
 )
-from worker.dataset.object_path import ObjectPath, canonical_output
+from worker.dataset.object_path import Location, ObjectPath, canonical_output
 from worker.dataset.shard_list import (
     ShardListError,
     ShardSource,
@@ -172,7 +172,7 @@ class ShardJob:
         except DatasetError as exc:
             raise BadJob(str(exc)) from None
         self.asked_output = _string(kwargs, "output")
-        self.output: Path | ObjectPath | str = self.asked_output
+        self.output: Location | str = self.asked_output
         self.given_paths = _paths(kwargs["paths"]) if "paths" in kwargs else None
         self.owner = process.leases.new_owner(process.worker_name)
         self.holds_lease = False

@@ -12,7 +12,7 @@ import click
 
 from worker.cli.bundle import resolve_bundle
 from worker.cli.common import container_options, embedding_dtype_option, input_entries, setting_option
-from worker.dataset.object_path import ObjectPath
+from worker.dataset.object_path import Location, ObjectPath
 from worker.dataset.storage import is_url
 from worker.sidecar import ModelSpec, summarize
 
@@ -224,7 +224,7 @@ def _earlier_datasets(named: tuple[str, ...], out_text: str):
 
 
 def _run_into_dataset(
-    inputs: tuple[str, ...], entries, service, out_dir: Path | ObjectPath, resume: bool, retry_errors: bool, shard_size: int,
+    inputs: tuple[str, ...], entries, service, out_dir: Location, resume: bool, retry_errors: bool, shard_size: int,
     embedding_dtype: str, progress: bool | None, chain=None, skip_failed: bool = False,
 ) -> None:  # fmt: skip
     from tqdm import tqdm

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from worker.dataset.atomic import TEMP_SUFFIX, atomic_write, ensure_dir, fsync_dir, temp_glob
-from worker.dataset.object_path import ObjectPath, as_location, open_for_parquet
+from worker.dataset.object_path import Location, LocationLike, ObjectPath, as_location, open_for_parquet
 from worker.dataset.schema import (
     DICTIONARY_COLUMNS,
     DatasetError,
@@ -50,7 +50,7 @@ class ShardFile:
     """What the ledger records for a written shard."""
 
     shard_id: str
-    path: Path | ObjectPath
+    path: Location
     rows: int
     labeled: int
     failed: int
@@ -69,11 +69,11 @@ def shard_sort_key(shard_id: str) -> tuple[int, ...]:
     return tuple(int(part) for part in shard_id.split("."))
 
 
-def labels_dir(out_dir: Path | str | ObjectPath) -> Path | ObjectPath:
+def labels_dir(out_dir: LocationLike) -> Location:
     return as_location(out_dir) / LABELS_DIR
 
 
-def shard_path(out_dir: Path | str | ObjectPath, shard_id: str) -> Path | ObjectPath:
+def shard_path(out_dir: LocationLike, shard_id: str) -> Location:
     """Where shard `shard_id` of the run writing into `out_dir` lives."""
     return labels_dir(out_dir) / f"part-{check_shard_id(shard_id)}.parquet"
 
@@ -125,10 +125,10 @@ def _write_parquet(table: pa.Table, handle: Any) -> None:
     )
 
 
-def shard_files(out_dir: Path | str | ObjectPath) -> dict[str, Path | ObjectPath]:
+def shard_files(out_dir: LocationLike) -> dict[str, Location]:
     """The shard files present (for resume), in shard order. Temporary files are not shards."""
     folder = labels_dir(out_dir)
-    found: dict[str, Path | ObjectPath] = {}
+    found: dict[str, Location] = {}
     if isinstance(folder, ObjectPath):
         for child in folder.iterdir():
             match = _SHARD_FILE.match(child.name)

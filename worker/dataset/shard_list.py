@@ -29,7 +29,7 @@ from pathlib import Path
 
 from worker.dataset.atomic import atomic_write, ensure_dir
 from worker.dataset.files import check_shard_id, shard_sort_key
-from worker.dataset.object_path import ObjectPath, as_location
+from worker.dataset.object_path import Location, LocationLike, ObjectPath, as_location
 from worker.sources.container import Container, ContainerError
 
 # What one shard reads: a list of paths (loose files or objects), or one container (range).
@@ -47,7 +47,7 @@ class ShardListError(ValueError):
     """The stored shard list and what an enqueue was given disagree, or the list is damaged."""
 
 
-def shards_dir(out_dir: Path | str | ObjectPath) -> Path | ObjectPath:
+def shards_dir(out_dir: LocationLike) -> Location:
     return as_location(out_dir) / SHARDS_DIR
 
 
@@ -115,7 +115,7 @@ def _body(shard_id: str, source: ShardSource, chain: str) -> dict:
     return body
 
 
-def _write_json(path: Path | ObjectPath, body: dict) -> None:
+def _write_json(path: Location, body: dict) -> None:
     """One shard-list file, durably (create, fsync, rename, fsync of the folder)."""
     ensure_dir(path.parent)
     data = json.dumps(body, ensure_ascii=False).encode()
@@ -126,7 +126,7 @@ def write_shard_source(out_dir: Path | str, shard_id: str, source: ShardSource, 
     _write_json(shards_dir(out_dir) / f"{check_shard_id(shard_id)}.json", _body(shard_id, source, chain))
 
 
-def pack_path(out_dir: Path | str, group: int) -> Path | ObjectPath:
+def pack_path(out_dir: Path | str, group: int) -> Location:
     return shards_dir(out_dir) / f"pack-{group:0{ROOT_ID_DIGITS}d}.json"
 
 
@@ -134,7 +134,7 @@ def _group_of(shard_id: str) -> int:
     return int(shard_id) // PACK_SIZE
 
 
-def _read_json(path: Path | ObjectPath) -> dict | None:
+def _read_json(path: Location) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -16,11 +16,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from worker.dataset.files import DatasetError, DatasetSpec, iter_records, shard_files, write_shard
 from worker.dataset.manifest import check_columns, write_manifest
-from worker.dataset.object_path import ObjectPath, as_location
+from worker.dataset.object_path import Location, as_location
 from worker.dataset.shard_list import Entry, ShardSource, cut_shards, entry_text, size_of, stored_root_shards
 from worker.delta.lineage import EarlierDataset, lineage_json
 from worker.delta.skip import delta_entries
@@ -53,7 +52,7 @@ class _Shard:
 def run_local_dataset(
     paths: Iterable[Entry],
     service: LabelingService,
-    out_dir: Path | ObjectPath,
+    out_dir: Location,
     *,
     resume: bool = False,
     retry_errors: bool = False,
@@ -154,7 +153,7 @@ def _count_repeat(summary: RunSummary) -> None:
     summary.repeats += 1
 
 
-def _done_rows(out_dir: Path | ObjectPath, shard: _Shard, written: dict, retry_errors: bool) -> dict[str, Record] | None:
+def _done_rows(out_dir: Location, shard: _Shard, written: dict, retry_errors: bool) -> dict[str, Record] | None:
     """The rows of `shard` kept from its file (empty: label it all); None: skip the shard whole."""
     if shard.shard_id not in written:
         return {}
