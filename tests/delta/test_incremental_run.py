@@ -147,6 +147,10 @@ def test_a_resume_keeps_the_chain_it_started_with(tmp_path, folder, tiny_bundle)
     output = run(tiny_bundle, str(folder), "--out", f"{out}/", "--resume", "--skip-done-in", str(tmp_path / "b"), expect=1)
     assert "was started on --skip-done-in" in output
     run(tiny_bundle, str(folder), "--out", f"{out}/", "--resume")  # naming none: the stored chain
+    output = run(tiny_bundle, str(folder), "--out", f"{tmp_path / 'b'}/", "--resume", "--skip-done-in",
+                 str(tmp_path / "a"), expect=1)  # fmt: skip
+    assert "was started without --skip-done-in" in output
+    assert not (tmp_path / "b" / "shards" / LINEAGE_FILE).exists(), "a run on nothing stores no lineage"
 
 
 def test_the_mistakes_a_user_makes_get_one_clear_line(tmp_path, folder, tiny_bundle) -> None:

@@ -155,7 +155,12 @@ def settle_lineage(out_dir: Any, chain: list[EarlierDataset] | None, skip_failed
                 "resume it with the same, or start a new run"
             )
         return kept, bool(stored.get("skip_failed"))
-    chain = chain or []
+    if not chain:
+        return [], skip_failed  # a run that builds on nothing stores nothing
+    from worker.dataset.shard_list import stored_root_shards
+
+    if stored_root_shards(out_dir):
+        raise LineageError(f"{out_dir} was started without --skip-done-in: resume it without, or start a new run")
     path = _lineage_path(out_dir)
     ensure_dir(path.parent)
     data = (json.dumps({"lineage": lineage_json(chain), "skip_failed": skip_failed}, indent=1) + "\n").encode()
