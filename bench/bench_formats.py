@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -50,7 +49,16 @@ from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RedisServer, cpu_name, machine_description, machine_load, make_photo_set, tiny_bundle  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    RedisServer,
+    cpu_name,
+    machine_description,
+    machine_load,
+    make_photo_set,
+    process_cpu,
+    tiny_bundle,
+)
 
 sys.path.insert(0, str(REPO / "tests" / "objectstore"))
 from objectstore_helpers import IMAGES_BUCKET, running_server  # noqa: E402
@@ -65,15 +73,6 @@ from worker.sources.items import iter_items  # noqa: E402
 MODES = ("local files", "bucket objects", "bucket tars", "bucket parquet", "local tars")
 FETCH_CONCURRENCY = 32  # `labeler run`'s default
 EMPTY_TAR = bytes(10240)  # what `tar cf x.tar -T /dev/null` writes: end blocks, one record
-
-
-def process_cpu(pid: int | None = None) -> float:
-    """User + system CPU seconds of this process (all threads), or of `pid` from /proc."""
-    if pid is None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load_one() -> float:
