@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -50,12 +49,22 @@ from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RedisServer, cpu_name, machine_description, machine_load, make_photo_set, tiny_bundle  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    RedisServer,
+    cpu_name,
+    machine_description,
+    machine_load,
+    make_photo_set,
+    process_cpu,
+    tiny_bundle,
+)
 
 sys.path.insert(0, str(REPO / "tests" / "objectstore"))
 from objectstore_helpers import IMAGES_BUCKET, running_server  # noqa: E402
 
 from worker.dataset import storage  # noqa: E402
+from worker.dataset.shard_list import stored_root_shards  # noqa: E402
 from worker.pipeline.inputs import iter_input_paths  # noqa: E402
 from worker.pipeline.reading import ReadPolicy, read_image_bytes  # noqa: E402
 from worker.sources.container import Container, ContainerOptions  # noqa: E402
@@ -64,15 +73,6 @@ from worker.sources.items import iter_items  # noqa: E402
 MODES = ("local files", "bucket objects", "bucket tars", "bucket parquet", "local tars")
 FETCH_CONCURRENCY = 32  # `labeler run`'s default
 EMPTY_TAR = bytes(10240)  # what `tar cf x.tar -T /dev/null` writes: end blocks, one record
-
-
-def process_cpu(pid: int | None = None) -> float:
-    """User + system CPU seconds of this process (all threads), or of `pid` from /proc."""
-    if pid is None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load_one() -> float:
@@ -239,13 +239,13 @@ def bench_input(ways: dict[str, list], args, store_pid: int) -> dict:
 
 
 class ShardListClock:
-    """Time spent writing the run's shard list (one small JSON file per container shard, written
+    """Time spent writing the run's shard list (pack files of container shards, each written
     durably: create, fsync, rename, fsync of the folder), by wrapping the one function that does."""
 
     def __init__(self) -> None:
         from worker.dataset import shard_list
 
-        self.module, self.original, self.seconds = shard_list, shard_list.write_shard_source, 0.0
+        self.module, self.original, self.seconds = shard_list, shard_list._write_json, 0.0
 
     def __enter__(self) -> ShardListClock:
         def timed(*args, **kwargs):
@@ -255,11 +255,11 @@ class ShardListClock:
             finally:
                 self.seconds += time.perf_counter() - started
 
-        self.module.write_shard_source = timed
+        self.module._write_json = timed
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.module.write_shard_source = self.original
+        self.module._write_json = self.original
 
 
 def enqueue_once(server: RedisServer, spec: str, output: Path, count: int) -> dict[str, float]:
@@ -284,7 +284,7 @@ def enqueue_once(server: RedisServer, spec: str, output: Path, count: int) -> di
         seconds = time.perf_counter() - started
     cpu = process_cpu() - cpu
     assert summary.shards == count and summary.jobs == count and client.llen("labeler") == count, summary
-    assert sum(1 for _ in (output / "shards").glob("*.json")) >= count
+    assert len(stored_root_shards(output)) == count
     return {"listing_s": listing, "enqueue_s": seconds, "shard_files_s": files.seconds, "cpu_s": cpu}
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, bundle_or_default, machine_description, machine_load, make_photo_set, tiny_bundle  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    bundle_or_default,
+    machine_description,
+    machine_load,
+    make_photo_set,
+    process_cpu,
+    tiny_bundle,
+)
 
 sys.path.insert(0, str(REPO / "tests" / "objectstore"))
 from objectstore_helpers import IMAGES_BUCKET, running_server, slow_link  # noqa: E402
@@ -48,15 +55,6 @@ class Way:
     rates: list[float] = field(default_factory=list)  # images/s per repeat
     cpu: list[float] = field(default_factory=list)  # this process's CPU seconds per image
     store_cpu: list[float] = field(default_factory=list)  # the weed server's CPU seconds per image
-
-
-def process_cpu(pid: int | None = None) -> float:
-    """User + system CPU seconds of this process (all threads), or of `pid` from /proc."""
-    if pid is None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def label_once(bundle: Path, inputs: list[str], fetch: int | None, batch: int, store_pid: int, out: Path) -> tuple:

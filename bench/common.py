@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import sys
 from pathlib import Path
 
@@ -82,7 +83,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "distributed"))
 from distributed_helpers import CeleryWorker, RedisServer, free_port, wait_for  # noqa: E402
 
-__all__ = ["LabelerWorker", "RedisServer", "free_port", "wait_for"]
+__all__ = ["LabelerWorker", "RedisServer", "free_port", "wait_for"]  # re-exported for the benches
+
+
+def process_cpu(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process (all threads), or of `pid` from /proc."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_load() -> str:

@@ -78,21 +78,20 @@ def make_images(folder: Path, count: int, seed: int = 0, size: tuple[int, int] =
         return list(pool.map(one, range(count)))
 
 
-class RandomResNetRunner(TorchCudaRunner):
-    """The runner with a seeded random ResNet-50 straight from worker.resnet: used when the
-    node cannot export ONNX (no onnx/onnxscript); the speed is the same, the labels mean nothing."""
+def random_resnet(classes: int, base_width: int):
+    """A seeded random ResNet-50 straight from worker.resnet, for the runner's build_model: used
+    when the node cannot export ONNX (no onnx/onnxscript); the speed is the same, the labels mean
+    nothing."""
 
-    def __init__(self, bundle_dir: Path, spec: ModelSpec, base_width: int, **kwargs) -> None:
-        super().__init__(bundle_dir, spec, **kwargs)
-        self.base_width = base_width
-
-    def _build_model(self):
+    def build():
         import torch
 
-        from worker.resnet import build_resnet, resnet50_spec
+        from worker.resnet import resnet50
 
         torch.manual_seed(0)
-        return build_resnet(resnet50_spec(self.spec.num_classes, self.base_width)).eval()
+        return resnet50(classes, base_width).eval()
+
+    return build
 
 
 def make_runner_factory(work: Path, classes: int, base_width: int, size: int, device: str, precision: str):
@@ -119,8 +118,13 @@ def make_runner_factory(work: Path, classes: int, base_width: int, size: int, de
         how = f"no ONNX export here ({type(exc).__name__}: {str(exc)[:120]}): seeded random ResNet-50 module"
 
         def factory() -> TorchCudaRunner:
-            return RandomResNetRunner(
-                bundle, spec, base_width, device=device, precision=precision, max_batch=256
+            return TorchCudaRunner(
+                bundle,
+                spec,
+                device=device,
+                precision=precision,
+                max_batch=256,
+                build_model=random_resnet(classes, base_width),
             )
 
     return factory, how

@@ -73,7 +73,7 @@ def build_from_weights(
 
     def reference(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            logits, _ = model(torch.from_numpy(x))
+            logits = model(torch.from_numpy(x))
             return torch.softmax(logits, dim=1).numpy()
 
     return record_verification(out_dir, spec, verify_bundle(out_dir, spec, reference, verify_images))

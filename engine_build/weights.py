@@ -104,10 +104,10 @@ def random_weights(num_classes: int, seed: int = 0, base_width: int = 64) -> Loa
     """Seeded random weights: a pipeline that runs, whose labels mean nothing."""
     import torch
 
-    from worker.resnet import build_resnet, resnet50_spec
+    from worker.resnet import resnet50
 
     torch.manual_seed(seed)
-    model = build_resnet(resnet50_spec(num_classes, base_width))
+    model = resnet50(num_classes, base_width)
     return LoadedWeights(
         model.state_dict(),
         num_classes,

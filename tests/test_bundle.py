@@ -20,7 +20,7 @@ from engine_build.torch_export import model_from_weights  # noqa: E402
 from engine_build.verify import load_crops, normalize_reference, sample_images  # noqa: E402
 from engine_build.weights import LoadedWeights, load_weights_file, random_weights  # noqa: E402
 from worker.cli import main  # noqa: E402
-from worker.resnet import build_resnet, resnet50_spec  # noqa: E402
+from worker.resnet import logits_and_features, resnet50  # noqa: E402
 from worker.runners import RunnerError  # noqa: E402
 from worker.runners.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
 from worker.sidecar import ModelSpec, Preprocessing  # noqa: E402
@@ -60,7 +60,9 @@ def test_onnx_graph_matches_pytorch_on_photos(resnet50_bundle):
     model, _ = model_from_weights(random_weights(1000, seed=0))
     crops = load_crops(sample_images(), spec.preprocessing)
     with torch.no_grad():
-        logits, features = model(torch.from_numpy(normalize_reference(crops, spec.preprocessing)))
+        logits, features = logits_and_features(
+            model, torch.from_numpy(normalize_reference(crops, spec.preprocessing))
+        )
     with OnnxRuntimeRunner(resnet50_bundle, spec) as runner:
         got = runner.infer(crops, want_features=True)
     np.testing.assert_allclose(got.probabilities, torch.softmax(logits, 1).numpy(), atol=1e-4)
@@ -91,7 +93,7 @@ def test_a_tampered_model_is_refused(tiny_bundle, tmp_path):
 
 def test_weights_file_with_labels_round_trips(tmp_path):
     torch.manual_seed(3)
-    model = build_resnet(resnet50_spec(num_classes=3, base_width=8))
+    model = resnet50(num_classes=3, base_width=8)
     torch.save(
         {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
         tmp_path / "ckpt.pth",

@@ -5,6 +5,8 @@
   contract) and `worker/dataset/` (the dataset on storage) imports neither Celery nor OpenCV nor the pipeline: a machine that only enqueues and
   reads results needs no engine, no OpenCV and no worker.
 - Nothing below the command line imports it.
+- The runners and their loaders import tensorrt, pycuda and torch only inside the calls that need
+  them, so a CPU worker (and choosing a backend) never loads them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ RULES = [
                         "worker.runners", "worker.ledger", "celery", "cv2", "redis")),
     ("worker/client", ("engine_build", "worker.cli", "worker.celery_worker", "worker.pipeline", "worker.runners",
                        "celery", "cv2")),
+    ("worker/delta", ("engine_build", "worker.cli", "worker.pipeline", "worker.celery_worker", "worker.client",
+                      "worker.runners", "worker.ledger", "worker.local", "celery", "cv2", "redis")),
     ("worker/records.py", ("engine_build", "worker.")),
     ("worker/sidecar.py", ("engine_build", "worker.")),
     ("worker/resnet.py", ("engine_build", "worker.")),
@@ -134,3 +138,12 @@ def test_client_commands_run_without_opencv_onnxruntime_or_torch() -> None:
         "    main([command, '--help'], standalone_mode=False)\n"
     )
     assert run_without(("cv2", "onnxruntime", "torch"), code).count("Usage:") == 5
+
+
+def test_runners_and_their_loaders_import_without_tensorrt_pycuda_or_torch() -> None:
+    code = (
+        "import worker.runners, worker.runners.tensorrt_loader, worker.runners.tensorrt_runner\n"
+        "import worker.runners.torch_loader, worker.runners.torch_cuda_runner, worker.runners.torch_weights\n"
+        "print('ok')\n"
+    )
+    assert run_without(("tensorrt", "pycuda", "torch", "onnx"), code).strip() == "ok"

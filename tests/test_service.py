@@ -70,7 +70,7 @@ def test_a_slow_file_does_not_hold_up_the_others(tiny_bundle, image_paths, monke
     were a batch held up for it, they never would, and its read would give up waiting."""
     slow = image_paths[0]
     others_answered, waited = threading.Event(), []
-    real_read = service_module.read_image_bytes
+    real_read = service_module.read_image
 
     def read(path, policy):
         if path == slow:
@@ -84,7 +84,7 @@ def test_a_slow_file_does_not_hold_up_the_others(tiny_bundle, image_paths, monke
         if len(order) == len(image_paths) - 1:
             others_answered.set()
 
-    monkeypatch.setattr(service_module, "read_image_bytes", read)
+    monkeypatch.setattr(service_module, "read_image", read)
     options = ServiceOptions(max_batch_size=4, max_wait_s=0.01, decode_threads=4)
     with LabelingService(OnnxRuntimeRunner(tiny_bundle), options) as service:
         for path in image_paths:

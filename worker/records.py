@@ -16,10 +16,11 @@ import numpy as np
 
 Record = dict[str, Any]
 
-# The keys a container sample's record carries back to its source (dataset schema 1.1, nullable
-# columns): the shard file's URL or path, the sample's key (a tar's `__key__`, a Parquet file's own
-# key column), the sample's ordinal in the file (tar sample index, Parquet row index).
-SOURCE_COLUMNS = ("source_url", "source_key", "source_row")
+# The keys a record carries back to its source (dataset schema 1.1 and 1.2, nullable columns): a
+# container sample's shard file URL or path, its key (a tar's `__key__`, a Parquet file's own key
+# column) and ordinal in the file (tar sample index, Parquet row index); and the version of the
+# file, object or container that was read (worker/sources/version.py; null where nothing was read).
+SOURCE_COLUMNS = ("source_url", "source_key", "source_row", "source_version")
 
 
 class ErrorCode(StrEnum):

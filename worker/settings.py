@@ -1,8 +1,10 @@
 """Every setting of the distributed labeler, read from the environment in one place.
 
 Workers, the client commands, deploy files and metrics all read `Settings.from_env()`, so a value
-has one name (`LABELER_...`), one default and one check. Command-line flags override single fields
-with `dataclasses.replace`. The Redis URL carries the password, ACL user and TLS
+has one name (`LABELER_...`), one default and one check. Names, types, defaults, flags and help
+live in one table, worker/setting_table.py; this class only gives them typed attributes (a test
+holds the two to the same names and types). Command-line flags override single fields with
+`dataclasses.replace`. The Redis URL carries the password, ACL user and TLS
 (`rediss://:PASSWORD@host:6379/0?ssl_cert_reqs=required`), so secrets never need a separate knob.
 """
 
@@ -11,12 +13,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from worker.dataset.object_path import canonical_output
-from worker.dataset.storage import DEFAULT_FETCH_CONCURRENCY
+from worker.setting_table import SETTINGS, TABLE, default
 
-DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+DEFAULT_BROKER_URL = default("broker_url")
 _LIST_SEPARATOR = re.escape(os.pathsep) + "(?!//)"
 
 
@@ -26,98 +28,89 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
+    """One attribute per row of worker/setting_table.py, in its order; see it for each meaning."""
+
     # Redis: one URL for the broker and the result backend.
-    broker_url: str = DEFAULT_BROKER_URL
-    queue: str = "labeler"
-    key_prefix: str = "labeler"
+    broker_url: str = default("broker_url")
+    queue: str = default("queue")
+    key_prefix: str = default("key_prefix")
     # Delivery guarantees. The task enforces its own deadline (time limits need prefork); the
     # visibility timeout must outlast it or a healthy job would be handed to a second worker.
-    task_deadline_s: float = 1800.0
-    deadline_grace_s: float = 15.0  # images in flight at the deadline may finish this long after it
-    visibility_timeout_s: int = 3600
-    restore_interval_s: int = 10
-    restore_throttle: int = 10
-    max_attempts: int = 3  # a shard taken this often without finishing is bisected (one image: an error row)
-    lease_s: float = 30.0  # a running shard's lease: a lost worker's shard is queued again after this
-    heartbeat_s: float = 10.0  # how often a worker renews the leases of the shards it runs
-    sweep_interval_s: float = 5.0  # how often each worker looks for lapsed leases to requeue
-    reconcile_interval_s: float = 30.0  # how often each worker looks for orphaned shards and missing manifests
-    orphan_after_s: float = 60.0  # a queued shard without a message for this long is published again
-    result_expires_s: int = 7 * 24 * 3600
-    redis_retry_s: float = 60.0  # how long a job keeps retrying Redis writes before requeueing
+    task_deadline_s: float = default("task_deadline_s")
+    deadline_grace_s: float = default("deadline_grace_s")
+    visibility_timeout_s: int = default("visibility_timeout_s")
+    restore_interval_s: int = default("restore_interval_s")
+    restore_throttle: int = default("restore_throttle")
+    max_attempts: int = default("max_attempts")
+    lease_s: float = default("lease_s")
+    heartbeat_s: float = default("heartbeat_s")
+    sweep_interval_s: float = default("sweep_interval_s")
+    reconcile_interval_s: float = default("reconcile_interval_s")
+    orphan_after_s: float = default("orphan_after_s")
+    result_expires_s: int = default("result_expires_s")
+    redis_retry_s: float = default("redis_retry_s")
     # Worker: model and batching.
-    model: str = ""
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
-    allowed_roots: tuple[str, ...] = ()
-    concurrency: int = 4  # jobs in flight per worker process; they share engine batches
-    pool: str = "threads"  # threads: one engine per process shared by all its jobs
-    batch_size: int = 0  # 0: the backend's default (32 on the CPU, 128 on a GPU backend)
-    max_wait_ms: float = 20.0
-    decode_threads: int = 0
-    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY  # object URLs read at once per worker process (0: on the decode threads)
-    intra_op_threads: int = 0
-    top_k: int = 5
-    embeddings: bool = False  # records carry the 2048-d pooled features (needs a PyTorch-built bundle)
-    max_bytes: int = 64 * 1024 * 1024
-    # An S3-compatible store's endpoint (MinIO, SeaweedFS, Ceph); empty: AWS (or AWS_ENDPOINT_URL).
-    # Read by worker/dataset/storage.py; credentials come from the standard AWS places, never from here.
-    s3_endpoint_url: str = ""
-    max_pixels: int = 128 * 1024 * 1024  # decompression-bomb guard: largest image decoded
-    decode: str = "cpu"  # decode stage: cpu (OpenCV), gpu (nvImageCodec + torch-cuda), auto
-    flush_records: int = 256  # records per per-worker activity update (one Redis round trip)
-    metrics_port: int = 0  # the worker's Prometheus /metrics port; 0: no endpoint
-    # Where datasets go: a run's output must be under one of these folders or bucket prefixes
-    # (s3://bucket/prefix/; the first is the default parent, `<root>/<run>`); empty:
-    # $LABELER_HOME/runs (default ~/.cache/resnet-labeler/runs).
-    output_roots: tuple[str, ...] = ()
+    model: str = default("model")
+    backend: str = default("backend")
+    precision: str = default("precision")
+    allowed_roots: tuple[str, ...] = default("allowed_roots")
+    concurrency: int = default("concurrency")
+    pool: str = default("pool")
+    batch_size: int = default("batch_size")
+    max_wait_ms: float = default("max_wait_ms")
+    decode_threads: int = default("decode_threads")
+    fetch_concurrency: int = default("fetch_concurrency")
+    intra_op_threads: int = default("intra_op_threads")
+    top_k: int = default("top_k")
+    embeddings: bool = default("embeddings")
+    max_bytes: int = default("max_bytes")
+    s3_endpoint_url: str = default("s3_endpoint_url")  # read by worker/dataset/storage.py
+    max_pixels: int = default("max_pixels")
+    decode: str = default("decode")
+    flush_records: int = default("flush_records")
+    metrics_port: int = default("metrics_port")
+    output_roots: tuple[str, ...] = default("output_roots")
     # Client.
-    shard_size: int = 5000
-    max_queued_jobs: int = 1000  # backpressure: enqueue waits while the queue holds more shards
+    shard_size: int = default("shard_size")
+    max_queued_jobs: int = default("max_queued_jobs")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read `LABELER_<FIELD>` for every field; unset or empty means the default."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        for item in fields(cls):
-            raw = env.get(env_name(item.name), "").strip()
-            if not raw:
-                continue
-            values[item.name] = _parse(item.name, raw, item.default)
+        for setting in TABLE:
+            raw = env.get(setting.env, "").strip()
+            if raw:
+                values[setting.name] = _parse(setting.name, raw, setting.kind)
         return cls(**values).validated()
 
     def validated(self) -> Settings:
+        """These settings, or SettingsError naming the variable: checked once, for every command."""
         if self.visibility_timeout_s <= self.task_deadline_s + self.deadline_grace_s:
             raise SettingsError(
                 f"LABELER_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed "
                 f"LABELER_TASK_DEADLINE_S + LABELER_DEADLINE_GRACE_S ({self.task_deadline_s} + "
                 f"{self.deadline_grace_s}), or Redis hands a running job to a second worker"
             )
-        if self.max_attempts < 1 or self.shard_size < 1 or self.concurrency < 1:
-            raise SettingsError("max_attempts, shard_size and concurrency must be at least 1")
-        if self.fetch_concurrency < 0:
-            raise SettingsError("LABELER_FETCH_CONCURRENCY must be 0 (read on the decode threads) or more")
+        for setting in TABLE:  # the table's bounds and choices, which the flags check too
+            value = getattr(self, setting.name)
+            if setting.minimum is not None and value < setting.minimum:
+                raise SettingsError(f"{setting.env} ({value}) must be at least {setting.minimum}")
+            if setting.choices and value not in setting.choices:
+                raise SettingsError(f"{setting.env} ({value!r}) must be one of {', '.join(setting.choices)}")
         if not 0 < self.heartbeat_s * 2 < self.lease_s:
             raise SettingsError(
                 f"LABELER_LEASE_S ({self.lease_s}) must exceed twice LABELER_HEARTBEAT_S ({self.heartbeat_s}), "
                 "or a slow but living worker could lose its shard to a second one"
             )
-        if self.decode not in ("cpu", "gpu", "auto"):
-            raise SettingsError("LABELER_DECODE must be cpu, gpu or auto")
-        if self.pool not in ("threads", "solo", "prefork"):
-            raise SettingsError("LABELER_POOL must be threads, solo or prefork")
         if not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("LABELER_BROKER_URL must be a redis://, rediss:// or unix:// URL")
         return self
 
     def env(self) -> dict[str, str]:
         """These settings as environment variables (to hand to a worker subprocess)."""
-        out = {}
-        for item in fields(self):
-            value = getattr(self, item.name)
-            out[env_name(item.name)] = os.pathsep.join(value) if isinstance(value, tuple) else str(value)
-        return out
+        return {setting.env: setting.text(getattr(self, setting.name)) for setting in TABLE}
 
 
 def default_output_root() -> str:
@@ -132,19 +125,17 @@ def output_roots(settings: Settings) -> tuple[str, ...]:
 
 
 def env_name(field_name: str) -> str:
-    return "LABELER_" + field_name.upper()
+    return SETTINGS[field_name].env
 
 
-def _parse(name: str, raw: str, default: object) -> object:
+def _parse(name: str, raw: str, kind: type) -> object:
     try:
-        if isinstance(default, tuple):  # a ':' before '//' is a URL's (s3://bucket/prefix/), not a separator
+        if kind is tuple:  # a ':' before '//' is a URL's (s3://bucket/prefix/), not a separator
             return tuple(part for part in re.split(_LIST_SEPARATOR, raw) if part)
-        if isinstance(default, bool):
+        if kind is bool:
             return raw.lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
+        if kind in (int, float):
+            return kind(raw)
     except ValueError:
-        raise SettingsError(f"{env_name(name)}={raw!r} is not a valid {type(default).__name__}") from None
+        raise SettingsError(f"{env_name(name)}={raw!r} is not a valid {kind.__name__}") from None
     return raw

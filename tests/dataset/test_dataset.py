@@ -89,6 +89,7 @@ def test_schema_has_the_documented_types_and_version(tmp_path, spec):
         "source_url": "string",  # 1.1: container samples (null for loose files)
         "source_key": "string",
         "source_row": "int64",
+        "source_version": "string",  # 1.2: what was read (size:mtime_ns, an ETag)
     }
     required = {field.name for field in schema if not field.nullable}
     assert required == {"path", "model_sha256", "precision", "worker", "labeled_at", "shard_id"}

@@ -1,59 +1,27 @@
-"""One table of settings (docs/settings.md) that matches worker/settings.py, and deploy/ files
-that only pass the worker settings and flags the code reads."""
+"""deploy/ files pass only the worker settings and flags the code reads (worker/setting_table.py);
+docs/settings.md and the commands' options are held to that table by tests/test_settings_doc.py."""
 
 from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import fields
 from pathlib import Path
 
 import click
 import yaml
 
 from worker.cli import main
-from worker.settings import Settings, env_name
+from worker.setting_table import TABLE
+from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-ROW = re.compile(r"^\| `(LABELER_[A-Z0-9_]+)` \| (.*?) \| (.*?) \| (.*) \|$")
-SETTING_NAMES = {env_name(item.name) for item in fields(Settings)}
-
-
-def table_rows() -> dict[str, tuple[str, str]]:
-    rows = {}
-    for line in (REPO / "docs" / "settings.md").read_text().splitlines():
-        match = ROW.match(line)
-        if match:
-            assert match.group(1) not in rows, f"{match.group(1)} is listed twice"
-            rows[match.group(1)] = (match.group(2), match.group(3))
-    return rows
+SETTING_NAMES = {setting.env for setting in TABLE}
 
 
 def command_options(name: str) -> set[str]:
     command = main.commands[name]
     return {opt for param in command.params if isinstance(param, click.Option) for opt in param.opts}
-
-
-def test_settings_table_lists_every_setting_with_its_default() -> None:
-    rows = table_rows()
-    assert set(rows) == SETTING_NAMES
-    defaults = Settings().env()
-    for name, (_flags, default) in rows.items():
-        expected = f"`{defaults[name]}`" if defaults[name] else "(empty)"
-        assert default == expected, f"{name}: table says {default}, worker/settings.py says {expected}"
-
-
-def test_settings_table_flags_exist_on_the_commands_named() -> None:
-    for name, (flags_cell, _default) in table_rows().items():
-        if flags_cell == "-":
-            continue
-        flags = re.findall(r"`(--[a-z-]+)`", flags_cell)
-        commands = re.search(r"\(([^)]*)\)", flags_cell).group(1).replace("repeatable", "").split(",")
-        assert flags, name
-        for command in (c.strip() for c in commands if c.strip()):
-            missing = set(flags) - command_options(command)
-            assert not missing, f"{name}: labeler {command} has no {missing}"
 
 
 # -- what deploy/ passes to the worker --------------------------------------------------------

@@ -11,7 +11,7 @@ import os
 
 import worker.pipeline.service as service
 
-_read = service.read_image_bytes
+_read = service.read_image
 
 
 def _read_unless_poison(path, policy):
@@ -20,4 +20,4 @@ def _read_unless_poison(path, policy):
     return _read(path, policy)
 
 
-service.read_image_bytes = _read_unless_poison
+service.read_image = _read_unless_poison

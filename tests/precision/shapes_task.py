@@ -62,10 +62,10 @@ def train_tiny_resnet(crops_nchw: np.ndarray, labels: np.ndarray, base_width: in
     """Train the project's ResNet-50 at 1/`64/base_width` width; returns the state_dict."""
     import torch
 
-    from worker.resnet import build_resnet, resnet50_spec
+    from worker.resnet import resnet50
 
     torch.manual_seed(0)
-    model = build_resnet(resnet50_spec(len(CLASSES), base_width))
+    model = resnet50(len(CLASSES), base_width)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
     x_all = torch.from_numpy(crops_nchw)
@@ -74,7 +74,7 @@ def train_tiny_resnet(crops_nchw: np.ndarray, labels: np.ndarray, base_width: in
     model.train()
     for _ in range(steps):
         index = torch.randint(0, len(x_all), (32,), generator=generator)
-        logits, _ = model(x_all[index])
+        logits = model(x_all[index])
         loss = torch.nn.functional.cross_entropy(logits, y_all[index])
         optimizer.zero_grad()
         loss.backward()

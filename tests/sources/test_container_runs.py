@@ -273,3 +273,21 @@ def test_a_folder_that_cannot_be_read_or_written_is_one_line(tmp_path, jpegs, ti
         out = tmp_path / "labels"
         invoke(*run_args(tiny_bundle, str(folder), "--out", f"{out}/"))
         assert rows_by_path(out)[str(unreadable)]["error"]["code"] == "permission_denied"
+
+
+def test_a_key_repeated_across_ranges_of_one_tar_gets_one_label_row(tmp_path, jpegs, tiny_bundle) -> None:
+    """Ranges read from their own offsets never saw the key's first sample: the enqueue's header
+    walk finds the repeats and hands each range its own, so the dataset keeps one row per path."""
+    keys = sorted(jpegs)
+    tar = tmp_path / "repeats.tar"
+    with wds.TarWriter(str(tar)) as sink:
+        for i in range(8):
+            key = "again" if i in (1, 6) else keys[i]
+            sink.write({"__key__": key, "jpg": jpegs[keys[i]]})
+    out = tmp_path / "labels"
+    invoke(*run_args(tiny_bundle, str(tar), "--samples-per-shard", "3", "--out", f"{out}/"))
+    assert len(stored_root_shards(out)) == 3, "cut into three ranges"
+    rows = rows_by_path(out)
+    assert len(rows) == 8
+    assert "labels" in rows[f"{tar}#again"]
+    assert rows[f"{tar}#again#6"]["error"]["code"] == "duplicate_key"

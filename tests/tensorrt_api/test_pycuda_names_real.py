@@ -1,9 +1,10 @@
-"""The TensorRT runner's pycuda calls, and the fake pycuda, against the REAL pycuda API of the pinned
-version, read from its sdist (pycuda cannot be built here: see real_pycuda.py for why).
+"""The pycuda calls of the TensorRT runner and its loaders, and the fake pycuda, against the REAL
+pycuda API of the pinned version, read from its sdist (pycuda cannot be built here: see
+real_pycuda.py for why).
 
-What this proves: every pycuda.driver function, class, method and property the runner uses exists
-on the class we use it on, and the fake offers nothing pycuda lacks. What it cannot prove:
-argument types or anything CUDA does.
+What this proves: every pycuda.driver function, class, method and property the runner and its
+loaders use exists on the class we use it on, and the fake offers nothing pycuda lacks. What it
+cannot prove: argument types or anything CUDA does.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from real_pycuda import download_sdist, driver_names
 sys.path.insert(0, str(ROOT / "tests" / "tensorrt_fake"))
 from fake_gpu_modules import FakeGpuWorld, fake_pycuda_names, make_fake_modules  # noqa: E402
 
-RUNNER = ROOT / "worker" / "runners" / "tensorrt_runner.py"
+SOURCES = (
+    ROOT / "worker" / "runners" / "tensorrt_loader.py",
+    ROOT / "worker" / "runners" / "tensorrt_runner.py",
+)
 
 USED = {
     "pycuda.driver": [
@@ -31,7 +35,7 @@ USED = {
         "memcpy_dtoh_async",
     ],
     "Device": ["name", "compute_capability", "make_context"],
-    "Context": ["pop"],  # self._cuda_context, made by Device.make_context
+    "Context": ["pop"],  # CudaContext.cuda_context, made by Device.make_context
     "Stream": ["synchronize", "handle"],
     "DeviceAllocation": ["free", "__int__"],  # mem_alloc's result; int(buffer) is its device address
 }
@@ -50,10 +54,10 @@ def test_every_pycuda_name_the_runner_uses_is_on_that_class_in_real_pycuda(real)
 
 
 def test_the_used_list_matches_the_runner():
-    text = RUNNER.read_text()
+    text = "\n".join(path.read_text() for path in SOURCES)
     listed = {name for names in USED.values() for name in names} - {"__int__"}
     unused = sorted(name for name in listed if not re.search(rf"\.{name}\b", text))
-    assert not unused, f"listed but not used by {RUNNER.name}: {unused}"
+    assert not unused, f"listed but not used by {[path.name for path in SOURCES]}: {unused}"
     called = set(re.findall(r"\bcuda\.(\w+)", text))
     assert called <= set(USED["pycuda.driver"]), f"pycuda.driver names used but not listed: {called}"
 

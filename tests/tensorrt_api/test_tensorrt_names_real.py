@@ -2,7 +2,7 @@
 bindings' names (tensorrt-cu12-bindings of the pinned version, downloaded from the package registry).
 
 What this proves: every TensorRT class, method, property and enum member that
-engine_build/tensorrt_engine.py and worker/runners/tensorrt_runner.py use exists in the real
+engine_build/tensorrt_engine.py, worker/runners/tensorrt_loader.py and tensorrt_runner.py use exists in the real
 module, and the fake (tests/tensorrt_fake) offers no name the real module lacks, so a test that
 passes against the fake cannot be using an API TensorRT 11 removed. What it cannot prove: that a
 method sits on the class we call it on, its argument types, or anything TensorRT does at run time.
@@ -20,7 +20,11 @@ from real_bindings import RealBindings, download_wheel
 sys.path.insert(0, str(ROOT / "tests" / "tensorrt_fake"))
 from fake_gpu_modules import FakeGpuWorld, fake_trt_names, make_fake_modules  # noqa: E402
 
-SOURCES = (ROOT / "engine_build" / "tensorrt_engine.py", ROOT / "worker" / "runners" / "tensorrt_runner.py")
+SOURCES = (
+    ROOT / "engine_build" / "tensorrt_engine.py",
+    ROOT / "worker" / "runners" / "tensorrt_loader.py",
+    ROOT / "worker" / "runners" / "tensorrt_runner.py",
+)
 
 # What the builder and the runner touch, by the TensorRT class that owns it.
 USED = {
@@ -105,7 +109,7 @@ def test_the_used_list_matches_our_code():
     listed = {name for names in USED.values() for name in names}
     unused = sorted(name for name in listed if not re.search(rf"\b{name}\b", text))
     assert not unused, f"listed but not used in {[p.name for p in SOURCES]}: {unused}"
-    receivers = r"(?:trt|builder|network|parser|config|profile|timing_cache|engine|context|self\._engine|slot\.context|self\._runtime|trt\.Logger|trt\.MemoryPoolType|trt\.TensorIOMode)"
+    receivers = r"(?:trt|builder|network|parser|config|profile|timing_cache|engine|context|self\._engine|slot\.context|self\._runtime|self\.runtime|trt\.Logger|trt\.MemoryPoolType|trt\.TensorIOMode)"
     touched = set(re.findall(rf"\b{receivers}\.([A-Za-z_][A-Za-z0-9_]*)", text))
     assert touched <= listed | set(USED), f"TensorRT names used but not listed: {sorted(touched - listed)}"
 

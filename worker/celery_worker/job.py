@@ -51,7 +51,7 @@ from worker.dataset.files import (
     shard_path,
     write_shard,
 )
-from worker.dataset.object_path import ObjectPath, canonical_output
+from worker.dataset.object_path import Location, ObjectPath, canonical_output
 from worker.dataset.shard_list import (
     ShardListError,
     ShardSource,
@@ -172,7 +172,7 @@ class ShardJob:
         except DatasetError as exc:
             raise BadJob(str(exc)) from None
         self.asked_output = _string(kwargs, "output")
-        self.output: Path | ObjectPath | str = self.asked_output
+        self.output: Location | str = self.asked_output
         self.given_paths = _paths(kwargs["paths"]) if "paths" in kwargs else None
         self.owner = process.leases.new_owner(process.worker_name)
         self.holds_lease = False
@@ -307,6 +307,9 @@ class ShardJob:
         service = self._service(features)
         if not isinstance(service, LabelingService):
             return service
+        refusal = self._other_model(service)
+        if refusal is not None:
+            return refusal
         try:
             done = label_with(self.process, service, todo(), features, lambda taken: self._keep(taken, records))
         except SourceUnavailable as exc:
@@ -440,6 +443,18 @@ class ShardJob:
         log.error("run %s shard %s: %s gets an error row: %s", self.run, self.shard, path, reason)
         self._manifest_if_last(spec)
         return Finished(images=1, labeled=0, failed=1, attempt=attempts, gave_up=True)
+
+    def _other_model(self, service: LabelingService) -> Refused | None:
+        """A run that built on earlier datasets (enqueue --skip-done-in) left out what they hold
+        labeled by one model: a worker serving another would give the chain two models' rows."""
+        options = self.run_settings["options"]
+        wanted = options.get("model_sha256")
+        spec = self._spec(service)
+        if not wanted or (spec.model_sha256, spec.precision) == (wanted, options.get("precision")):
+            return None
+        return Refused(f"run {self.run} builds on datasets labeled by model {wanted[:12]} at {options.get('precision')} "
+                       f"(enqueue --skip-done-in); this worker serves {spec.model_sha256[:12]} at {spec.precision}: "
+                       "start workers with that bundle and precision, or enqueue a new run", whole_run=True)  # fmt: skip
 
     def _spec(self, service: LabelingService) -> DatasetSpec:
         runner = service.runner

@@ -25,6 +25,7 @@ import redis
 from worker.celery_worker.reconcile import Reconciler
 from worker.ledger.ledger import RunLedger
 from worker.ledger.protocol import shard_message
+from worker.setting_table import default
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Sweeper:
     racing safely (Lua)."""
 
     def __init__(self, ledger: Callable[[], RunLedger], queue: str, interval_s: float,
-                 reconciler: Reconciler | None = None, reconcile_interval_s: float = 30.0) -> None:  # fmt: skip
+                 reconciler: Reconciler | None = None, reconcile_interval_s: float = default("reconcile_interval_s")) -> None:  # fmt: skip
         self._ledger = ledger
         self.queue = queue
         self.interval_s = interval_s

@@ -1,22 +1,71 @@
-"""What the commands that talk to Redis share: settings with flag overrides, and opening a run.
+"""What the commands share: options made from the settings table, settings with flag overrides,
+and opening a run.
 
-Every such command takes `--broker URL` and otherwise reads LABELER_BROKER_URL (worker/settings.py
-has every setting). Redis errors (auth, connection, TLS) become a one-line message, never a traceback
-with the URL in it.
+Every flag that sets a setting is made by `setting_option` from worker/setting_table.py, so its
+type, choices, bounds, help and default are the variable's and the docs' (docs/settings.md).
+Every command that talks to Redis takes `--broker URL` and otherwise reads LABELER_BROKER_URL.
+Redis errors (auth, connection, TLS) become a one-line message, never a traceback with the URL in it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import click
 import redis
 
 from worker.ledger.ledger import RunLedger
 from worker.ledger.redis_client import connect
+from worker.setting_table import SETTINGS
 from worker.settings import Settings, SettingsError
 
-BROKER_HELP = "Redis URL (broker and results); default: $LABELER_BROKER_URL."
+
+def setting_option(name: str, *, from_env: bool = True, **overrides: Any) -> Callable:
+    """The click option of setting `name`, passed to the command as `name`.
+
+    A command that reads LABELER_* (`from_env`) gets None when the flag is not given, so
+    `load_settings` keeps the variable's value, else the table's default; `labeler run` reads no
+    variables, so there the table's default is the option's own. `overrides` are click's keywords
+    (a path type, say) that replace the ones made here.
+    """
+    setting = SETTINGS[name]
+    if setting.flag is None:
+        raise ValueError(f"setting {name} has no flag in worker/setting_table.py")
+    kwargs: dict[str, Any] = {"help": setting.help}
+    if setting.kind is bool:
+        kwargs["is_flag"] = True
+    elif setting.kind is tuple:
+        kwargs["multiple"] = True
+    elif setting.choices:
+        kwargs["type"] = click.Choice(setting.choices)
+    elif setting.minimum is not None:
+        kwargs["type"] = click.IntRange(min=setting.minimum)
+    else:
+        kwargs["type"] = setting.kind
+    if from_env:
+        shown = f" or {setting.text()}" if setting.text() else ""
+        kwargs["help"] += f" [default: ${setting.env}{shown}]"
+        kwargs["default"] = None
+    else:
+        kwargs["default"] = setting.default if setting.default != "" else None
+        kwargs["show_default"] = True
+    return click.option(setting.flag, name, **(kwargs | overrides))
+
+
+EMBEDDING_DTYPES = ("float32", "float16")  # the dataset's embedding column types (worker/dataset/schema.py)
+
+
+def embedding_dtype_option(help_text: str | None = None) -> Callable:
+    """`--embedding-dtype` (run, enqueue): one list of types and one default."""
+    return click.option("--embedding-dtype", type=click.Choice(EMBEDDING_DTYPES), default=EMBEDDING_DTYPES[0],
+                        show_default=True, help=help_text)  # fmt: skip
+
+
+def interval_option(what: str) -> Callable:
+    """`--interval` of the commands that follow a run (enqueue --wait, status --watch, retry --wait)."""
+    return click.option("--interval", type=float, default=2.0, show_default=True, help=f"Seconds between {what} updates.")
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from worker.cli.common import BROKER_HELP, load_settings, open_run
+from worker.cli.common import load_settings, open_run, setting_option
 
 
 @click.command("report")
@@ -19,14 +19,14 @@ from worker.cli.common import BROKER_HELP, load_settings, open_run
     show_default=True,
     help="HTML file to write.",
 )
-@click.option("--broker", help=BROKER_HELP)
-def report_command(run: str, out_path: Path, broker: str | None) -> None:
+@setting_option("broker_url")
+def report_command(run: str, out_path: Path, broker_url: str | None) -> None:
     """Write RUN's throughput over time, error breakdown and top labels as charts in one HTML page."""
     import redis
 
     from worker.client.report import collect_report, render_report
 
-    settings = load_settings(broker_url=broker)
+    settings = load_settings(broker_url=broker_url)
     store = open_run(settings, run)
     try:
         data = collect_report(store, run, settings.queue)

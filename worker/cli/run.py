@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from worker.cli.bundle import resolve_bundle
-from worker.cli.common import container_options, input_entries
-from worker.dataset.object_path import ObjectPath
-from worker.dataset.storage import DEFAULT_FETCH_CONCURRENCY, is_url
+from worker.cli.common import container_options, embedding_dtype_option, input_entries, setting_option
+from worker.dataset.object_path import Location, ObjectPath
+from worker.dataset.storage import is_url
 from worker.sidecar import ModelSpec, summarize
+
+
+def run_option(name: str, **overrides: Any) -> Callable:
+    """A setting's flag as `labeler run` has it: it reads no LABELER_* variable, so the table's
+    default (worker/setting_table.py), a worker's default too, is the flag's own."""
+    return setting_option(name, from_env=False, **overrides)
 
 
 @click.command("inspect")
@@ -24,12 +32,7 @@ def inspect(bundle: Path) -> None:
 
 @click.command("run")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Model bundle (default: the embedded ResNet-50, built on first use).",
-)
+@run_option("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--out",
     "out_text",
@@ -38,76 +41,57 @@ def inspect(bundle: Path) -> None:
     help="A JSON-lines results file, or DIR/ (a trailing slash, or an existing folder): a Parquet "
     "dataset of one file per shard, the layout of a distributed run.",
 )
-@click.option("--shard-size", type=int, default=5000, show_default=True, help="Images per shard with --out DIR/.")
-@click.option("--embedding-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="With --embeddings and --out DIR/: the embedding column's type.")  # fmt: skip
-@click.option(
-    "--allowed-root",
-    "allowed_roots",
-    multiple=True,
-    help="Only read files under this directory, or objects under this URL prefix (s3://bucket/prefix/); repeatable.",
-)
+@run_option("shard_size")
+@embedding_dtype_option("With --embeddings and --out DIR/: the embedding column's type.")
+@run_option("allowed_roots")
 @click.option("--resume", is_flag=True, help="Skip inputs that already have a record in --out.")
 @click.option(
     "--retry-errors",
     is_flag=True,
     help="With --resume: drop the error records from --out first, so those images are tried again.",
 )
-@click.option("--top-k", type=int, default=5, show_default=True)
-@click.option("--embeddings", is_flag=True, help="Add the 2048-d pooled features to each record.")
 @click.option(
-    "--batch-size",
-    type=int,
-    help="Largest engine batch [32 on the CPU; 128 on a GPU backend, capped by the engine].",
+    "--skip-done-in",
+    "skip_done_in",
+    multiple=True,
+    metavar="DIR_OR_URL",
+    help="With --out DIR/: an earlier dataset (and those it built on); inputs it holds labeled by this "
+    "model and precision, unchanged since (size and mtime, ETag), are left out. Repeatable.",
 )
-@click.option(
-    "--max-wait-ms", type=float, default=20.0, show_default=True, help="Longest wait to fill a batch."
-)
-@click.option("--decode-threads", type=int, default=0, help="Decode threads (0: one per core).")
-@click.option("--fetch-concurrency", type=click.IntRange(min=0), default=DEFAULT_FETCH_CONCURRENCY, show_default=True,
-              help="Object URLs (s3://) read at once, overlapping decoding (0: read on the decode threads).")  # fmt: skip
-@click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core).")
-@click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch-cuda"]),
-    default="auto",
-    show_default=True,
-    help="auto: a TensorRT engine for this GPU, else PyTorch CUDA, else ONNX Runtime on the CPU.",
-)
-@click.option(
-    "--decode",
-    type=click.Choice(["cpu", "gpu", "auto"]),
-    default="cpu",
-    show_default=True,
-    help="Decode stage: cpu (OpenCV); gpu (nvImageCodec, with --backend torch-cuda); auto: gpu where it loads.",
-)
-@click.option("--max-bytes", type=int, default=64 * 1024 * 1024, show_default=True, help="Largest file read.")
-@click.option(
-    "--max-pixels",
-    type=int,
-    default=128 * 1024 * 1024,
-    show_default=True,
-    help="Largest image decoded (decompression-bomb guard).",
-)
+@click.option("--skip-failed", is_flag=True,
+              help="With --skip-done-in: also leave out inputs whose earlier row is an error (default: retry them).")  # fmt: skip
+@run_option("top_k")
+@run_option("embeddings")
+@run_option("batch_size")
+@run_option("max_wait_ms")
+@run_option("decode_threads")
+@run_option("fetch_concurrency")
+@run_option("intra_op_threads")
+@run_option("precision")
+@run_option("backend")
+@run_option("decode")
+@run_option("max_bytes")
+@run_option("max_pixels")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a TTY).")
 @container_options
 def run(
     inputs: tuple[str, ...],
-    model_dir: Path | None,
+    model: Path | None,
     out_text: str,
     shard_size: int,
     embedding_dtype: str,
     allowed_roots: tuple[str, ...],
     resume: bool,
     retry_errors: bool,
+    skip_done_in: tuple[str, ...],
+    skip_failed: bool,
     top_k: int,
     embeddings: bool,
-    batch_size: int | None,
+    batch_size: int,
     max_wait_ms: float,
     decode_threads: int,
     fetch_concurrency: int,
-    threads: int,
+    intra_op_threads: int,
     precision: str,
     backend: str,
     decode: str,
@@ -129,18 +113,25 @@ def run(
     from worker.runners import RunnerError
 
     entries = input_entries(inputs, image_ext, image_column, key_column, samples_per_shard)
-    bundle = resolve_bundle(model_dir)
+    into_dataset = is_url(out_text) or out_text.endswith(os.sep) or Path(out_text).is_dir()
+    if (skip_done_in or skip_failed) and not into_dataset:
+        raise click.UsageError("--skip-done-in and --skip-failed need --out DIR/ (a dataset: its rows record "
+                               "the model and each source's version; a JSON-lines file does not)")  # fmt: skip
+    if skip_failed and not skip_done_in:
+        raise click.UsageError("--skip-failed goes with --skip-done-in (which earlier rows to trust)")
+    chain = _earlier_datasets(skip_done_in, out_text)
+    bundle = resolve_bundle(model)
     spec = ModelSpec.load(bundle)
     for warning in spec.warnings:
         click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
     config = ServiceConfig(
         backend=backend,
         precision=precision,
-        batch_size=batch_size or 0,
+        batch_size=batch_size,
         max_wait_ms=max_wait_ms,
         decode_threads=decode_threads,
         fetch_concurrency=fetch_concurrency,
-        intra_op_threads=threads,
+        intra_op_threads=intra_op_threads,
         top_k=top_k,
         embeddings=embeddings,
         allowed_roots=allowed_roots,
@@ -156,12 +147,13 @@ def run(
         if not out_text.endswith("/"):
             raise click.UsageError(f"--out {out_text}: an object URL must be a dataset prefix ending in /")
         _run_into_dataset(inputs, entries, service, ObjectPath(out_text), resume, retry_errors, shard_size,
-                          embedding_dtype, progress)  # fmt: skip
+                          embedding_dtype, progress, chain, skip_failed)  # fmt: skip
         return
     out_path = Path(out_text)
     if out_text.endswith(os.sep) or out_path.is_dir():
         _check_folder(out_text, out_path)
-        _run_into_dataset(inputs, entries, service, out_path, resume, retry_errors, shard_size, embedding_dtype, progress)
+        _run_into_dataset(inputs, entries, service, out_path, resume, retry_errors, shard_size, embedding_dtype, progress,
+                          chain, skip_failed)  # fmt: skip
         return
     if retry_errors:
         from worker.local.results import drop_error_records
@@ -219,14 +211,27 @@ def _check_folder(out_text: str, out_dir: Path) -> None:
             return
 
 
+def _earlier_datasets(named: tuple[str, ...], out_text: str):
+    """The chain `--skip-done-in` names (None: none named), or a one-line error."""
+    if not named:
+        return None
+    from worker.delta.lineage import LineageError, resolve_chain
+
+    try:
+        return resolve_chain(named, out_text)
+    except LineageError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _run_into_dataset(
-    inputs: tuple[str, ...], entries, service, out_dir: Path | ObjectPath, resume: bool, retry_errors: bool, shard_size: int,
-    embedding_dtype: str, progress: bool | None,
+    inputs: tuple[str, ...], entries, service, out_dir: Location, resume: bool, retry_errors: bool, shard_size: int,
+    embedding_dtype: str, progress: bool | None, chain=None, skip_failed: bool = False,
 ) -> None:  # fmt: skip
     from tqdm import tqdm
 
     from worker.dataset.files import DatasetError
     from worker.dataset.shard_list import ShardListError
+    from worker.delta.lineage import LineageError
     from worker.local.dataset_run import DatasetExists, run_local_dataset
     from worker.local.shard_writer import DatasetWriteFailed
     from worker.pipeline.inputs import InputError, can_repeat
@@ -238,8 +243,9 @@ def _run_into_dataset(
         summary = run_local_dataset(entries, service, out_dir, resume=resume,
                                     retry_errors=retry_errors, shard_size=shard_size,
                                     embedding_dtype=embedding_dtype, on_record=lambda _rec: bar.update(1),
-                                    deduplicate=can_repeat(inputs))  # fmt: skip
-    except (DatasetExists, DatasetWriteFailed, DatasetError, ShardListError, RunnerError, InputError, OSError) as exc:
+                                    deduplicate=can_repeat(inputs), skip_done_in=chain, skip_failed=skip_failed)  # fmt: skip
+    except (DatasetExists, DatasetWriteFailed, DatasetError, ShardListError, RunnerError, InputError, OSError,
+            LineageError) as exc:  # fmt: skip
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         bar.close()

@@ -17,14 +17,18 @@ from pathlib import Path
 import click
 
 from worker.cli.common import (
-    BROKER_HELP,
     container_options,
+    embedding_dtype_option,
     input_entries,
+    interval_option,
     load_settings,
     open_run,
     open_store,
+    setting_option,
 )
-from worker.records import ErrorCode
+from worker.dataset.storage import is_url
+from worker.records import ErrorCode, is_error
+from worker.setting_table import default
 
 
 @click.command("enqueue")
@@ -35,31 +39,42 @@ from worker.records import ErrorCode
     type=click.Path(file_okay=False),
     help="The run's dataset: a folder on storage the workers share, or s3://bucket/prefix/ (default: FIRST_OUTPUT_ROOT/RUN).",
 )
-@click.option("--broker", help=BROKER_HELP)
-@click.option("--queue", help="Queue to publish to (default: $LABELER_QUEUE or 'labeler').")
-@click.option("--shard-size", type=int, help="Images per shard, one job and one Parquet file each (default 5000).")
-@click.option("--max-queued", type=int, help="Wait while the queue holds more shards than this (default 1000).")
+@setting_option("broker_url")
+@setting_option("queue")
+@setting_option("shard_size")
+@setting_option("max_queued_jobs")
 @click.option("--embeddings", is_flag=True, help="Rows carry the model's pooled features (a fixed-size list).")
-@click.option("--embedding-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@embedding_dtype_option()
 @click.option("--wait", is_flag=True, help="Follow the run until every image has a row.")
-@click.option(
-    "--interval", type=float, default=2.0, show_default=True, help="Seconds between --wait updates."
-)
+@interval_option("--wait")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a TTY).")
+@click.option("--skip-done-in", "skip_done_in", multiple=True, metavar="DIR_OR_URL",
+              help="An earlier dataset (and those it built on): inputs it holds labeled by the run's model, "
+              "unchanged since (size and mtime, ETag), are not enqueued. Repeatable.")  # fmt: skip
+@click.option("--skip-failed", is_flag=True,
+              help="With --skip-done-in: also leave out inputs whose earlier row is an error (default: retry them).")  # fmt: skip
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
+              help="With --skip-done-in: the bundle the workers serve (default: the model of the first dataset "
+              "named); workers serving another refuse the run.")  # fmt: skip
+@click.option("--precision", help="With --model: which of the bundle's models the workers run (default fp32).")
 @container_options
 def enqueue_command(
     inputs: tuple[str, ...],
     run_name: str | None,
     output: str | None,
-    broker: str | None,
+    broker_url: str | None,
     queue: str | None,
     shard_size: int | None,
-    max_queued: int | None,
+    max_queued_jobs: int | None,
     embeddings: bool,
     embedding_dtype: str,
     wait: bool,
     interval: float,
     progress: bool | None,
+    skip_done_in: tuple[str, ...],
+    skip_failed: bool,
+    model_dir: str | None,
+    precision: str | None,
     image_ext: str | None,
     image_column: str | None,
     key_column: str | None,
@@ -72,13 +87,18 @@ def enqueue_command(
     from tqdm import tqdm
 
     from worker.client.enqueue import EnqueueError, enqueue_run
+    from worker.dataset.schema import DatasetError
     from worker.dataset.shard_list import ShardListError, entry_text
     from worker.dataset.storage import StorageUnavailable
+    from worker.delta.lineage import LineageError
     from worker.ledger.keys import RunNameError
     from worker.pipeline.inputs import InputError, can_repeat, unique_by_digest
     from worker.settings import output_roots
 
-    settings = load_settings(broker_url=broker, queue=queue, shard_size=shard_size, max_queued_jobs=max_queued)
+    if not skip_done_in and (skip_failed or model_dir or precision):
+        raise click.UsageError("--skip-failed, --model and --precision go with --skip-done-in")
+    settings = load_settings(broker_url=broker_url, queue=queue, shard_size=shard_size,
+                             max_queued_jobs=max_queued_jobs)  # fmt: skip
     run = run_name or time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(3).hex()
     click.echo(run)
     ledger = open_store(settings)
@@ -87,6 +107,8 @@ def enqueue_command(
     except redis.exceptions.RedisError as exc:
         raise click.ClickException(f"Redis: {exc}") from None
     folder = output or (known["output"] if known else os.path.join(output_roots(settings)[0], run))
+    options: dict = {"embeddings": embeddings, "embedding_dtype": embedding_dtype}
+    chain = _earlier_for_enqueue(skip_done_in, skip_failed, model_dir, precision, folder, options)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=None, unit="img", desc="enqueue", disable=not show, dynamic_ncols=True)
 
@@ -104,10 +126,13 @@ def enqueue_command(
             settings.shard_size,
             settings.max_queued_jobs,
             settings.key_prefix,
-            options={"embeddings": embeddings, "embedding_dtype": embedding_dtype},
+            options=options,
             on_progress=on_progress,
+            skip_done_in=chain,
+            skip_failed=skip_failed,
         )
-    except (RunNameError, EnqueueError, ShardListError, InputError, OSError, StorageUnavailable) as exc:
+    except (RunNameError, EnqueueError, ShardListError, InputError, OSError, StorageUnavailable, LineageError,
+            DatasetError) as exc:  # fmt: skip
         raise click.ClickException(str(exc)) from None
     except redis.exceptions.RedisError as exc:
         raise click.ClickException(f"Redis: {exc} (enqueue again with --run {run} to resume)") from None
@@ -123,6 +148,7 @@ def enqueue_command(
         f"{summary.seconds:.1f} s" + (f" ({summary.waited_s:.0f} s waiting for the queue)" if summary.waited_s else "")
         + (f"\n{summary.from_storage} images in shards already written on storage (the ledger did not know them): not labeled again"
            if summary.from_storage else "")
+        + "".join(f"\n{line}" for line in summary.delta.lines())
         + f"\ndataset: {summary.output}/labels/*.parquet",
         err=True,
     )
@@ -130,6 +156,36 @@ def enqueue_command(
         click.echo("nothing to wait for: the inputs named no paths", err=True)
     elif wait:
         _follow(settings, run, interval, show)
+
+
+def _earlier_for_enqueue(named: tuple[str, ...], skip_failed: bool, model_dir: str | None, precision: str | None,
+                         folder: str, options: dict):  # fmt: skip
+    """The chain --skip-done-in names (None: none), with the run's model put in `options`: the
+    bundle's where --model names one, else the first named dataset's (said on stderr)."""
+    if not named:
+        return None
+    from worker.delta.lineage import LineageError, resolve_chain
+    from worker.sidecar import ModelSpec
+
+    try:
+        chain = resolve_chain(named, folder)
+    except LineageError as exc:
+        raise click.ClickException(str(exc)) from None
+    if model_dir:
+        wanted = precision or default("precision")
+        try:
+            checksum = ModelSpec.load(Path(model_dir)).model_for(wanted)[1]
+        except (ValueError, KeyError, OSError) as exc:
+            raise click.ClickException(f"--model {model_dir} --precision {wanted}: {exc}") from None
+        options.update(model_sha256=checksum or "0" * 64, precision=wanted)
+    else:
+        if precision:
+            raise click.UsageError("--precision goes with --model (without it, the dataset's model and precision)")
+        first = chain[0]
+        options.update(model_sha256=first.model_sha256, precision=first.precision)
+        click.echo(f"building on model {first.model_sha256[:12]} at {first.precision} (that of {first.location}); "
+                   "workers serving another model refuse this run", err=True)  # fmt: skip
+    return chain
 
 
 def _follow(settings, run: str, interval: float, bar_wanted: bool) -> None:
@@ -162,18 +218,16 @@ def _exit_if_failed(status) -> None:
 
 @click.command("status")
 @click.argument("run")
-@click.option("--broker", help=BROKER_HELP)
+@setting_option("broker_url")
 @click.option("--watch", is_flag=True, help="Keep a live view until the run finishes (Ctrl-C to leave).")
-@click.option(
-    "--interval", type=float, default=2.0, show_default=True, help="Seconds between --watch updates."
-)
+@interval_option("--watch")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as one JSON object.")
-def status_command(run: str, broker: str | None, watch: bool, interval: float, as_json: bool) -> None:
+def status_command(run: str, broker_url: str | None, watch: bool, interval: float, as_json: bool) -> None:
     """Show a run's total, done, failed, pending, images/s and ETA, and each worker's throughput."""
     from worker.client.status import follow, format_status
     from worker.ledger.activity import worker_activity
 
-    settings = load_settings(broker_url=broker)
+    settings = load_settings(broker_url=broker_url)
     store = open_run(settings, run)
     if as_json:
         status = store.status(run, settings.queue)
@@ -215,25 +269,42 @@ def status_command(run: str, broker: str | None, watch: bool, interval: float, a
     required=True,
     help="FILE.jsonl, FILE.csv or FILE.parquet (.parquet: the dataset's own columns, docs/dataset.md).",
 )
-@click.option("--broker", help=BROKER_HELP)
+@setting_option("broker_url")
 @click.option("--errors-only", is_flag=True, help="Only the error records: which images failed, and why.")
-def results_command(run: str, out_path: Path, broker: str | None, errors_only: bool) -> None:
-    """Stream every row of RUN's dataset to one file (format by extension), in constant memory.
-    The dataset itself (OUTPUT/labels/*.parquet) reads as one table in DuckDB, pandas or pyarrow."""
-    from worker.client.export import ExportError, export_run, format_for
+@click.option("--with-lineage", is_flag=True,
+              help="Also the datasets it built on (--skip-done-in): one row per image, the newest winning.")  # fmt: skip
+def results_command(run: str, out_path: Path, broker_url: str | None, errors_only: bool, with_lineage: bool) -> None:
+    """Stream every row of RUN's dataset (a run name, or a finished dataset's folder or URL) to one
+    file (format by extension), in constant memory. The dataset itself (OUTPUT/labels/*.parquet)
+    reads as one table in DuckDB, pandas or pyarrow."""
+    from worker.client.export import ExportError, export_records, export_run, format_for
+    from worker.dataset.schema import DatasetError
+    from worker.delta.lineage import LineageError
+    from worker.delta.union import iter_union_records
 
-    settings = load_settings(broker_url=broker)
     try:
         format_for(out_path)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
-    ledger = open_run(settings, run)
-    status = ledger.status(run, settings.queue)
+    pending = ""
+    if is_url(run) or os.path.isdir(run):
+        output = run
+    else:
+        settings = load_settings(broker_url=broker_url)
+        ledger = open_run(settings, run)
+        status = ledger.status(run, settings.queue)
+        output, pending = status.output, f" ({status.pending} images still pending)"
     try:
-        count = export_run(status.output, out_path, errors_only=errors_only)
-    except ExportError as exc:
+        if with_lineage:
+            records = iter_union_records(output)
+            if errors_only:
+                records = (record for record in records if is_error(record))
+            count = export_records(records, out_path)
+        else:
+            count = export_run(output, out_path, errors_only=errors_only)
+    except (ExportError, LineageError, DatasetError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{count} records written to {out_path} ({status.pending} images still pending)", err=True)
+    click.echo(f"{count} records written to {out_path}{pending}", err=True)
 
 
 @click.command("retry")
@@ -245,14 +316,12 @@ def results_command(run: str, out_path: Path, broker: str | None, errors_only: b
     type=click.Choice(sorted(str(code) for code in ErrorCode if code != ErrorCode.INFERENCE_FAILED)),
     help="Retry only images with this error code (repeatable; default: every failed image).",
 )
-@click.option("--broker", help=BROKER_HELP)
-@click.option("--queue", help="Queue to publish to (default: $LABELER_QUEUE or 'labeler').")
+@setting_option("broker_url")
+@setting_option("queue")
 @click.option("--wait", is_flag=True, help="Follow the run until every image has a row.")
-@click.option(
-    "--interval", type=float, default=2.0, show_default=True, help="Seconds between --wait updates."
-)
+@interval_option("--wait")
 def retry_command(
-    run: str, codes: tuple[str, ...], broker: str | None, queue: str | None, wait: bool, interval: float
+    run: str, codes: tuple[str, ...], broker_url: str | None, queue: str | None, wait: bool, interval: float
 ) -> None:
     """Label RUN's failed images again (after fixing a mount, restoring files): each still ends
     with exactly one row, and the run's counts stay exact."""
@@ -260,7 +329,7 @@ def retry_command(
 
     from worker.client.retry import retry_failed
 
-    settings = load_settings(broker_url=broker, queue=queue)
+    settings = load_settings(broker_url=broker_url, queue=queue)
     ledger = open_run(settings, run)
     try:
         summary = retry_failed(ledger.client, run, settings.queue, codes, settings.key_prefix)

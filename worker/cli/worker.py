@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from worker.cli.bundle import resolve_bundle
-from worker.cli.common import BROKER_HELP, load_settings
+from worker.cli.common import load_settings, setting_option
 from worker.dataset.storage import is_url
 
 log = logging.getLogger(__name__)
@@ -26,49 +26,29 @@ def default_node_name(gpu: int | None, pid: int | None = None) -> str:
 
 
 @click.command("worker")
-@click.option(
-    "--model", "model_dir", type=click.Path(exists=True, file_okay=False), help="Model bundle to serve."
-)
+@setting_option("model", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--gpu", type=int, help="Pin this worker to GPU N (CUDA_VISIBLE_DEVICES); default backend tensorrt."
 )
-@click.option(
-    "--allowed-root",
-    "allowed_roots",
-    multiple=True,
-    type=click.Path(),
-    help="Only read files under DIR, or objects under a URL prefix (s3://bucket/prefix/); repeatable.",
-)
-@click.option("--broker", help=BROKER_HELP)
-@click.option("--queue", help="Queue to consume (default: $LABELER_QUEUE or 'labeler').")
-@click.option("--backend", help="Runner backend (default: onnxruntime, or tensorrt with --gpu).")
-@click.option("--precision", help="Which model of the bundle to run (fp32, fp16, int8; int8 on ONNX Runtime runs the bundle's cpu-int8 model).")
-@click.option(
-    "--decode",
-    type=click.Choice(["cpu", "gpu", "auto"]),
-    help="Decode stage: cpu (OpenCV, default), gpu (nvImageCodec, torch-cuda backend), auto.",
-)
-@click.option(
-    "--concurrency", type=int, help="Jobs in flight per worker; they share engine batches (default 4)."
-)
-@click.option(
-    "--batch-size", type=int, help="Largest engine batch (default: 32 on the CPU, 128 on a GPU backend)."
-)
-@click.option("--max-wait-ms", type=float, help="Longest wait to fill a batch.")
-@click.option("--fetch-concurrency", type=int, help="Object URLs (s3://) read at once per worker (default 32; 0: on the decode threads).")
+@setting_option("allowed_roots", type=click.Path())
+@setting_option("broker_url")
+@setting_option("queue")
+@setting_option("backend")
+@setting_option("precision")
+@setting_option("decode")
+@setting_option("concurrency")
+@setting_option("batch_size")
+@setting_option("max_wait_ms")
+@setting_option("fetch_concurrency")
 @click.option("--hostname", "-n", help="Celery node name (default labeler-gpuN@HOST with --gpu, else labeler-PID@HOST).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-@click.option(
-    "--pool",
-    type=click.Choice(["threads", "solo", "prefork"]),
-    help="threads: one engine shared by all jobs of the process (the design); prefork: one engine per child.",
-)
+@setting_option("pool")
 @click.option("--include", "includes", multiple=True, help="Extra task modules to import (repeatable).")
 def worker_command(
-    model_dir: str | None,
+    model: str | None,
     gpu: int | None,
     allowed_roots: tuple[str, ...],
-    broker: str | None,
+    broker_url: str | None,
     queue: str | None,
     backend: str | None,
     precision: str | None,
@@ -91,9 +71,9 @@ def worker_command(
     if backend is None and gpu is not None:
         backend = "tensorrt"
     settings = load_settings(
-        model=os.path.abspath(model_dir) if model_dir else None,
+        model=os.path.abspath(model) if model else None,
         allowed_roots=tuple(r if is_url(r) else os.path.abspath(r) for r in allowed_roots),
-        broker_url=broker,
+        broker_url=broker_url,
         queue=queue,
         backend=backend,
         precision=precision,

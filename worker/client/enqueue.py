@@ -15,6 +15,7 @@ shard finished while this enqueue held its lease gets its manifest here.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,11 +28,15 @@ from worker.dataset.manifest import file_counts
 from worker.dataset.object_path import as_location, canonical_output
 from worker.dataset.schema import DatasetError
 from worker.dataset.shard_list import CutShard, cut_shards
+from worker.delta.counts import DeltaCounts
+from worker.delta.lineage import EarlierDataset
+from worker.delta.skip import delta_entries
 from worker.ledger.keys import check_run_name
 from worker.ledger.ledger import RunLedger
 from worker.ledger.protocol import shard_message
 from worker.ledger.run_manifest import write_manifest_if_finished
 from worker.ledger.states import Registered
+from worker.setting_table import default
 from worker.sources.container import Container
 
 ENQUEUE_LEASE_S = 60.0  # renewed every batch and backpressure poll; a killed enqueue lapses
@@ -57,6 +62,7 @@ class EnqueueSummary:
     seconds: float = 0.0
     reused_list: bool = False  # the stored shard list was used (an enqueue of this run before)
     states: dict[str, int] = field(default_factory=dict)
+    delta: DeltaCounts = field(default_factory=DeltaCounts)  # what --skip-done-in left out
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -71,15 +77,21 @@ def enqueue_run(
     paths: Iterable[str | Container],
     output: str,
     queue: str,
-    shard_size: int = 5000,
-    max_queued_jobs: int = 1000,
-    prefix: str = "labeler",
+    shard_size: int = default("shard_size"),
+    max_queued_jobs: int = default("max_queued_jobs"),
+    prefix: str = default("key_prefix"),
     options: dict | None = None,
     on_progress: Callable[[EnqueueSummary], None] | None = None,
     poll_s: float = 0.5,
+    skip_done_in: list[EarlierDataset] | None = None,
+    skip_failed: bool = False,
 ) -> EnqueueSummary:
     """Cut `paths` (loose paths and containers) into the run's shards (or reuse its stored list) and
-    publish those not done. A container's samples are counted when a worker reads it."""
+    publish those not done. A container's samples are counted when a worker reads it.
+
+    `skip_done_in`: earlier datasets (worker/delta/); what they hold labeled by the model the run's
+    options name (`model_sha256`, `precision`: workers serving another refuse the run) from the
+    same source version is left out of the shard list."""
     check_run_name(run)
     ledger = RunLedger(client, prefix)
     output = canonical_output(output)
@@ -88,6 +100,8 @@ def enqueue_run(
         raise EnqueueError(f"run {run} writes into {stored['output']}, not {output}: drop --output to resume it")
     shard_size = int(stored["shard_size"])
     summary = EnqueueSummary(run=run, output=output)
+    paths, _chain = delta_entries(as_location(output), paths, skip_done_in, skip_failed,
+                                  lambda: _delta_model(run, stored["options"]), summary.delta)  # fmt: skip
     started = time.monotonic()
     ledger.renew_enqueue_lease(run, ENQUEUE_LEASE_S)
     written = shard_files(output)
@@ -129,6 +143,15 @@ def enqueue_run(
     if on_progress:
         on_progress(summary)
     return summary
+
+
+def _delta_model(run: str, options_json: str) -> tuple[str, str]:
+    """The (checksum, precision) whose earlier rows count as done: the run's, as first enqueued."""
+    options = json.loads(options_json)
+    if not options.get("model_sha256") or not options.get("precision"):
+        raise EnqueueError(f"run {run} builds on earlier datasets but names no model: enqueue it with --model or "
+                           "--skip-done-in (whose manifest names one)")  # fmt: skip
+    return str(options["model_sha256"]), str(options["precision"])
 
 
 def _done_on_storage(ledger: RunLedger, run: str, batch: list[CutShard], written: dict) -> dict[str, tuple[int, int]]:

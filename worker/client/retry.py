@@ -18,6 +18,7 @@ import redis
 from worker.ledger.ledger import RunLedger
 from worker.ledger.protocol import shard_message
 from worker.ledger.states import State
+from worker.setting_table import default
 
 
 @dataclass
@@ -27,7 +28,7 @@ class RetrySummary:
     images: int = 0  # failed images in the reopened shards (of any code: a shard's count is per shard)
 
 
-def retry_failed(client: redis.Redis, run: str, queue: str, codes: Iterable[str] = (), prefix: str = "labeler",
+def retry_failed(client: redis.Redis, run: str, queue: str, codes: Iterable[str] = (), prefix: str = default("key_prefix"),
                  batch: int = 500) -> RetrySummary:  # fmt: skip
     """Reopen and publish every done shard of `run` with failed images (only those with `codes`,
     if given, are relabeled)."""

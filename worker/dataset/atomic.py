@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from worker.dataset.object_path import ObjectPath
+from worker.dataset.object_path import Location, ObjectPath
 
 TEMP_SUFFIX = ".tmp"
 
@@ -32,7 +32,7 @@ def temp_glob(final: Path) -> str:
     return f".{final.name}.*{TEMP_SUFFIX}"
 
 
-def fsync_dir(folder: Path | ObjectPath) -> None:
+def fsync_dir(folder: Location) -> None:
     """Make a rename, create or unlink in `folder` durable (an object store's are already)."""
     if isinstance(folder, ObjectPath):
         return
@@ -43,7 +43,7 @@ def fsync_dir(folder: Path | ObjectPath) -> None:
         os.close(fd)
 
 
-def ensure_dir(folder: Path | ObjectPath) -> None:
+def ensure_dir(folder: Location) -> None:
     """Create `folder` (and parents) durably: a new folder's own entry lives in its parent. An
     object store has no folders to create."""
     if isinstance(folder, ObjectPath):
@@ -58,7 +58,7 @@ def ensure_dir(folder: Path | ObjectPath) -> None:
         fsync_dir(created.parent)
 
 
-def atomic_write(final: Path | ObjectPath, write: Callable[[BinaryIO], None]) -> int:
+def atomic_write(final: Location, write: Callable[[BinaryIO], None]) -> int:
     """Run `write(handle)` into a temporary file, then make it `final` atomically and durably.
     Returns the bytes written. On any error the temporary file is removed and `final` is untouched.
     An object is written whole from memory with one PUT (a shard file is tens of MB at most)."""

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from worker.dataset.atomic import TEMP_SUFFIX, atomic_write, ensure_dir, fsync_dir, temp_glob
-from worker.dataset.object_path import ObjectPath, as_location, open_for_parquet
+from worker.dataset.object_path import Location, LocationLike, ObjectPath, as_location, open_for_parquet
 from worker.dataset.schema import (
     DICTIONARY_COLUMNS,
     DatasetError,
@@ -52,7 +52,7 @@ class ShardFile:
     """What the ledger records for a written shard."""
 
     shard_id: str
-    path: Path | ObjectPath
+    path: Location
     rows: int
     labeled: int
     failed: int
@@ -71,11 +71,11 @@ def shard_sort_key(shard_id: str) -> tuple[int, ...]:
     return tuple(int(part) for part in shard_id.split("."))
 
 
-def labels_dir(out_dir: Path | str | ObjectPath) -> Path | ObjectPath:
+def labels_dir(out_dir: LocationLike) -> Location:
     return as_location(out_dir) / LABELS_DIR
 
 
-def shard_path(out_dir: Path | str | ObjectPath, shard_id: str) -> Path | ObjectPath:
+def shard_path(out_dir: LocationLike, shard_id: str) -> Location:
     """Where shard `shard_id` of the run writing into `out_dir` lives."""
     return labels_dir(out_dir) / f"part-{check_shard_id(shard_id)}.parquet"
 
@@ -120,10 +120,10 @@ def _write_parquet(table: pa.Table, handle: Any) -> None:
     pq.write_table(table, handle, row_group_size=ROWS_PER_GROUP, **WRITE_OPTIONS)
 
 
-def shard_files(out_dir: Path | str | ObjectPath) -> dict[str, Path | ObjectPath]:
+def shard_files(out_dir: LocationLike) -> dict[str, Location]:
     """The shard files present (for resume), in shard order. Temporary files are not shards."""
     folder = labels_dir(out_dir)
-    found: dict[str, Path | ObjectPath] = {}
+    found: dict[str, Location] = {}
     if isinstance(folder, ObjectPath):
         for child in folder.iterdir():
             match = _SHARD_FILE.match(child.name)
@@ -171,11 +171,12 @@ def remove_stale_temps(
 
 
 def iter_batches(
-    out_dir: Path | str, *, shard_ids: Iterable[str] | None = None, batch_rows: int = ROWS_PER_GROUP
-) -> Iterator[pa.RecordBatch]:
+    out_dir: Path | str, *, shard_ids: Iterable[str] | None = None, batch_rows: int = ROWS_PER_GROUP,
+    columns: Sequence[str] | None = None,
+) -> Iterator[pa.RecordBatch]:  # fmt: skip
     """The dataset's rows as Arrow batches, shard by shard, one row group in memory at a time.
     `shard_ids`: only these shards (e.g. a manifest's list), each of which must exist; default:
-    every shard file present."""
+    every shard file present. `columns`: only those of them a file has (an older minor lacks some)."""
     present = shard_files(out_dir)
     if shard_ids is None:
         paths = list(present.values())
@@ -190,7 +191,8 @@ def iter_batches(
         try:
             with pq.ParquetFile(source) as parquet:
                 check_schema_version(parquet.schema_arrow, str(path))
-                yield from parquet.iter_batches(batch_size=batch_rows)
+                names = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+                yield from parquet.iter_batches(batch_size=batch_rows, columns=names)
         finally:
             if source is not path:
                 source.close()

@@ -17,7 +17,13 @@ import pyarrow.parquet as pq
 
 from worker.dataset.atomic import atomic_write
 from worker.dataset.files import remove_shard, shard_files, shard_sort_key
-from worker.dataset.object_path import ObjectPath, as_location, file_size, open_for_parquet
+from worker.dataset.object_path import (
+    Location,
+    LocationLike,
+    as_location,
+    file_size,
+    open_for_parquet,
+)
 from worker.dataset.schema import (
     SCHEMA_VERSION,
     DatasetError,
@@ -29,7 +35,7 @@ from worker.dataset.schema import (
 MANIFEST = "manifest.json"
 
 
-def manifest_path(out_dir: Path | str | ObjectPath) -> Path | ObjectPath:
+def manifest_path(out_dir: LocationLike) -> Location:
     return as_location(out_dir) / MANIFEST
 
 
@@ -42,10 +48,12 @@ def write_manifest(
     settings: Mapping[str, Any],
     model: Mapping[str, Any] | None = None,
     remove_strays: bool = False,
+    lineage: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Check that every shard of the run has a file of the run's schema and model, then write the
     manifest; returns it. A shard file that is not in `shard_ids` (a bisected parent a late worker
-    wrote) would duplicate rows for every glob reader: refused, or deleted with `remove_strays`."""
+    wrote) would duplicate rows for every glob reader: refused, or deleted with `remove_strays`.
+    `lineage`: the earlier datasets an incremental run built on (worker/delta/lineage.py)."""
     wanted = sorted({*shard_ids}, key=shard_sort_key)
     present = shard_files(out_dir)
     missing = [shard_id for shard_id in wanted if shard_id not in present]
@@ -70,6 +78,8 @@ def write_manifest(
         | {"shards": len(shards)},
         "shards": shards,
     }
+    if lineage:
+        manifest["lineage"] = lineage
     data = (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode()
     atomic_write(manifest_path(out_dir), lambda handle: handle.write(data))
     return manifest
@@ -88,7 +98,7 @@ def read_manifest(out_dir: Path | str) -> dict[str, Any] | None:
     return manifest
 
 
-def _footer(path: Path | ObjectPath) -> Any:
+def _footer(path: Location) -> Any:
     """A shard file's footer (one small read), once its schema version is one this reader knows."""
     source = open_for_parquet(path)
     try:
@@ -100,7 +110,7 @@ def _footer(path: Path | ObjectPath) -> Any:
     return metadata
 
 
-def _failed_rows(path: Path | ObjectPath, metadata: Any, model_sha256: str | None = None) -> int:
+def _failed_rows(path: Location, metadata: Any, model_sha256: str | None = None) -> int:
     """Rows with an error code, from the row groups' null counts; with `model_sha256`, every row
     group must have been labeled by that model."""
     names = metadata.schema.to_arrow_schema().names
@@ -117,7 +127,7 @@ def _failed_rows(path: Path | ObjectPath, metadata: Any, model_sha256: str | Non
     return failed
 
 
-def check_columns(path: Path | ObjectPath, spec: DatasetSpec) -> Any:
+def check_columns(path: Location, spec: DatasetSpec) -> Any:
     """The file's footer, once its columns are the run's; DatasetError says what differs."""
     metadata = _footer(path)
     schema = metadata.schema.to_arrow_schema()
@@ -126,13 +136,13 @@ def check_columns(path: Path | ObjectPath, spec: DatasetSpec) -> Any:
     return metadata
 
 
-def file_counts(path: Path | ObjectPath) -> tuple[int, int]:
+def file_counts(path: Location) -> tuple[int, int]:
     """(rows, failed rows) of a shard file, from its footer alone (no data read)."""
     metadata = _footer(path)
     return metadata.num_rows, _failed_rows(path, metadata)
 
 
-def spec_of_shard_file(path: Path | ObjectPath) -> DatasetSpec:
+def spec_of_shard_file(path: Location) -> DatasetSpec:
     """The run's spec as one of its shard files records it (model checksum and precision from the
     footer's statistics, the embedding from the columns): a manifest written by someone who never
     loaded the model (the reconciler) says what the rows say."""
@@ -155,7 +165,7 @@ def spec_of_shard_file(path: Path | ObjectPath) -> DatasetSpec:
                        embedding_dtype=dtype or "float32")  # fmt: skip
 
 
-def _shard_entry(shard_id: str, path: Path | ObjectPath, spec: DatasetSpec) -> dict[str, Any]:
+def _shard_entry(shard_id: str, path: Location, spec: DatasetSpec) -> dict[str, Any]:
     """A shard's counts from its footer (row counts and error_code null counts: no data read)."""
     metadata = check_columns(path, spec)
     failed = _failed_rows(path, metadata, spec.model_sha256)

@@ -21,7 +21,7 @@ from worker.dataset.storage import filesystem_for, is_url, split_url
 SINGLE_PUT_LIMIT = 5 * 2**30 - 1  # S3's largest single PUT
 
 
-def as_location(out_dir: Path | str | ObjectPath) -> Path | ObjectPath:
+def as_location(out_dir: LocationLike) -> Location:
     """A URL as an ObjectPath; anything else as a local Path."""
     if isinstance(out_dir, ObjectPath | Path):
         return out_dir
@@ -134,10 +134,15 @@ class ObjectPath:
         return fs.open(path, "rb")
 
 
-def file_size(path: Path | ObjectPath) -> int:
+# Where a dataset's folder or file is: a local path or an object URL (worker/dataset/ stores both
+# the same way); LocationLike also takes the text a user typed.
+Location = Path | ObjectPath
+LocationLike = Path | str | ObjectPath
+
+def file_size(path: Location) -> int:
     return path.size() if isinstance(path, ObjectPath) else path.stat().st_size
 
 
-def open_for_parquet(path: Path | ObjectPath) -> Any:
+def open_for_parquet(path: Location) -> Any:
     """What pyarrow.parquet reads: a local path as itself, an object as a file handle."""
     return path.open_read() if isinstance(path, ObjectPath) else path

@@ -20,7 +20,7 @@ from worker.sidecar import ModelSpec
 
 # Major.minor: a reader accepts every minor of its major. A minor may only add nullable columns;
 # renaming, retyping or removing a column is a new major.
-SCHEMA_VERSION = "1.1"  # 1.1 added source_url, source_key, source_row (container samples)
+SCHEMA_VERSION = "1.2"  # 1.1 added source_url, source_key, source_row (container samples); 1.2 source_version
 VERSION_KEY = b"resnet_labeler.schema_version"
 EMBEDDING_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
@@ -95,6 +95,9 @@ def dataset_schema(spec: DatasetSpec) -> pa.Schema:
         pa.field("source_url", pa.string()),
         pa.field("source_key", pa.string()),
         pa.field("source_row", pa.int64()),
+        # The version of what was read (worker/sources/version.py): `size:mtime_ns` of a file, an
+        # object's ETag, a container file's for each of its samples. Incremental runs compare it.
+        pa.field("source_version", pa.string()),
     ]
     return pa.schema(fields, metadata={VERSION_KEY: SCHEMA_VERSION.encode()})
 
@@ -179,6 +182,7 @@ _RECORD_COLUMNS = [
     "source_url",
     "source_key",
     "source_row",
+    "source_version",
     "top1_index",
     "top1_label",
     "top1_score",

@@ -10,7 +10,10 @@ carries a hash chained over every path before and in it, checked on resume.
 
 A container shard (one WebDataset tar or Parquet file of image bytes, or a range of one;
 worker/sources/container.py) stores `{"container": {...}}` instead of paths: the list names the file,
-never its samples, and is cut one container per shard.
+never its samples, and is cut one container per shard. Consecutive container shards are stored
+together, `PACK_SIZE` root ids to a file (`DIR/shards/pack-<group>.json`, group = root index //
+PACK_SIZE), written once before any of them is yielded: a file per container made enqueueing
+10,000 tars cost 10,000 durable file creations (~1 ms each on ext4), now ~160.
 
 A bisected shard (`000123.1.0`) has no file of its own: its paths are halves of its parent's (a
 container of unknown length gets its halves written when it is split, after its samples are counted).
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from worker.dataset.atomic import atomic_write, ensure_dir
 from worker.dataset.files import check_shard_id, shard_sort_key
-from worker.dataset.object_path import ObjectPath, as_location
+from worker.dataset.object_path import Location, LocationLike, ObjectPath, as_location
 from worker.sources.container import Container, ContainerError
 
 # What one shard reads: a list of paths (loose files or objects), or one container (range).
@@ -35,6 +38,7 @@ Entry = str | Container  # one input: a loose path, or a container
 
 SHARDS_DIR = "shards"
 INDEX_FILE = "index.json"
+PACK_SIZE = 64  # root ids per pack file of container shards
 ROOT_ID_DIGITS = 6
 GENESIS = "0" * 64
 
@@ -43,7 +47,7 @@ class ShardListError(ValueError):
     """The stored shard list and what an enqueue was given disagree, or the list is damaged."""
 
 
-def shards_dir(out_dir: Path | str | ObjectPath) -> Path | ObjectPath:
+def shards_dir(out_dir: LocationLike) -> Location:
     return as_location(out_dir) / SHARDS_DIR
 
 
@@ -102,26 +106,58 @@ class StoredShard:
         return [self.source] if isinstance(self.source, Container) else list(self.source)
 
 
-def write_shard_source(out_dir: Path | str, shard_id: str, source: ShardSource, chain: str) -> None:
-    folder = shards_dir(out_dir)
-    ensure_dir(folder)
+def _body(shard_id: str, source: ShardSource, chain: str) -> dict:
     body: dict = {"shard": shard_id, "chain": chain}
     if isinstance(source, Container):
         body["container"] = source.to_json()
     else:
         body["paths"] = source
+    return body
+
+
+def _write_json(path: Location, body: dict) -> None:
+    """One shard-list file, durably (create, fsync, rename, fsync of the folder)."""
+    ensure_dir(path.parent)
     data = json.dumps(body, ensure_ascii=False).encode()
-    atomic_write(folder / f"{check_shard_id(shard_id)}.json", lambda handle: handle.write(data))
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+def write_shard_source(out_dir: Path | str, shard_id: str, source: ShardSource, chain: str) -> None:
+    _write_json(shards_dir(out_dir) / f"{check_shard_id(shard_id)}.json", _body(shard_id, source, chain))
+
+
+def pack_path(out_dir: Path | str, group: int) -> Location:
+    return shards_dir(out_dir) / f"pack-{group:0{ROOT_ID_DIGITS}d}.json"
+
+
+def _group_of(shard_id: str) -> int:
+    return int(shard_id) // PACK_SIZE
+
+
+def _read_json(path: Location) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise ShardListError(f"{path} is damaged: {exc}") from None
+
+
+def _packed(out_dir: Path | str, shard_id: str) -> dict | None:
+    """A root shard's entry in its group's pack file, or None."""
+    if not shard_id.isdigit():
+        return None
+    pack = _read_json(pack_path(out_dir, _group_of(shard_id))) or {}
+    return next((entry for entry in pack.get("shards", []) if entry.get("shard") == shard_id), None)
 
 
 def read_stored(out_dir: Path | str, shard_id: str) -> StoredShard:
     path = shards_dir(out_dir) / f"{check_shard_id(shard_id)}.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ShardListError(f"shard {shard_id} has no path list at {path}") from None
-    except ValueError as exc:
-        raise ShardListError(f"{path} is damaged: {exc}") from None
+    data = _read_json(path)
+    if data is None:
+        data = _packed(out_dir, shard_id)
+    if data is None:
+        raise ShardListError(f"shard {shard_id} has no path list at {path}")
     if "container" in data:
         try:
             return StoredShard(shard_id, Container.from_json(data["container"]), str(data.get("chain", "")))
@@ -138,7 +174,7 @@ def shard_source(out_dir: Path | str, shard_id: str) -> ShardSource:
     parts = check_shard_id(shard_id).split(".")
     for depth in range(len(parts), 0, -1):
         stored_id = ".".join(parts[:depth])
-        if (shards_dir(out_dir) / f"{stored_id}.json").is_file():
+        if (shards_dir(out_dir) / f"{stored_id}.json").is_file() or (depth == 1 and _packed(out_dir, stored_id)):
             source = read_stored(out_dir, stored_id).source
             for half in parts[depth:]:
                 source = halves(source)[int(half)]
@@ -166,7 +202,9 @@ def stored_root_shards(out_dir: Path | str) -> list[str]:
     folder = shards_dir(out_dir)
     if not isinstance(folder, ObjectPath) and not folder.is_dir():
         return []
-    ids = [p.stem for p in folder.glob("*.json") if p.name != INDEX_FILE and "." not in p.stem]
+    ids = {p.stem for p in folder.glob("*.json") if p.stem.isdigit()}  # not index.json, lineage.json, halves
+    for pack in folder.glob("pack-*.json"):
+        ids.update(str(entry.get("shard")) for entry in (_read_json(pack) or {}).get("shards", []))
     return sorted(ids, key=shard_sort_key)
 
 
@@ -214,33 +252,64 @@ def cut_shards(out_dir: Path | str, entries: Iterable[Entry], shard_size: int) -
         images += size_of(kept.source)
         yield CutShard(shard_id, kept.source, True)
     batch: list[str] = []
+    packing = _Packer(out_dir, shard_ids, chain)
     for entry in source:
         if isinstance(entry, Container):
             if batch:
-                chain = _store_new(out_dir, len(shard_ids), batch, chain, shard_ids)
+                yield from packing.flush()
+                yield _store_new_paths(packing, batch)
                 images += len(batch)
-                yield CutShard(shard_ids[-1], batch, False)
                 batch = []
-            chain = _store_new(out_dir, len(shard_ids), entry, chain, shard_ids)
             images += size_of(entry)
-            yield CutShard(shard_ids[-1], entry, False)
+            yield from packing.add(entry)
             continue
         batch.append(entry)
         if len(batch) == shard_size:
-            chain = _store_new(out_dir, len(shard_ids), batch, chain, shard_ids)
+            yield from packing.flush()
+            yield _store_new_paths(packing, batch)
             images += len(batch)
-            yield CutShard(shard_ids[-1], batch, False)
             batch = []
+    yield from packing.flush()
     if batch:
-        chain = _store_new(out_dir, len(shard_ids), batch, chain, shard_ids)
+        yield _store_new_paths(packing, batch)
         images += len(batch)
-        yield CutShard(shard_ids[-1], batch, False)
-    write_index(out_dir, shard_size, shard_ids, images, chain)
+    write_index(out_dir, shard_size, shard_ids, images, packing.chain)
 
 
-def _store_new(out_dir: Path | str, position: int, source: ShardSource, chain: str, shard_ids: list[str]) -> str:
-    shard_id = root_shard_id(position)
-    chain = chain_hash(chain, [source] if isinstance(source, Container) else source)
-    write_shard_source(out_dir, shard_id, source, chain)
-    shard_ids.append(shard_id)
-    return chain
+class _Packer:
+    """Container shards of a listing, held until their group's pack file is written (a group
+    ends at a multiple of PACK_SIZE root ids, or where a shard of loose paths comes between)."""
+
+    def __init__(self, out_dir: Path | str, shard_ids: list[str], chain: str) -> None:
+        self.out_dir, self.shard_ids, self.chain = out_dir, shard_ids, chain
+        self.held: list[tuple[str, Container, str]] = []
+
+    def add(self, container: Container) -> Iterator[CutShard]:
+        shard_id = root_shard_id(len(self.shard_ids))
+        self.chain = chain_hash(self.chain, [container])
+        self.shard_ids.append(shard_id)
+        self.held.append((shard_id, container, self.chain))
+        if (len(self.shard_ids)) % PACK_SIZE == 0:
+            yield from self.flush()
+
+    def flush(self) -> Iterator[CutShard]:
+        """Write the held shards' group (with what an earlier flush stored in it), then yield them."""
+        if not self.held:
+            return
+        group = _group_of(self.held[0][0])
+        path = pack_path(self.out_dir, group)
+        kept = (_read_json(path) or {}).get("shards", [])
+        entries = kept + [_body(shard_id, container, chain) for shard_id, container, chain in self.held]
+        _write_json(path, {"group": group, "shards": entries})
+        held, self.held = self.held, []
+        for shard_id, container, _chain in held:
+            yield CutShard(shard_id, container, False)
+
+
+def _store_new_paths(packing: _Packer, paths: list[str]) -> CutShard:
+    """A shard of loose paths: its own file, written before it is yielded."""
+    shard_id = root_shard_id(len(packing.shard_ids))
+    packing.chain = chain_hash(packing.chain, paths)
+    write_shard_source(packing.out_dir, shard_id, paths, packing.chain)
+    packing.shard_ids.append(shard_id)
+    return CutShard(shard_id, paths, False)

@@ -18,17 +18,19 @@ import re
 import threading
 from typing import Any
 
+from worker.setting_table import SETTINGS, default
+
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Spellings of one store: an allowed root written s3:// also confines s3a:// URLs.
 _ALIASES = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
-S3_ENDPOINT_ENV = "LABELER_S3_ENDPOINT_URL"
+S3_ENDPOINT_ENV = SETTINGS["s3_endpoint_url"].env
 # botocore retries each request (throttling, 5xx, connection errors, with jittered backoff); the
 # reader retries whole reads on top (object_reading.py). s3fs's own retry loop is turned off
 # (1 try) so the attempts multiply only once: a dead store costs 3 x 3 short tries per image.
 # Connections kept open per client: botocore's default is 10; this is the default fetch concurrency
 # (worker/pipeline/fetching.py), and `reserve_connections` raises it for a larger one, so every
 # fetch thread's request reuses an open connection instead of queueing for one.
-DEFAULT_FETCH_CONCURRENCY = 32  # object reads in flight per process (worker/pipeline/fetching.py)
+DEFAULT_FETCH_CONCURRENCY: int = default("fetch_concurrency")  # object reads in flight per process (fetching.py)
 S3_CLIENT_CONFIG: dict[str, Any] = {
     "connect_timeout": 5,
     "read_timeout": 60,

@@ -47,6 +47,7 @@ from worker.ledger.keys import (
 from worker.ledger.scripts import register_all
 from worker.ledger.states import Registered, State, Verdict
 from worker.records import compact_json
+from worker.setting_table import default
 
 
 def _texts(replies: list) -> list[str]:
@@ -149,7 +150,7 @@ class RunLedger:
     """Reads and writes of runs and their shards. Thread-safe: redis-py clients share a pool.
     `clock` gives the time every lease and index entry is measured in (a test's own clock)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "labeler",
+    def __init__(self, client: redis.Redis, prefix: str = default("key_prefix"),
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.client = client
         self.prefix = prefix

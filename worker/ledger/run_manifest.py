@@ -10,6 +10,7 @@ import logging
 from worker.dataset.files import DatasetSpec, shard_files
 from worker.dataset.manifest import spec_of_shard_file, write_manifest
 from worker.dataset.shard_list import read_index
+from worker.delta.lineage import stored_lineage
 from worker.ledger.ledger import RunLedger
 from worker.ledger.states import State
 
@@ -28,15 +29,19 @@ def write_manifest_if_finished(ledger: RunLedger, run: str, queue: str, spec: Da
     if index is None:  # the listing is not complete: more shards are coming
         return False
     done = [s.shard_id for s in ledger.shard_states(run) if s.state == State.DONE]
+    stored = ledger.run_settings(run) or {"options": {}}
     if spec is None:
         files = shard_files(status.output)
-        if not files:
+        if files:
+            spec = spec_of_shard_file(next(iter(files.values())))
+        elif stored["options"].get("model_sha256"):  # an incremental run with nothing new: its chain goes on
+            spec = DatasetSpec(model_sha256=stored["options"]["model_sha256"], precision=stored["options"]["precision"])
+        else:
             return False
-        spec = spec_of_shard_file(next(iter(files.values())))
-    stored = ledger.run_settings(run) or {"options": {}}
     settings = {"shard_size": index["shard_size"], **stored["options"]}
     if top_k is not None:
         settings["top_k"] = top_k
-    write_manifest(status.output, run_id=run, shard_ids=done, spec=spec, remove_strays=True, settings=settings)
+    write_manifest(status.output, run_id=run, shard_ids=done, spec=spec, remove_strays=True, settings=settings,
+                   lineage=stored_lineage(status.output))  # fmt: skip
     ledger.mark_manifested(run)
     return True

@@ -16,21 +16,23 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from worker.dataset.files import DatasetError, DatasetSpec, iter_records, shard_files, write_shard
 from worker.dataset.manifest import check_columns, write_manifest
-from worker.dataset.object_path import ObjectPath, as_location
+from worker.dataset.object_path import Location, as_location
 from worker.dataset.shard_list import Entry, ShardSource, cut_shards, entry_text, size_of, stored_root_shards
+from worker.delta.lineage import EarlierDataset, lineage_json
+from worker.delta.skip import delta_entries
 from worker.local.run import RunSummary
 from worker.local.shard_writer import ShardWriter
 from worker.pipeline.inputs import unique_by_digest
 from worker.pipeline.reading import ReadPolicy
 from worker.pipeline.service import LabelingService, ServiceFailed
 from worker.records import Record, error_code, is_engine_failure, is_error
+from worker.setting_table import default
 from worker.sources.items import SourceUnavailable, iter_items
 
-DEFAULT_SHARD_SIZE = 5000
+DEFAULT_SHARD_SIZE: int = default("shard_size")
 
 
 class DatasetExists(RuntimeError):
@@ -50,7 +52,7 @@ class _Shard:
 def run_local_dataset(
     paths: Iterable[Entry],
     service: LabelingService,
-    out_dir: Path | ObjectPath,
+    out_dir: Location,
     *,
     resume: bool = False,
     retry_errors: bool = False,
@@ -59,11 +61,16 @@ def run_local_dataset(
     on_record: Callable[[Record], None] | None = None,
     worker: str = "labeler-run",
     deduplicate: bool = True,
+    skip_done_in: list[EarlierDataset] | None = None,
+    skip_failed: bool = False,
 ) -> RunSummary:
     """Label every path once into the dataset `out_dir`; returns the run's summary. A path named
     twice is labeled once (`deduplicate=False` only where the inputs cannot repeat one, a single
     directory walk, to save the ~75 B per path that remembering them costs). Raises
-    DatasetWriteFailed, with no manifest written, when a shard's file could not be written."""
+    DatasetWriteFailed, with no manifest written, when a shard's file could not be written.
+
+    `skip_done_in`: earlier datasets (worker/delta/): inputs they hold labeled by this model from
+    the same source version are left out; the chain is fixed at the run's start (a resume keeps it)."""
     out_dir = as_location(out_dir)
     if (stored_root_shards(out_dir) or shard_files(out_dir)) and not (resume or retry_errors):
         raise DatasetExists(f"{out_dir} holds a dataset: add --resume to continue it, or choose a new folder")
@@ -80,6 +87,8 @@ def run_local_dataset(
                 check_columns(path, spec)
             except DatasetError as exc:
                 raise DatasetExists(f"{exc}: resume with the first run's --embeddings/--embedding-dtype and model") from None
+        paths, chain = delta_entries(out_dir, paths, skip_done_in, skip_failed,
+                                     lambda: (spec.model_sha256, spec.precision), summary.delta)  # fmt: skip
         writer = ShardWriter(out_dir)
         started = time.monotonic()
         summary.load_seconds = started - load_started
@@ -135,7 +144,8 @@ def run_local_dataset(
         raise writer.error() from writer.failure
     if summary.complete:
         write_manifest(out_dir, run_id=out_dir.name, shard_ids=[*skipped_shards, *writer.written], spec=spec,
-                       settings={"shard_size": shard_size, "top_k": service.options.top_k}, remove_strays=True)  # fmt: skip
+                       settings={"shard_size": shard_size, "top_k": service.options.top_k}, remove_strays=True,
+                       lineage=lineage_json(chain))  # fmt: skip
     return summary
 
 
@@ -143,7 +153,7 @@ def _count_repeat(summary: RunSummary) -> None:
     summary.repeats += 1
 
 
-def _done_rows(out_dir: Path | ObjectPath, shard: _Shard, written: dict, retry_errors: bool) -> dict[str, Record] | None:
+def _done_rows(out_dir: Location, shard: _Shard, written: dict, retry_errors: bool) -> dict[str, Record] | None:
     """The rows of `shard` kept from its file (empty: label it all); None: skip the shard whole."""
     if shard.shard_id not in written:
         return {}

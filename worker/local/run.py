@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.dataset.shard_list import Entry, entry_text
+from worker.delta.counts import DeltaCounts
 from worker.local.results import JsonlWriter, completed_paths
 from worker.pipeline.inputs import unique_by_digest
 from worker.pipeline.reading import ReadPolicy
@@ -34,6 +35,7 @@ class RunSummary:
     engine_failure: str | None = None  # why the service gave up, if it did
     repeats: int = 0  # inputs naming a path already named: left out, so each image has one record
     unreadable: list[str] = field(default_factory=list)  # containers a store failed inside: --resume reads them
+    delta: DeltaCounts = field(default_factory=DeltaCounts)  # what --skip-done-in left out
 
     @property
     def complete(self) -> bool:
@@ -53,6 +55,7 @@ class RunSummary:
             f"(model load {self.load_seconds:.1f} s)",
         ]
         out += [f"  {code}: {count}" for code, count in sorted(self.errors.items())]
+        out += self.delta.lines()
         if self.engine_failure:
             out.append(f"the engine gave up: {self.engine_failure}")
         out += [f"not read to the end (the store failed; --resume reads it again): {line}" for line in self.unreadable]

@@ -12,10 +12,9 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from worker.dataset.files import labels_dir
-from worker.dataset.object_path import ObjectPath
+from worker.dataset.object_path import Location
 
 QUEUE_DEPTH = 2  # finished shards waiting for the writer: at most this many rows sets in memory
 _DONE = object()
@@ -28,7 +27,7 @@ class DatasetWriteFailed(RuntimeError):
 class ShardWriter:
     """`put(shard_id, write)` from any thread; `write()` runs on the writer thread, one at a time."""
 
-    def __init__(self, out_dir: Path | ObjectPath, depth: int = QUEUE_DEPTH) -> None:
+    def __init__(self, out_dir: Location, depth: int = QUEUE_DEPTH) -> None:
         self.out_dir = out_dir
         self.written: list[str] = []
         self.failed_shard: str | None = None

@@ -3,8 +3,10 @@
 Both describe what they want as a `ServiceConfig` (a worker fills it from its Settings by field
 name) and call `build_service`, so the same settings give the same runner and options (max_pixels,
 embeddings, thread counts under `--backend auto`) wherever the service runs: two builders would
-drift apart. The bundle is always a path: resolving the embedded default is the command line's
-job, so the runtime never imports engine_build.
+drift apart. Its defaults are the settings table's (worker/setting_table.py), as are the worker's
+and the `labeler run` flags', so both pick the same backend and caps for the same bundle. The
+bundle is always a path: resolving the embedded default is the command line's job, so the runtime
+never imports engine_build.
 """
 
 from __future__ import annotations
@@ -12,31 +14,31 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from worker.dataset.storage import DEFAULT_FETCH_CONCURRENCY
 from worker.pipeline.decode_choice import create_stage
-from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS
-from worker.pipeline.reading import DEFAULT_MAX_BYTES, ReadPolicy
+from worker.pipeline.reading import ReadPolicy
 from worker.pipeline.service import LabelingService, ServiceObserver, ServiceOptions
 from worker.runners.base import Runner, RunnerError
+from worker.setting_table import default
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """What to run and how: the settings `labeler run` flags and LABELER_* variables share."""
+    """What to run and how: the settings `labeler run` flags and LABELER_* variables share (their
+    meanings are in worker/setting_table.py)."""
 
-    backend: str = "auto"
-    precision: str = "fp32"
-    batch_size: int = 0  # 0: the backend's default (32 on the CPU, 128 on a GPU backend)
-    max_wait_ms: float = 20.0
-    decode_threads: int = 0  # 0: one per core
-    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY  # object URLs read at once (0: on the decode threads)
-    intra_op_threads: int = 0  # ONNX Runtime's threads (0: one per core); GPU backends ignore it
-    top_k: int = 5
-    embeddings: bool = False
-    allowed_roots: tuple[str, ...] = ()
-    max_bytes: int = DEFAULT_MAX_BYTES
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    decode: str = "cpu"  # cpu (OpenCV, the reference), gpu (nvImageCodec, torch-cuda only), auto
+    backend: str = default("backend")
+    precision: str = default("precision")
+    batch_size: int = default("batch_size")
+    max_wait_ms: float = default("max_wait_ms")
+    decode_threads: int = default("decode_threads")
+    fetch_concurrency: int = default("fetch_concurrency")
+    intra_op_threads: int = default("intra_op_threads")  # GPU backends ignore it
+    top_k: int = default("top_k")
+    embeddings: bool = default("embeddings")
+    allowed_roots: tuple[str, ...] = default("allowed_roots")
+    max_bytes: int = default("max_bytes")
+    max_pixels: int = default("max_pixels")
+    decode: str = default("decode")
 
     @classmethod
     def pick(cls, source: object) -> ServiceConfig:

@@ -20,11 +20,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from worker.pipeline.preprocess import CropPlan, decode_and_crop
+from worker.setting_table import SETTINGS
 from worker.sidecar import Preprocessing
 
 log = logging.getLogger(__name__)
 
-DECODE_CHOICES = ("cpu", "gpu", "auto")
+DECODE_CHOICES: tuple[str, ...] = SETTINGS["decode"].choices
 
 
 @dataclass(frozen=True)

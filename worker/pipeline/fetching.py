@@ -8,7 +8,7 @@ the decode pool; local paths skip this stage. The threads hold no sockets of the
 every call as a coroutine on fsspec's one IO loop, so the requests share one client and its
 connection pool (`max_pool_connections`, set to match in worker/dataset/storage.py).
 
-The read is `read_image_bytes`, the very function the decode threads used: the allowed-root check,
+The read is `read_image`, the very function the decode threads used: the allowed-root check,
 the HEAD for the size cap, the ranged GET, the retries and the error codes are unchanged. The
 thread pool starts with the first URL, so a run over local files makes no threads and imports no
 object-store client.
@@ -23,16 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 from worker.dataset.storage import is_url, reserve_connections
 from worker.pipeline.errors import ImageError, unexpected_error
-from worker.pipeline.reading import ReadPolicy, read_image_bytes
+from worker.pipeline.reading import ReadPolicy, read_image
 
 log = logging.getLogger(__name__)
 
-# What a fetch hands on: the bytes, or the ImageError that becomes the image's record.
-Fetched = Callable[[bytes | None, ImageError | None], None]
+# What a fetch hands on: the bytes and their version, or the ImageError that becomes the image's record.
+Fetched = Callable[[bytes | None, str | None, ImageError | None], None]
 
 
 class FetchStage:
-    """Reads URLs `concurrency` at a time and calls `then(data, error)` on the fetch thread.
+    """Reads URLs `concurrency` at a time and calls `then(data, version, error)` on the fetch thread.
 
     `concurrency` 0 turns the stage off: URLs are then read on the decode threads as before."""
 
@@ -69,9 +69,10 @@ class FetchStage:
             self.reading += 1
             self.high_water = max(self.high_water, self.reading)
         data: bytes | None = None
+        version: str | None = None
         error: ImageError | None = None
         try:
-            data = read_image_bytes(path, self.policy)
+            data, version = read_image(path, self.policy)
         except ImageError as exc:
             error = exc
         except Exception as exc:  # noqa: BLE001 - as on the decode pool: a record, not a lost image
@@ -80,4 +81,4 @@ class FetchStage:
         finally:
             with self._lock:
                 self.reading -= 1
-        then(data, error)
+        then(data, version, error)

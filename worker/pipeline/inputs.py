@@ -15,29 +15,35 @@ Object URLs (s3://bucket/key) take the same forms: a prefix is listed page by pa
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
 from worker.dataset.storage import is_url
-from worker.sources.container import PARQUET, TAR, Container, ContainerOptions, is_tar_name
-
-Entry = str | Container
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
+from worker.pipeline.input_forms import (
+    IMAGE_EXTENSIONS,
+    MANIFEST_COLUMN,
+    MANIFEST_EXTENSIONS,
+    Entry,
+    InputError,
+    as_input_path,
+    csv_column,
+    entry_for,
+    has_image_column,
+    iter_manifest_values,
+    parquet_column,
+    parquet_input,
 )
-MANIFEST_EXTENSIONS = frozenset({".parquet", ".csv"})
-MANIFEST_COLUMN = "path"
+from worker.pipeline.object_inputs import is_prefix, iter_url_input, open_object_text
+from worker.sources.container import PARQUET, TAR, ContainerOptions, is_tar_name
+
+__all__ = ["IMAGE_EXTENSIONS", "MANIFEST_COLUMN", "MANIFEST_EXTENSIONS", "Entry", "InputError", "can_repeat",
+           "expand_braces", "iter_input_paths", "parquet_column", "unique", "unique_by_digest"]  # fmt: skip
+
 T = TypeVar("T")
-
-
-class InputError(ValueError):
-    """An input that names no paths the way it should (a manifest without a `path` column)."""
 
 
 def iter_input_paths(
@@ -61,16 +67,12 @@ def _expand_one(item: str, stdin: TextIO | None, formats: ContainerOptions) -> I
     if item == "-":
         yield from _iter_lines(stdin or sys.stdin, formats)
     elif item.startswith("@") and is_url(item[1:]):
-        from worker.pipeline.object_inputs import open_object_text
-
         with open_object_text(item[1:]) as handle:
             yield from _iter_lines(handle, formats)
     elif item.startswith("@") and len(item) > 1:
         with open(item[1:], encoding="utf-8") as handle:
             yield from _iter_lines(handle, formats)
     elif is_url(item):
-        from worker.pipeline.object_inputs import iter_url_input
-
         yield from iter_url_input(item, formats)
     elif os.path.isdir(item):
         yield from _walk_images(item, formats)
@@ -88,8 +90,6 @@ def can_repeat(inputs: Iterable[str]) -> bool:
     """Whether these inputs may name a path twice (a single directory walk cannot)."""
     items = list(inputs)
     if len(items) == 1 and is_url(items[0]):
-        from worker.pipeline.object_inputs import is_prefix
-
         return not is_prefix(items[0])
     return not (len(items) == 1 and os.path.isdir(items[0]))
 
@@ -129,20 +129,6 @@ def _iter_lines(handle: TextIO, formats: ContainerOptions) -> Iterator[Entry]:
             yield entry_for(as_input_path(path), formats)
 
 
-def entry_for(path: str, formats: ContainerOptions) -> Entry:
-    """A path named in a list or a manifest: a tar or a Parquet file is a container, else an image."""
-    if is_tar_name(path):
-        return formats.container(TAR, path)
-    if path.lower().endswith(".parquet"):
-        return formats.container(PARQUET, path)
-    return path
-
-
-def as_input_path(path: str) -> str:
-    """A URL as written; a local path made absolute (from the current directory)."""
-    return path if is_url(path) else os.path.abspath(path)
-
-
 def _walk_images(directory: str, formats: ContainerOptions) -> Iterator[Entry]:
     for root, dirs, files in os.walk(directory):
         dirs.sort()
@@ -156,74 +142,13 @@ def _walk_images(directory: str, formats: ContainerOptions) -> Iterator[Entry]:
                 yield formats.container(PARQUET, path)
 
 
-def has_image_column(source: str | BinaryIO, where: str, formats: ContainerOptions) -> bool:
-    """Whether a Parquet file holds image bytes (its footer only). A folder's metadata sidecars
-    (img2dataset writes one beside each tar) do not."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from worker.sources.parquet_rows import ParquetImageError, find_image_columns
-
-    try:
-        schema = pq.ParquetFile(source).schema_arrow
-        return find_image_columns(schema, where, formats.image_column, formats.key_column) is not None
-    except (pa.ArrowException, ParquetImageError, OSError):
-        return False
-
-
-def parquet_input(source: str | BinaryIO, where: str, formats: ContainerOptions) -> Iterator[Entry]:
-    """A named Parquet file: a container of image bytes, or a manifest of paths."""
-    import pyarrow.parquet as pq
-
-    from worker.sources.parquet_rows import ParquetImageError, find_image_columns
-
-    try:
-        schema = pq.ParquetFile(source).schema_arrow
-        found = find_image_columns(schema, where, formats.image_column, formats.key_column)
-    except ParquetImageError as exc:
-        raise InputError(str(exc)) from None
-    if found is not None:
-        yield formats.container(PARQUET, where)
-    elif MANIFEST_COLUMN in schema.names:
-        if not isinstance(source, str):
-            source.seek(0)
-        yield from iter_manifest_values(parquet_column(source, where), formats)
-    else:
-        raise InputError(f"{where}: neither image bytes (a struct<bytes, path> or binary column; name it with "
-                         f"--image-column) nor a {MANIFEST_COLUMN!r} column of paths (has {schema.names})")  # fmt: skip
-
-
 def _iter_manifest(path: str, formats: ContainerOptions) -> Iterator[Entry]:
     yield from iter_manifest_values(_csv_column(path), formats)
-
-
-def iter_manifest_values(values: Iterable[str], formats: ContainerOptions) -> Iterator[Entry]:
-    for value in values:
-        if value:
-            yield entry_for(as_input_path(value), formats)
-
-
-def parquet_column(source: str | BinaryIO, where: str, batch_rows: int = 65536) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    table = pq.ParquetFile(source)
-    if MANIFEST_COLUMN not in table.schema_arrow.names:
-        raise InputError(f"{where}: a manifest needs a {MANIFEST_COLUMN!r} column (has {table.schema_arrow.names})")
-    for batch in table.iter_batches(batch_size=batch_rows, columns=[MANIFEST_COLUMN]):
-        yield from (str(value) for value in batch.column(0).to_pylist() if value is not None)
 
 
 def _csv_column(path: str) -> Iterator[str]:
     with open(path, encoding="utf-8", newline="") as handle:
         yield from csv_column(handle, path)
-
-
-def csv_column(handle: TextIO, where: str) -> Iterator[str]:
-    reader = csv.DictReader(handle)
-    if MANIFEST_COLUMN not in (reader.fieldnames or ()):
-        raise InputError(f"{where}: a manifest needs a {MANIFEST_COLUMN!r} column (has {reader.fieldnames})")
-    for row in reader:
-        yield row[MANIFEST_COLUMN]
 
 
 def unique(paths: Iterable[str], skip: set[str] | None = None) -> Iterator[str]:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from worker.dataset.storage import StorageUnavailable, filesystem_for, join_url, split_url
-from worker.pipeline.inputs import (
+from worker.pipeline.input_forms import (
     IMAGE_EXTENSIONS,
     MANIFEST_EXTENSIONS,
     Entry,
@@ -43,12 +43,13 @@ def iter_url_input(url: str, formats: ContainerOptions | None = None, page_size:
         yield url
     elif is_tar_name(url):
         yield formats.container(TAR, url)
-    elif extension == ".parquet" and not url.endswith("/") and _is_object(url):
-        fs, path = _fs(url)
-        with _listing_errors(url), fs.open(path, "rb") as handle:
-            yield from parquet_input(handle, url, formats)
-    elif extension in MANIFEST_EXTENSIONS and not url.endswith("/") and _is_object(url):
-        yield from _iter_object_manifest(url, formats)
+    elif extension in MANIFEST_EXTENSIONS and not url.endswith("/") and _is_object(url):  # one HEAD
+        if extension == ".parquet":
+            fs, path = _fs(url)
+            with _listing_errors(url), fs.open(path, "rb") as handle:
+                yield from parquet_input(handle, url, formats)
+        else:
+            yield from _iter_object_manifest(url, formats)
     elif is_prefix(url):
         yield from iter_prefix_images(url, formats, page_size)
     else:

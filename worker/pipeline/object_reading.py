@@ -25,9 +25,7 @@ from worker.dataset.storage import (
 )
 from worker.pipeline.errors import ImageError
 from worker.records import ErrorCode
-
-DEFAULT_READ_ATTEMPTS = 3
-DEFAULT_BACKOFF_S = 0.25
+from worker.sources.version import object_version
 
 
 def check_url_allowed(url: str, roots: tuple[str, ...]) -> None:
@@ -43,15 +41,10 @@ def check_url_allowed(url: str, roots: tuple[str, ...]) -> None:
         raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, f"{canonical_url(url)} is not under an allowed root")
 
 
-def read_object_bytes(
-    url: str,
-    allowed_roots: tuple[str, ...],
-    max_bytes: int,
-    attempts: int = DEFAULT_READ_ATTEMPTS,
-    backoff_s: float = DEFAULT_BACKOFF_S,
-) -> bytes:
-    """The object's bytes, or ImageError with a stable code."""
-    check_url_allowed(url, allowed_roots)
+def read_object(url: str, max_bytes: int, attempts: int, backoff_s: float) -> tuple[bytes, str]:
+    """The object's bytes and version (its ETag, from the HEAD before the GET), or ImageError.
+    The caller has checked the URL against its roots (ReadPolicy.check_url, which also holds the
+    defaults of `attempts` and `backoff_s`)."""
     try:
         fs, path = filesystem_for(url)
     except StorageUnavailable as exc:
@@ -97,7 +90,7 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _read_once(fs, path: str, max_bytes: int) -> bytes:
+def _read_once(fs, path: str, max_bytes: int) -> tuple[bytes, str]:
     info = fs.info(path)
     if info.get("type") != "file":
         raise ImageError(ErrorCode.NOT_A_FILE, "a prefix, not an object")
@@ -111,4 +104,4 @@ def _read_once(fs, path: str, max_bytes: int) -> bytes:
         raise ImageError(ErrorCode.TOO_LARGE, f"object grew past the {max_bytes}-byte cap")
     if not data:
         raise ImageError(ErrorCode.DECODE_FAILED, "empty object (0 bytes)")
-    return bytes(data)
+    return bytes(data), object_version(info)

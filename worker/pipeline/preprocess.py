@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from worker.pipeline.errors import ImageError
 from worker.pipeline.image_header import ImageHeader, jpeg_has_end_marker, read_header
 from worker.records import ErrorCode
+from worker.setting_table import default
 from worker.sidecar import Preprocessing
 
-DEFAULT_MAX_PIXELS = 128 * 1024 * 1024
+DEFAULT_MAX_PIXELS: int = default("max_pixels")
 # OpenCV reads its own pixel cap once, when cv2 loads: set it before the import as a second line of
 # defence for formats whose header we cannot read.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from worker.dataset.storage import canonical_url, is_under, is_url
 from worker.pipeline.errors import ImageError
 from worker.records import ErrorCode
+from worker.setting_table import default
+from worker.sources.version import file_version
 
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BYTES: int = default("max_bytes")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class ReadPolicy:
 
     allowed_roots: tuple[str, ...] = field(default=())
     max_bytes: int = DEFAULT_MAX_BYTES
-    read_attempts: int = 3
+    read_attempts: int = 3  # object_reading.py has no default of its own: these are the retries'
     backoff_s: float = 0.25
 
     @classmethod
@@ -42,6 +44,15 @@ class ReadPolicy:
 
     def url_roots(self) -> tuple[str, ...]:
         return tuple(root for root in self.allowed_roots if is_url(root))
+
+    def check_url(self, url: str) -> None:
+        """Raise outside_allowed_roots unless the URL roots admit `url` (directory roots admit no
+        URL: a policy with roots but none of them a URL refuses every object)."""
+        from worker.pipeline.object_reading import check_url_allowed
+
+        if self.allowed_roots and not self.url_roots():
+            raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, "object URLs are not under any allowed root")
+        check_url_allowed(url, self.url_roots())
 
     def check_allowed(self, real_path: str) -> None:
         if not self.allowed_roots:
@@ -87,12 +98,17 @@ def open_regular_file(path: str, policy: ReadPolicy) -> tuple[int, os.stat_resul
 
 def read_image_bytes(path: str, policy: ReadPolicy) -> bytes:
     """Return the file's (or object's) bytes or raise ImageError with a stable code."""
-    if is_url(path):
-        from worker.pipeline.object_reading import read_object_bytes
+    return read_image(path, policy)[0]
 
-        if policy.allowed_roots and not policy.url_roots():
-            raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, "object URLs are not under any allowed root")
-        return read_object_bytes(path, policy.url_roots(), policy.max_bytes, policy.read_attempts, policy.backoff_s)
+
+def read_image(path: str, policy: ReadPolicy) -> tuple[bytes, str]:
+    """The file's (or object's) bytes and the version they were read at (worker/sources/version.py:
+    the row's `source_version`), or ImageError with a stable code."""
+    if is_url(path):
+        from worker.pipeline.object_reading import read_object
+
+        policy.check_url(path)
+        return read_object(path, policy.max_bytes, policy.read_attempts, policy.backoff_s)
     fd, info = open_regular_file(path, policy)
     try:
         if info.st_size > policy.max_bytes:
@@ -102,7 +118,7 @@ def read_image_bytes(path: str, policy: ReadPolicy) -> bytes:
             )
         if info.st_size == 0:
             raise ImageError(ErrorCode.DECODE_FAILED, "empty file (0 bytes)")
-        return _read_at_most(fd, policy.max_bytes)
+        return _read_at_most(fd, policy.max_bytes), file_version(info)
     finally:
         os.close(fd)
 

@@ -46,7 +46,7 @@ from worker.pipeline.errors import ImageError, unexpected_error
 from worker.pipeline.fetching import FetchStage
 from worker.pipeline.labels import top_k_labels
 from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
-from worker.pipeline.reading import ReadPolicy, read_image_bytes
+from worker.pipeline.reading import ReadPolicy, read_image
 from worker.records import ErrorCode, error_record, label_record
 from worker.runners.base import InferenceOutput, PendingInference, Runner, RunnerError
 
@@ -117,7 +117,7 @@ class _Prepared:
     ready_at: float = 0.0
     features: bool = False  # this image's record carries the embedding (or every one: options.embeddings)
     answered: bool = False  # its record went out (never twice, even while failing after a crash)
-    source: dict[str, Any] | None = None  # a container sample's source columns, copied into its record
+    source: dict[str, Any] | None = None  # source columns (a sample's container, a file's version), copied into its record
 
 
 @dataclass
@@ -222,11 +222,11 @@ class LabelingService:
 
     def _fetched(
         self, path: str, callback: RecordCallback, features: bool, started: float,
-        data: bytes | None, error: ImageError | None,
+        data: bytes | None, version: str | None, error: ImageError | None,
     ) -> None:  # fmt: skip
         """On a fetch thread: the object's bytes go to the decode pool, a failed read is ready now."""
         if error is None:
-            self._pool.submit(self._prepare, path, callback, features, data, started)
+            self._pool.submit(self._prepare, path, callback, features, data, started, {"source_version": version})
         else:
             self._put_ready(_Prepared(path, callback, error=error, features=features), started)
 
@@ -239,7 +239,8 @@ class LabelingService:
         started = started or time.perf_counter()
         try:
             if data is None:
-                data = read_image_bytes(path, self.options.read_policy)
+                data, version = read_image(path, self.options.read_policy)
+                item.source = {**(source or {}), "source_version": version}
             item.crop = self.stage.prepare(data, self.runner.spec.preprocessing, self.options.max_pixels)
         except ImageError as exc:
             item.error = exc

@@ -1,10 +1,10 @@
 """TensorRT engines on an NVIDIA GPU, with pycuda buffers and streams.
 
 Life cycle (all on the inference thread, in the worker process, never before a fork):
-load() makes a CUDA context current on this thread, picks the engine built for this GPU and
-TensorRT version from the bundle (engine_records), deserializes it and allocates `slots` sets of
-pinned host and device buffers sized for the profile's maximum batch, each with its own execution
-context and stream. `infer()` splits a batch into one chunk per slot, each queued on its own stream,
+load() makes a CUDA context current on this thread, loads the engine (by default the one built for
+this GPU and TensorRT version in the bundle; the loaders are in tensorrt_loader) and allocates
+`slots` sets of pinned host and device buffers sized for the profile's maximum batch, each with its
+own execution context and stream. This module only runs what it is given. `infer()` splits a batch into one chunk per slot, each queued on its own stream,
 so the host-to-device copy of chunk k+1 runs while chunk k computes. `submit()` (what the labeling
 service uses) gives each whole batch its own slot instead, so batch n+1 is copied in while batch n
 computes and batch n-1's outputs are labeled on the host: `pipeline_depth` batches in flight.
@@ -23,9 +23,17 @@ from typing import Any
 import numpy as np
 
 from worker.runners.base import InferenceOutput, Runner, RunnerError
-from worker.runners.engine_records import choose_engine, load_records, read_verified
-from worker.runners.gpu_info import GpuInfo
+from worker.runners.engine_records import EngineChoice, load_records
 from worker.runners.slots import SlotRing, copy_into_slot
+from worker.runners.tensorrt_loader import (
+    BundleEngineBytes,
+    CudaContext,
+    EngineFromBytes,
+    EngineIO,
+    EngineLoader,
+    engine_io,
+    push_cuda_context,
+)
 from worker.sidecar import ModelSpec
 
 
@@ -84,24 +92,32 @@ class TensorRTRunner(Runner):
         device_index: int = 0,
         slots: int = 2,
         min_chunk: int = 16,
+        load_engine: EngineLoader | None = None,
     ) -> None:
+        """`load_engine` () -> a deserialized engine, called at load() with the CUDA context
+        current; None: this GPU's engine from the bundle (BundleEngineBytes, EngineFromBytes)."""
         super().__init__(bundle_dir, spec)
         self.precision = precision
         self.device_index = device_index
         self.slot_count = max(1, slots)
         self.min_chunk = min_chunk
-        self._cuda_context = None
+        self._load_engine = load_engine
+        self._engine_loader: EngineLoader | None = None
+        self._bundle_bytes: BundleEngineBytes | None = None
+        self._cuda: CudaContext | None = None
         self._engine = None
+        self._io: EngineIO | None = None
         self._slots: SlotRing[_Slot] = SlotRing(self.name, [])
-        self._max_batch: int | None = None
-        self._inputs: list[str] = []
-        self._outputs: list[str] = []
-        self.choice = None
+
+    @property
+    def choice(self) -> EngineChoice | None:
+        """The bundle's engine record and file this runner loaded (None: not loaded from the bundle)."""
+        return self._bundle_bytes.choice if self._bundle_bytes is not None else None
 
     @property
     def max_batch_size(self) -> int | None:
-        if self._max_batch is not None:
-            return self._max_batch
+        if self._io is not None:
+            return self._io.max_batch
         sizes = [
             r["profile"]["max"][0]
             for r in load_records(self.bundle_dir)
@@ -111,51 +127,30 @@ class TensorRTRunner(Runner):
 
     def _load(self) -> None:
         import pycuda.driver as cuda
-        import tensorrt as trt
 
-        cuda.init()
-        device = cuda.Device(self.device_index)
-        self._cuda_context = device.make_context()  # current on this thread until close()
+        self._cuda = push_cuda_context(self.device_index)  # current on this thread until close()
         try:
-            major, minor = device.compute_capability()
-            gpu = GpuInfo(device.name(), f"{major}.{minor}")
-            self.choice = choose_engine(self.bundle_dir, self.spec, self.precision, gpu, str(trt.__version__))
-            self._logger = trt.Logger(trt.Logger.WARNING)
-            self._runtime = trt.Runtime(self._logger)
-            self._engine = self._runtime.deserialize_cuda_engine(read_verified(self.choice))
-            if self._engine is None:
-                raise RunnerError(
-                    f"TensorRT could not deserialize {self.choice.path.name}; rebuild it on this node"
-                )
-            self._describe_io(trt)
+            self._engine_loader = self._load_engine or self._bundle_engine(self._cuda)
+            self._engine = self._engine_loader()  # kept with its loader, which keeps its runtime
+            self._io = engine_io(self._engine, self.spec)
             slots = min(self.slot_count, max(1, int(self._engine.num_optimization_profiles)))
             self._slots = SlotRing(self.name, [self._make_slot(cuda, index) for index in range(slots)])
         except BaseException:
             self._release()
             raise
 
-    def _describe_io(self, trt: Any) -> None:
-        engine = self._engine
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if self._inputs != [self.spec.input.name]:
-            raise RunnerError(f"engine inputs {self._inputs}; the bundle expects [{self.spec.input.name!r}]")
-        if self.spec.probabilities_output not in self._outputs:
-            raise RunnerError(
-                f"engine has no {self.spec.probabilities_output!r} output (has {self._outputs})"
-            )
-        _min, _opt, max_shape = engine.get_tensor_profile_shape(self.spec.input.name, 0)
-        self._max_batch = int(max_shape[0])
-        self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-        self._shapes = {n: (self._max_batch, *tuple(engine.get_tensor_shape(n))[1:]) for n in names}
+    def _bundle_engine(self, cuda_context: CudaContext) -> EngineLoader:
+        """The default loader: the bundle's engine for the GPU the context is on, deserialized."""
+        self._bundle_bytes = BundleEngineBytes(self.bundle_dir, self.spec, self.precision, cuda_context.gpu)
+        return EngineFromBytes(self._bundle_bytes)
 
     def _make_slot(self, cuda: Any, profile: int) -> _Slot:
         """Buffers, a stream and an execution context on its own optimization profile (a profile
         with dynamic shapes serves one context at a time; the builder makes one per slot)."""
+        io = self._io
         host, device = {}, {}
-        for name in (*self._inputs, *self._outputs):
-            host[name] = cuda.pagelocked_empty(self._shapes[name], self._dtypes[name])
+        for name in (*io.inputs, *io.outputs):
+            host[name] = cuda.pagelocked_empty(io.shapes[name], io.dtypes[name])
             device[name] = cuda.mem_alloc(host[name].nbytes)
         stream = cuda.Stream()
         context = self._engine.create_execution_context()
@@ -185,7 +180,7 @@ class TensorRTRunner(Runner):
         host_in = slot.host[name]
         copy_into_slot(crops, host_in)
         cuda.memcpy_htod_async(slot.device[name], host_in[:count], slot.stream)
-        slot.context.set_input_shape(name, (count, *self._shapes[name][1:]))
+        slot.context.set_input_shape(name, (count, *self._io.shapes[name][1:]))
         if not slot.context.execute_async_v3(slot.stream.handle):
             raise RunnerError(f"TensorRT execute_async_v3 failed for a batch of {count}")
         for out in outputs:
@@ -228,7 +223,7 @@ class TensorRTRunner(Runner):
             for buffer in slot.device.values():
                 buffer.free()
         self._slots = SlotRing(self.name, [])
-        self._engine = None
-        if self._cuda_context is not None:
-            self._cuda_context.pop()
-            self._cuda_context = None
+        self._engine = self._engine_loader = None
+        if self._cuda is not None:
+            self._cuda.pop()
+            self._cuda = None

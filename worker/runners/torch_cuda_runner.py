@@ -1,7 +1,8 @@
 """PyTorch on an NVIDIA GPU in FP16 with channels_last: the GPU path for nodes without TensorRT.
 
-It runs the bundle's own weights (read back from its ONNX, see torch_weights) and does the
-preprocessing on the GPU like the graph does: uint8 NHWC crops are copied from a pinned buffer
+It runs the bundle's own weights (read back from its ONNX, see torch_weights; the loaders are in
+torch_loader, and another module can be handed in as `build_model`) and does the preprocessing on
+the GPU like the graph does: uint8 NHWC crops are copied from a pinned buffer
 (a quarter of the bytes of float input), reordered, normalized and viewed as NCHW, which is already
 channels_last in memory. Each of `slots` batches in flight has its own pinned input and output
 buffers, CUDA stream and completion event: submit() queues copy-in, compute and copy-out and
@@ -23,6 +24,7 @@ import numpy as np
 
 from worker.runners.base import InferenceOutput, Runner, RunnerError
 from worker.runners.slots import SlotRing, copy_into_slot
+from worker.runners.torch_loader import BundleResNet, ModelBuilder, ModuleOnDevice, torch_device
 from worker.sidecar import ModelSpec
 
 TORCH_DTYPES = {"fp16": "float16", "fp32": "float32"}  # bundle precision -> torch dtype
@@ -72,7 +74,10 @@ class TorchCudaRunner(Runner):
         channels_last: bool = True,
         max_batch: int = 512,
         slots: int = 2,
+        build_model: ModelBuilder | None = None,
     ) -> None:
+        """`build_model` () -> the FP32 ResNet on the CPU, called at load(); None: the bundle's own
+        (BundleResNet). The runner moves it to the device and precision."""
         super().__init__(bundle_dir, spec)
         self.device_name = device
         if precision not in TORCH_DTYPES:
@@ -81,6 +86,7 @@ class TorchCudaRunner(Runner):
         self.channels_last = channels_last
         self.max_batch = max_batch
         self.slot_count = max(1, slots)
+        self._build_model = build_model or BundleResNet(self.bundle_dir, self.spec)
         self._model = None
         self._slots: SlotRing[_Slot] = SlotRing(self.name, [])
 
@@ -95,18 +101,13 @@ class TorchCudaRunner(Runner):
     def _load(self) -> None:
         import torch
 
-        if self.device_name.startswith("cuda") and not torch.cuda.is_available():
-            raise RunnerError("backend torch-cuda: PyTorch sees no CUDA device (CPU-only build or no driver)")
-        self._device = torch.device(self.device_name)
+        self._device = torch_device(self.device_name)
         self._dtype = getattr(torch, TORCH_DTYPES[self.precision])
         if self._device.type == "cuda":
             # Few distinct shapes (the batch size, a short last batch): let cuDNN time its kernels
             # once per shape. The worker process serves this one model, so the global is ours.
             torch.backends.cudnn.benchmark = True
-        model = self._build_model().to(self._device, self._dtype)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self._model = model
+        self._model = ModuleOnDevice(self._build_model, self._device, self._dtype, self.channels_last)()
         prep = self.spec.preprocessing
         reorder = self.spec.input.channel_order != prep.model_channel_order
         self._order = torch.tensor([2, 1, 0] if reorder else [0, 1, 2], device=self._device)
@@ -135,12 +136,6 @@ class TorchCudaRunner(Runner):
             stream=torch.cuda.Stream(self._device) if cuda else None,
             done=torch.cuda.Event() if cuda else None,
         )
-
-    def _build_model(self):
-        """The FP32 torch module on the CPU; the bench overrides this when it has no ONNX tools."""
-        from worker.runners.torch_weights import resnet_from_bundle
-
-        return resnet_from_bundle(self.bundle_dir, self.spec)
 
     def staging(self, count: int) -> np.ndarray | None:
         slot = self._slots.peek()
@@ -185,6 +180,8 @@ class TorchCudaRunner(Runner):
         """uint8 NHWC on the device -> probabilities (and features) into the slot's host buffers."""
         import torch
 
+        from worker.resnet import logits_and_features
+
         count = len(x)
         x = x.index_select(3, self._order).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
         if not self.channels_last:
@@ -192,7 +189,7 @@ class TorchCudaRunner(Runner):
         x = (x.float() * self._scale + self._bias).to(self._dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits, features = self._model(x)
+        logits, features = logits_and_features(self._model, x)
         slot.probabilities[:count].copy_(torch.softmax(logits.float(), dim=1), non_blocking=True)
         if want_features:
             slot.features[:count].copy_(features.float(), non_blocking=True)

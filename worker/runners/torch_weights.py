@@ -57,13 +57,13 @@ def resnet_from_bundle(bundle_dir: Path, spec: ModelSpec) -> Any:
     import torch
     from torch import nn
 
-    from worker.resnet import build_resnet, resnet50_spec
+    from worker.resnet import resnet50
 
     if spec.source.get("kind") != "pytorch":
         raise RunnerError("the torch-cuda backend needs a bundle built from PyTorch weights (--weights)")
     convs, (fc_weight, fc_bias) = folded_parameters(Path(bundle_dir) / spec.model_file)
     base_width = int(convs["conv1"][0].shape[0])
-    net = build_resnet(resnet50_spec(spec.num_classes, base_width))
+    net = resnet50(spec.num_classes, base_width)
     for name, module in list(net.named_modules()):
         if isinstance(module, nn.BatchNorm2d):
             parent, _, child = name.rpartition(".")

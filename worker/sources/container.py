@@ -41,6 +41,7 @@ class Container:
     samples: int | None = None
     image: str | None = None
     key: str | None = None
+    repeats: tuple[int, ...] = ()  # a tar range's ordinals whose key an earlier range had
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -64,26 +65,31 @@ class Container:
         return f"{self.format}:{self.url}{where}"
 
     def to_json(self) -> dict[str, Any]:
-        return {name: value for name, value in asdict(self).items() if value not in (None, 0) or name == "url"}
+        return {name: value for name, value in asdict(self).items() if value not in (None, 0, ()) or name == "url"}
 
     @classmethod
     def from_json(cls, data: object) -> Container:
         if not isinstance(data, dict):
             raise ContainerError(f"a container entry is an object, got {type(data).__name__}")
         try:
-            return cls(**{name: data[name] for name in data if name in _FIELDS})
+            fields = {name: data[name] for name in data if name in _FIELDS}
+            if "repeats" in fields:
+                fields["repeats"] = tuple(fields["repeats"])
+            return cls(**fields)
         except TypeError as exc:
             raise ContainerError(f"container entry {data!r:.200}: {exc}") from None
 
     def ranged(self, start: int, stop: int | None, offset: int = 0, samples: int | None = None) -> Container:
-        return replace(self, start=start, stop=stop, offset=offset, samples=samples)
+        """The range [start, stop) of this container (its repeats within it)."""
+        repeats = tuple(o for o in self.repeats if o >= start and (stop is None or o < stop))
+        return replace(self, start=start, stop=stop, offset=offset, samples=samples, repeats=repeats)
 
     @property
     def name(self) -> str:
         return os.path.basename(self.url.rstrip("/"))
 
 
-_FIELDS = {"format", "url", "start", "stop", "offset", "samples", "image", "key"}
+_FIELDS = {"format", "url", "start", "stop", "offset", "samples", "image", "key", "repeats"}
 
 
 @dataclass(frozen=True)

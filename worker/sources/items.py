@@ -17,7 +17,7 @@ from worker.pipeline.reading import ReadPolicy
 from worker.records import ErrorCode
 from worker.sources.container import TAR, Container
 from worker.sources.item import SourceItem
-from worker.sources.streams import SourceUnavailable, open_container
+from worker.sources.streams import SourceUnavailable, open_container, open_versioned
 
 Source = Sequence[str] | Container
 
@@ -32,15 +32,15 @@ def iter_items(source: Source, policy: ReadPolicy) -> Iterator[SourceItem]:
             yield SourceItem(path)
         return
     try:
-        stream = open_container(source.url, policy, source.offset if source.format == TAR else 0)
+        stream, version = open_versioned(source.url, policy, source.offset if source.format == TAR else 0)
     except ImageError as exc:  # the file itself cannot be read: its one row says why
         yield SourceItem(source.url, error=exc, source={"source_url": source.url})
         return
     with stream:
-        if source.format == TAR:
-            yield from _tar_items(stream, source, policy)
-        else:
-            yield from _parquet_items(stream, source, policy)
+        samples = _tar_items(stream, source, policy) if source.format == TAR else _parquet_items(stream, source, policy)
+        for item in samples:
+            item.source["source_version"] = version  # the file's: unchanged, a later run skips it whole
+            yield item
 
 
 def _tar_items(stream, source: Container, policy: ReadPolicy) -> Iterator[SourceItem]:
@@ -49,6 +49,7 @@ def _tar_items(stream, source: Container, policy: ReadPolicy) -> Iterator[Source
     yield from iter_tar_samples(
         stream, source.url, max_bytes=policy.max_bytes, image_extension=source.image,
         start=source.start, stop=source.stop, offset=source.offset, gzip=source.gzip,
+        repeats=frozenset(source.repeats),
     )  # fmt: skip
 
 
@@ -80,7 +81,7 @@ def _parquet_items(stream, source: Container, policy: ReadPolicy) -> Iterator[So
         row += rows
     rows = iter_parquet_rows(
         stream, source.url, max_bytes=policy.max_bytes, image_column=source.image, key_column=source.key,
-        row_groups=(first, stop_group),
+        row_groups=(first, stop_group), metadata=metadata,
     )  # fmt: skip
     try:
         for item in rows:

@@ -205,7 +205,9 @@ def _name(source: Source) -> str:
     )
 
 
-def _open(source: Source, where: str, stack: ExitStack) -> tuple[pq.ParquetFile, _WatchedFile]:
+def _open(
+    source: Source, where: str, stack: ExitStack, metadata: pq.FileMetaData | None = None
+) -> tuple[pq.ParquetFile, _WatchedFile]:
     """The file to read and its watched handle (a local path is opened here, as a Python file, so
     its OS errors propagate as a store's do). Raises ParquetImageError when it is not Parquet."""
     if isinstance(source, str | os.PathLike):
@@ -216,7 +218,7 @@ def _open(source: Source, where: str, stack: ExitStack) -> tuple[pq.ParquetFile,
         )
     watched = _WatchedFile(source)
     try:
-        file = pq.ParquetFile(watched)
+        file = pq.ParquetFile(watched, metadata=metadata)
     except (pa.ArrowException, OSError) as exc:
         if watched.error is not None:
             raise
@@ -338,15 +340,17 @@ def iter_parquet_rows(
     image_column: str | None = None,
     key_column: str | None = None,
     row_groups: tuple[int, int] | None = None,
+    metadata: pq.FileMetaData | None = None,
 ) -> Iterator[SourceItem]:
     """One SourceItem per row of `source` (a local path, or a seekable binary file object, left
     open), in file order: path `url#key` (the key column's value; the row number when the file has
     no key column or the key is null), `source` columns, and the image bytes or the row's error.
-    `row_groups`: a [first, stop) row-group range (None: all). Raises ParquetImageError when the
+    `row_groups`: a [first, stop) row-group range (None: all); `metadata`: the footer where the
+    caller read it already (one ranged GET fewer per file on object storage). Raises ParquetImageError when the
     file has no image column (and none was named), lacks a named column, or is not Parquet; an
     exception of the file object itself (or the local file's OSError) propagates."""
     with ExitStack() as stack:
-        file, watched = _open(source, url, stack)
+        file, watched = _open(source, url, stack, metadata)
         schema, metadata = file.schema_arrow, file.metadata
         columns = find_image_columns(schema, url, image_column, key_column)
         if columns is None:

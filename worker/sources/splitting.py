@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 from worker.pipeline.errors import ImageError
 from worker.pipeline.reading import ReadPolicy
@@ -42,11 +43,13 @@ def split_container(container: Container, every: int) -> list[Container]:
 def _split_tar(container: Container, every: int) -> list[Container]:
     from worker.sources.tar_samples import index_tar
 
+    repeats: list[int] = []  # keys repeated across ranges: each range's reader must know of them
     with open_container(container.url, ReadPolicy()) as stream:
         readable = gzip.GzipFile(fileobj=stream) if container.gzip else stream
-        starts, total = index_tar(readable, every)
+        starts, total = index_tar(readable, every, repeats)
     if total <= every:
         return [container]
+    container = replace(container, repeats=tuple(repeats))
     ranges = []
     for position, start in enumerate(starts):
         last = position + 1 == len(starts)

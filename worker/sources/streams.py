@@ -22,9 +22,10 @@ from typing import Any, BinaryIO
 
 from worker.dataset.storage import StorageUnavailable, filesystem_for, is_url
 from worker.pipeline.errors import ImageError
-from worker.pipeline.object_reading import check_url_allowed, transient_errors
+from worker.pipeline.object_reading import transient_errors
 from worker.pipeline.reading import ReadPolicy, open_regular_file
 from worker.records import ErrorCode
+from worker.sources.version import file_version, object_version
 
 BLOCK_BYTES = 8 * 2**20
 READ_AHEAD = 2
@@ -37,16 +38,20 @@ class SourceUnavailable(OSError):
 
 def open_container(url: str, policy: ReadPolicy, offset: int = 0) -> BinaryIO:
     """A binary stream over the file or object `url`, positioned at `offset`."""
+    return open_versioned(url, policy, offset)[0]
+
+
+def open_versioned(url: str, policy: ReadPolicy, offset: int = 0) -> tuple[BinaryIO, str]:
+    """`open_container`'s stream and the version it reads (worker/sources/version.py): every
+    sample's row records it, so a later run can skip the unchanged file whole."""
     if is_url(url):
-        if policy.allowed_roots and not policy.url_roots():
-            raise ImageError(ErrorCode.OUTSIDE_ALLOWED_ROOTS, "object URLs are not under any allowed root")
-        check_url_allowed(url, policy.url_roots())
+        policy.check_url(url)
         return _open_object(url, policy, offset)
     return _open_local(url, policy, offset)
 
 
-def _open_local(path: str, policy: ReadPolicy, offset: int) -> BinaryIO:
-    fd, _ = open_regular_file(path, policy)
+def _open_local(path: str, policy: ReadPolicy, offset: int) -> tuple[BinaryIO, str]:
+    fd, info = open_regular_file(path, policy)
     try:
         os.set_blocking(fd, True)
         handle = os.fdopen(fd, "rb", buffering=LOCAL_BUFFER)
@@ -55,10 +60,10 @@ def _open_local(path: str, policy: ReadPolicy, offset: int) -> BinaryIO:
         raise
     if offset:
         handle.seek(offset)
-    return handle
+    return handle, file_version(info)
 
 
-def _open_object(url: str, policy: ReadPolicy, offset: int) -> BinaryIO:
+def _open_object(url: str, policy: ReadPolicy, offset: int) -> tuple[BinaryIO, str]:
     try:
         fs, path = filesystem_for(url)
     except StorageUnavailable as exc:
@@ -72,7 +77,7 @@ def _open_object(url: str, policy: ReadPolicy, offset: int) -> BinaryIO:
     if info.get("type") != "file":
         raise ImageError(ErrorCode.NOT_A_FILE, "a prefix, not an object")
     reader = BlockReader(fs, path, int(info.get("size") or 0), policy, start=offset)
-    return io.BufferedReader(reader, buffer_size=LOCAL_BUFFER)  # type: ignore[arg-type]
+    return io.BufferedReader(reader, buffer_size=LOCAL_BUFFER), object_version(info)  # type: ignore[arg-type]
 
 
 def _with_retries(action: Any, policy: ReadPolicy) -> Any:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from worker.pipeline.errors import ImageError
-from worker.pipeline.inputs import IMAGE_EXTENSIONS
+from worker.pipeline.input_forms import IMAGE_EXTENSIONS
 from worker.records import ErrorCode
 from worker.sources.item import SourceItem, repeated_sample_path, sample_path
 
@@ -82,6 +82,7 @@ def iter_tar_samples(
     stop: int | None = None,
     offset: int = 0,
     gzip: bool = False,
+    repeats: frozenset[int] = frozenset(),
 ) -> Iterator[SourceItem]:
     """One item per sample with ordinal in [start, stop), in file order (see the module docstring).
 
@@ -89,8 +90,9 @@ def iter_tar_samples(
     `index_tar`, whose sample then counts as ordinal `start`; with offset 0 the samples before
     `start` are read through (headers only). `image_extension` names the image member's extension;
     None takes each sample's first member with an image extension. `gzip`: a .tar.gz stream,
-    decompressed as it is read (offset must be 0). Keys are remembered from where reading starts:
-    a key repeated across ranges read from their offsets is not caught."""
+    decompressed as it is read (offset must be 0). Keys are remembered from where reading starts;
+    `repeats`: ordinals whose key came before where reading starts (found by `index_tar` when the
+    file was cut into ranges), so a key repeated across ranges gets one label row too."""
     if gzip and offset:
         raise ValueError("a gzip tar is read from its start: offset must be 0")
     if stop is not None and stop <= start:
@@ -109,7 +111,7 @@ def iter_tar_samples(
                 ordinal += 1
                 if stop is not None and ordinal >= stop:
                     return
-                sample = _Sample(url, event.key, ordinal, seen)
+                sample = _Sample(url, event.key, ordinal, seen, ordinal in repeats)
             if ordinal >= start:
                 sample.add(event, reader, wanted, max_bytes)
             continue
@@ -137,10 +139,11 @@ def _gzip_end(gunzip: _Gunzip | None, pos: int) -> _Damage | None:
     return _Damage(ErrorCode.CORRUPT if gunzip.damage else ErrorCode.TRUNCATED, problem, pos, True)
 
 
-def index_tar(stream: BinaryIO, every: int) -> tuple[list[SampleStart], int]:
+def index_tar(stream: BinaryIO, every: int, repeats: list[int] | None = None) -> tuple[list[SampleStart], int]:
     """The starts of samples 0, every, 2*every, ... and the number of samples, from the headers
     alone (data is seeked over where the stream allows, else read and dropped), to cut a large tar
     into ranges of `every` samples (as DALI's wds2idx). `stream` is at the file's start.
+    `repeats` (where given) receives the ordinals whose key an earlier sample had.
 
     Damage ends the walk; the sample it cut short is not counted, though `iter_tar_samples` gives
     it (or the damage) a row: read the last range with stop=None so that row comes too."""
@@ -149,12 +152,18 @@ def index_tar(stream: BinaryIO, every: int) -> tuple[list[SampleStart], int]:
     starts: list[SampleStart] = []
     count = 0
     key: str | None = None
+    keys: set[bytes] = set()
     for event in _members(_Reader(stream, 0)):
         if isinstance(event, _Member):
             if event.key != key:
                 key = event.key
                 if count % every == 0:
                     starts.append(SampleStart(count, event.offset))
+                if repeats is not None:
+                    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+                    if digest in keys:
+                        repeats.append(count)
+                    keys.add(digest)
                 count += 1
         elif isinstance(event, _Damage) and not event.boundary and count:
             count -= 1
@@ -173,7 +182,7 @@ class _Sample:
 
     __slots__ = ("key", "ordinal", "path", "exts", "image", "error")
 
-    def __init__(self, url: str, key: str, ordinal: int, seen: set[int]) -> None:
+    def __init__(self, url: str, key: str, ordinal: int, seen: set[int], repeated: bool = False) -> None:
         self.key = key
         self.ordinal = ordinal
         self.exts: list[str] = []
@@ -181,7 +190,7 @@ class _Sample:
         self.error: ImageError | None = None
         digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()
         number = int.from_bytes(digest, "little")
-        if number in seen:
+        if number in seen or repeated:
             self.path = repeated_sample_path(url, key, ordinal)
             self.error = ImageError(
                 ErrorCode.DUPLICATE_KEY, f"the key {key!r} came before in this file, in another sample"
