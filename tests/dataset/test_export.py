@@ -12,7 +12,7 @@ from dataset_records import MODEL_SHA, make_records
 
 from worker.client.export import ExportError, export_records, export_run
 from worker.dataset.files import ROWS_PER_GROUP, iter_records, shard_files, shard_path, write_shard
-from worker.dataset.schema import VERSION_KEY, DatasetSpec, batch_to_records, records_to_table
+from worker.dataset.schema import VERSION_KEY, DatasetError, DatasetSpec, batch_to_records, records_to_table
 from worker.records import SOURCE_COLUMNS
 
 SPEC = DatasetSpec(MODEL_SHA, "fp16", embedding_size=8, embedding_dtype="float16")
@@ -71,12 +71,13 @@ def test_a_shard_of_another_embedding_is_refused(tmp_path):
     write_run(run, shards=1, rows=10)
     other = DatasetSpec(MODEL_SHA, "fp16", embedding_size=4, embedding_dtype="float16")
     write_shard(run, "000001", make_records(10, seed=3, embedding_size=4), other, worker="w")
-    with pytest.raises(ExportError, match="embedding"):
+    with pytest.raises(DatasetError, match="embedding"):
         export_run(run, tmp_path / "export.parquet")
+    assert not (tmp_path / "export.parquet").exists(), "a failed export left a file that looks whole"
 
 
 def test_a_run_without_a_shard_file_has_no_parquet_to_export(tmp_path):
-    with pytest.raises(ExportError, match="no shard"):
+    with pytest.raises(ExportError, match="no shard file"):
         export_run(tmp_path / "run", tmp_path / "export.parquet")
     assert export_run(tmp_path / "run", tmp_path / "export.jsonl") == 0
 

@@ -9,11 +9,13 @@ import os
 from pathlib import Path
 
 import cv2
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from worker.cli import main
 from worker.dataset.files import iter_batches, iter_records
+from worker.dataset.schema import batch_to_records
 from worker.delta.lineage import LINEAGE_FILE
 
 wds = pytest.importorskip("webdataset")
@@ -102,6 +104,11 @@ def test_a_nightly_chain_labels_only_what_is_new_or_changed(tmp_path, folder, ph
     assert len(merged) == len(by_path) == 6, "one row per image that was ever labeled (d.jpg kept from night 1)"
     assert by_path[str(c)]["source_version"] == f"{c.stat().st_size}:{c.stat().st_mtime_ns}", "the newest row wins"
     assert by_path[str(folder / "e.jpg")]["error"]["code"] == "decode_failed"
+
+    table = tmp_path / "union.parquet"  # the same rows, in the datasets' own schema
+    invoke("results", str(night4), "--with-lineage", "--out", str(table))
+    assert pq.read_schema(table).equals(pq.read_schema(next((night1 / "labels").glob("*.parquet"))), check_metadata=True)
+    assert [record for batch in pq.read_table(table).to_batches() for record in batch_to_records(batch)] == merged
 
 
 def test_a_rebuilt_model_relabels_everything(tmp_path, folder, tiny_bundle) -> None:

@@ -27,7 +27,7 @@ from worker.cli.common import (
     setting_option,
 )
 from worker.dataset.storage import is_url
-from worker.records import ErrorCode, is_error
+from worker.records import ErrorCode
 from worker.setting_table import default
 
 
@@ -277,10 +277,9 @@ def results_command(run: str, out_path: Path, broker_url: str | None, errors_onl
     """Stream every row of RUN's dataset (a run name, or a finished dataset's folder or URL) to one
     file (format by extension), in constant memory. The dataset itself (OUTPUT/labels/*.parquet)
     reads as one table in DuckDB, pandas or pyarrow."""
-    from worker.client.export import ExportError, export_records, export_run, format_for
+    from worker.client.export import ExportError, export_run, format_for
     from worker.dataset.schema import DatasetError
     from worker.delta.lineage import LineageError
-    from worker.delta.union import iter_union_records
 
     try:
         format_for(out_path)
@@ -295,13 +294,7 @@ def results_command(run: str, out_path: Path, broker_url: str | None, errors_onl
         status = ledger.status(run, settings.queue)
         output, pending = status.output, f" ({status.pending} images still pending)"
     try:
-        if with_lineage:
-            records = iter_union_records(output)
-            if errors_only:
-                records = (record for record in records if is_error(record))
-            count = export_records(records, out_path)
-        else:
-            count = export_run(output, out_path, errors_only=errors_only)
+        count = export_run(output, out_path, errors_only=errors_only, with_lineage=with_lineage)
     except (ExportError, LineageError, DatasetError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{count} records written to {out_path}{pending}", err=True)

@@ -1,15 +1,17 @@
 """`labeler results`: a run's dataset as one JSONL, CSV or Parquet file, never holding the run in memory.
 
-Rows come shard by shard, by path within a shard, as the dataset stores them. A Parquet export is
-the dataset's own schema (docs/dataset.md) and its rows as the shard files hold them, so the file
-and the run's `labels/*.parquet` read the same way; JSONL and CSV carry the records
-(worker/records.py) that `iter_records` gives back.
+Rows come shard by shard, by path within a shard, as the dataset stores them (with its lineage:
+newest dataset first, each path once). A Parquet export is the dataset's own schema
+(docs/dataset.md) and its rows as the shard files hold them, so the file and the run's
+`labels/*.parquet` read the same way; JSONL and CSV carry the records (worker/records.py) those
+rows give back.
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +19,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from worker.dataset.files import ROWS_PER_GROUP, WRITE_OPTIONS, iter_batches, iter_records, shard_files
-from worker.dataset.manifest import spec_of_shard_file
-from worker.dataset.object_path import ObjectPath
-from worker.dataset.schema import DatasetError, conform_batch, dataset_schema
-from worker.records import compact_json, is_error
+from worker.dataset.files import ROWS_PER_GROUP, WRITE_OPTIONS, iter_batches
+from worker.dataset.schema import batch_to_records, conform_batch, schema_of_rows
+from worker.delta.union import iter_union_batches
+from worker.records import compact_json
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 CSV_COLUMNS = ["path", "top1_index", "top1_label", "top1_score", "labels", "error_code", "error_message"]
 
 
 class ExportError(ValueError):
-    """The output file name names no format we write, or the run has nothing to write it from."""
+    """The output file name names no format we write, or there are no rows to give a Parquet file its schema."""
 
 
 def format_for(path: Path) -> str:
@@ -38,15 +39,20 @@ def format_for(path: Path) -> str:
     return fmt
 
 
-def export_run(out_dir: Path | str | ObjectPath, out_path: Path, *, errors_only: bool = False) -> int:
-    """Write the dataset in `out_dir` to `out_path` in the format its extension names; returns the
-    count of rows. `errors_only`: only the rows of images that failed."""
-    if format_for(out_path) == "parquet":
-        return _write_parquet(out_dir, out_path, errors_only)
-    records: Iterable[dict[str, Any]] = iter_records(out_dir)
-    if errors_only:
-        records = (record for record in records if is_error(record))
-    return export_records(records, out_path)
+def export_run(location: str, out_path: Path, *, errors_only: bool = False, with_lineage: bool = False) -> int:
+    """Write the dataset at `location` (a folder or URL) to `out_path` in the format its extension
+    names; returns the count of rows. `errors_only`: only the rows of images that failed;
+    `with_lineage`: the datasets it built on too, each path's newest row."""
+    fmt = format_for(out_path)
+    batches = _rows(location, errors_only, with_lineage)
+    if fmt == "parquet":
+        return _write_parquet(batches, out_path, location)
+    return export_records((record for batch in batches for record in batch_to_records(batch)), out_path)
+
+
+def _rows(location: str, errors_only: bool, with_lineage: bool) -> Iterator[pa.RecordBatch]:
+    for batch in iter_union_batches(location) if with_lineage else iter_batches(location):
+        yield batch.filter(pc.is_valid(batch.column("error_code"))) if errors_only else batch
 
 
 def export_records(records: Iterable[dict[str, Any]], out_path: Path) -> int:
@@ -95,29 +101,24 @@ def _write_csv(records: Iterable[dict[str, Any]], out_path: Path) -> int:
     return count
 
 
-def _write_parquet(out_dir: Path | str | ObjectPath, out_path: Path, errors_only: bool) -> int:
-    """The shard files' rows into one file of the run's schema, in row groups as large as a shard
-    file's (a reader holds one at a time), as the dataset writer writes them."""
-    present = shard_files(out_dir)
-    if not present:
-        raise ExportError(f"{out_dir}: no shard has been written yet, so there is no Parquet schema to export")
+def _write_parquet(batches: Iterator[pa.RecordBatch], out_path: Path, location: str) -> int:
+    """The rows into one file of this version's schema, with the first file's embedding column (a
+    file of another embedding is refused, DatasetError), in row groups as large as a shard file's
+    (a reader holds one at a time). A failed export leaves no file that looks whole."""
+    first = next(batches, None)
+    if first is None:
+        raise ExportError(f"{location}: no shard file yet, so no rows to give a Parquet file its schema")
+    schema = schema_of_rows(first.schema)
+    count = 0
     try:
-        schema = dataset_schema(spec_of_shard_file(next(iter(present.values()))))
-        count = 0
         with pq.ParquetWriter(str(out_path), schema, **WRITE_OPTIONS) as writer:
-            for group in _row_groups(_run_batches(out_dir, schema, errors_only), schema):
+            for group in _row_groups((conform_batch(batch, schema) for batch in chain([first], batches)), schema):
                 writer.write_table(group, row_group_size=ROWS_PER_GROUP)
                 count += group.num_rows
-    except DatasetError as exc:
-        raise ExportError(str(exc)) from None
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise
     return count
-
-
-def _run_batches(out_dir: Path | str | ObjectPath, schema: pa.Schema, errors_only: bool) -> Iterator[pa.RecordBatch]:
-    for batch in iter_batches(out_dir):
-        if errors_only:
-            batch = batch.filter(pc.is_valid(batch.column("error_code")))
-        yield conform_batch(batch, schema)
 
 
 def _row_groups(batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> Iterator[pa.Table]:

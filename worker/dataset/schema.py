@@ -70,6 +70,18 @@ def _element(value_type: pa.DataType) -> pa.Field:
 
 def dataset_schema(spec: DatasetSpec) -> pa.Schema:
     """The Arrow schema of every shard file of a run made with `spec`."""
+    if spec.embedding_size is None:
+        return _schema(None)
+    return _schema(pa.list_(_element(EMBEDDING_DTYPES[spec.embedding_dtype]), spec.embedding_size))
+
+
+def schema_of_rows(found: pa.Schema) -> pa.Schema:
+    """This version's schema for the rows of a file of schema `found` (any minor of this major):
+    its embedding column, if it has one, and every column this version writes."""
+    return _schema(found.field("embedding").type if "embedding" in found.names else None)
+
+
+def _schema(embedding: pa.DataType | None) -> pa.Schema:
     fields = [
         pa.field("path", pa.string(), nullable=False),
         pa.field("top1_index", pa.int32()),
@@ -81,9 +93,8 @@ def dataset_schema(spec: DatasetSpec) -> pa.Schema:
         pa.field("error_code", pa.string()),
         pa.field("error_message", pa.string()),
     ]
-    if spec.embedding_size is not None:
-        element = EMBEDDING_DTYPES[spec.embedding_dtype]
-        fields.append(pa.field("embedding", pa.list_(_element(element), spec.embedding_size)))
+    if embedding is not None:
+        fields.append(pa.field("embedding", embedding))
     fields += [
         pa.field("model_sha256", pa.string(), nullable=False),
         pa.field("precision", pa.string(), nullable=False),
