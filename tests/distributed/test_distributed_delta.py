@@ -58,9 +58,10 @@ def test_enqueue_publishes_only_the_delta_and_another_model_is_refused(
     lineage = json.loads((run_output("night2") / "manifest.json").read_text())["lineage"]
     assert [entry["location"] for entry in lineage] == [str(run_output("night1"))]
 
-    third = enqueue(redis_url, folder, "night3", "--skip-done-in", str(run_output("night2")))
+    third = enqueue(redis_url, folder, "night3", "--skip-done-in", "night2")  # the run's name: the ledger knows its output
     assert third.returncode == 0, third.stderr
     assert (run_output("night3") / "manifest.json").is_file(), "an empty night still finishes its chain"
+    assert "left out: 27 images" in third.stderr
 
     worker.stop()
     from engine_build.build import build_from_weights

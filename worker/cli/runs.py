@@ -48,8 +48,8 @@ from worker.setting_table import default
 @click.option("--wait", is_flag=True, help="Follow the run until every image has a row.")
 @interval_option("--wait")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a TTY).")
-@click.option("--skip-done-in", "skip_done_in", multiple=True, metavar="DIR_OR_URL",
-              help="An earlier dataset (and those it built on): inputs it holds labeled by the run's model, "
+@click.option("--skip-done-in", "skip_done_in", multiple=True, metavar="DIR_URL_OR_RUN",
+              help="An earlier dataset, or the run that wrote it (and those it built on): inputs it holds labeled by the run's model, "
               "unchanged since (size and mtime, ETag), are not enqueued. Repeatable.")  # fmt: skip
 @click.option("--skip-failed", is_flag=True,
               help="With --skip-done-in: also leave out inputs whose earlier row is an error (default: retry them).")  # fmt: skip
@@ -108,7 +108,8 @@ def enqueue_command(
         raise click.ClickException(f"Redis: {exc}") from None
     folder = output or (known["output"] if known else os.path.join(output_roots(settings)[0], run))
     options: dict = {"embeddings": embeddings, "embedding_dtype": embedding_dtype}
-    chain = _earlier_for_enqueue(skip_done_in, skip_failed, model_dir, precision, folder, options)
+    named = tuple(_dataset_of(ledger, name) for name in skip_done_in)
+    chain = _earlier_for_enqueue(named, skip_failed, model_dir, precision, folder, options)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=None, unit="img", desc="enqueue", disable=not show, dynamic_ncols=True)
 
@@ -156,6 +157,22 @@ def enqueue_command(
         click.echo("nothing to wait for: the inputs named no paths", err=True)
     elif wait:
         _follow(settings, run, interval, show)
+
+
+def _dataset_of(ledger, name: str) -> str:
+    """A dataset named by its folder or URL, or by the run that wrote it (its output, as the
+    ledger keeps it)."""
+    if is_url(name) or os.path.exists(name) or os.sep in name:
+        return name
+    import redis
+
+    try:
+        known = ledger.run_settings(name)
+    except redis.exceptions.RedisError as exc:
+        raise click.ClickException(f"Redis: {exc}") from None
+    if known is None:
+        raise click.ClickException(f"--skip-done-in {name}: neither a dataset folder or URL nor a run the ledger knows")
+    return known["output"]
 
 
 def _earlier_for_enqueue(named: tuple[str, ...], skip_failed: bool, model_dir: str | None, precision: str | None,
