@@ -176,3 +176,29 @@ def test_the_mistakes_a_user_makes_get_one_clear_line(tmp_path, folder, tiny_bun
     output = run(tiny_bundle, str(folder), "--out", f"{tmp_path / 'w'}/", "--skip-done-in", str(tmp_path / "nowhere"), expect=1)
     assert "no manifest.json" in output
     assert not (tmp_path / "w").exists() and not (tmp_path / "z").exists(), "nothing written for a refused run"
+
+
+def test_a_parquet_file_of_images_is_skipped_whole_until_it_is_rewritten(tmp_path, photos, tiny_bundle) -> None:
+    """img2dataset's Parquet layout (a `key` and a `jpg` binary column): the file is the unit, as a tar is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = sorted(photos)
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+
+    def write(index: int, size: int) -> Path:
+        path = folder / f"{index:05d}.parquet"
+        keys = [f"{index:05d}{i:04d}" for i in range(3)]
+        pq.write_table(pa.table({"key": keys, "jpg": [jpeg(photos[names[i]], size) for i in range(3)]}), path)
+        return path
+
+    write(0, 64)
+    second = write(1, 64)
+    run(tiny_bundle, str(folder), "--out", f"{tmp_path / 'night1'}/")
+    assert len(rows(tmp_path / "night1")) == 6
+    output = run(tiny_bundle, str(folder), "--out", f"{tmp_path / 'night2'}/", "--skip-done-in", str(tmp_path / "night1"))
+    assert rows(tmp_path / "night2") == {} and "2 container shards" in output
+    write(1, 72)
+    run(tiny_bundle, str(folder), "--out", f"{tmp_path / 'night3'}/", "--skip-done-in", str(tmp_path / "night2"))
+    assert {row["source_url"] for row in rows(tmp_path / "night3").values()} == {str(second)}

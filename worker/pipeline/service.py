@@ -49,6 +49,7 @@ from worker.pipeline.preprocess import DEFAULT_MAX_PIXELS, decode_and_crop
 from worker.pipeline.reading import ReadPolicy, read_image
 from worker.records import ErrorCode, error_record, label_record
 from worker.runners.base import InferenceOutput, PendingInference, Runner, RunnerError
+from worker.setting_table import default
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,13 @@ class ServiceObserver(Protocol):
 @dataclass(frozen=True)
 class ServiceOptions:
     max_batch_size: int = 32
-    max_wait_s: float = 0.02
-    decode_threads: int = 0  # 0: one per core
+    max_wait_s: float = default("max_wait_ms") / 1000
+    decode_threads: int = default("decode_threads")  # 0: one per core
     # Images submitted and not answered yet (bytes, crops): the memory bound. 0: four batches plus
     # one per fetch thread, so URL reads fill the fetch stage and still leave batches to decode.
     max_in_flight: int = 0
     fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY  # URL reads at once (0: on the decode threads)
-    top_k: int = 5
+    top_k: int = default("top_k")
     embeddings: bool = False
     read_policy: ReadPolicy = field(default_factory=ReadPolicy)
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -13,18 +13,19 @@ from importlib import metadata
 from pathlib import Path
 
 from worker.runners.base import InferenceOutput, Runner, RunnerError
+from worker.setting_table import SETTINGS, default
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch-cuda")
+BACKENDS: tuple[str, ...] = SETTINGS["backend"].choices or ()
 _TENSORRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")
 
 
 def create_runner(
     bundle_dir: Path,
-    backend: str = "onnxruntime",
+    backend: str = default("backend"),
     *,
-    precision: str = "fp32",
+    precision: str = default("precision"),
     intra_op_threads: int | None = None,
 ) -> Runner:
     """Build (not load) the runner for `backend`; `load()` happens in the process that infers.
