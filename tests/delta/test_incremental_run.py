@@ -202,3 +202,8 @@ def test_a_parquet_file_of_images_is_skipped_whole_until_it_is_rewritten(tmp_pat
     write(1, 72)
     run(tiny_bundle, str(folder), "--out", f"{tmp_path / 'night3'}/", "--skip-done-in", str(tmp_path / "night2"))
     assert {row["source_url"] for row in rows(tmp_path / "night3").values()} == {str(second)}
+
+
+def test_results_of_a_folder_that_is_no_dataset_is_an_error_not_an_empty_file(tmp_path, folder) -> None:
+    output = invoke("results", str(folder), "--out", str(tmp_path / "x.jsonl"), expect=1)
+    assert "not a labeler dataset" in output and not (tmp_path / "x.jsonl").exists()

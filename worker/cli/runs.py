@@ -305,6 +305,7 @@ def results_command(run: str, out_path: Path, broker_url: str | None, errors_onl
     pending = ""
     if is_url(run) or os.path.isdir(run):
         output = run
+        _check_dataset(run)
     else:
         settings = load_settings(broker_url=broker_url)
         ledger = open_run(settings, run)
@@ -315,6 +316,24 @@ def results_command(run: str, out_path: Path, broker_url: str | None, errors_onl
     except (ExportError, LineageError, DatasetError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{count} records written to {out_path}{pending}", err=True)
+
+
+def _check_dataset(location: str) -> None:
+    """A folder or URL named as a dataset must hold one (a manifest, shard files or a shard list):
+    an image folder named by mistake would export nothing and say so with status 0."""
+    from worker.dataset.files import shard_files
+    from worker.dataset.manifest import manifest_path
+    from worker.dataset.object_path import as_location
+    from worker.dataset.shard_list import read_index
+
+    where = as_location(location)
+    try:
+        found = manifest_path(where).is_file() or bool(shard_files(where)) or read_index(where) is not None
+    except OSError as exc:
+        raise click.ClickException(f"{location}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if not found:
+        raise click.ClickException(f"{location}: not a labeler dataset (no manifest.json, labels/*.parquet or "
+                                   "shards/index.json): name a run, or the folder or URL a run wrote")  # fmt: skip
 
 
 @click.command("retry")
