@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--gate-count", type=int, default=500)
     parser.add_argument("--fresh", type=int, default=500)
     parser.add_argument("--precisions", nargs="+", default=["int8", "cpu-int8"])
+    parser.add_argument("--calib-method", default="minmax", help="minmax (labeler build's default), entropy, percentile")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -84,7 +85,8 @@ def main() -> None:
     from worker.sidecar import ModelSpec
 
     print(f"machine: {machine_description()}; {machine_load()}", flush=True)
-    results: dict = {"machine": machine_description(), "model": args.model, "variants": {}}
+    results: dict = {"machine": machine_description(), "model": args.model, "calib_method": args.calib_method,
+                     "variants": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         source = build_lite_bundle(args.model, work / "bundle", work)
@@ -97,7 +99,8 @@ def main() -> None:
         for precision in args.precisions:
             bundle = work / precision
             shutil.copytree(source, bundle)
-            request = PrecisionRequest((precision,), photos, args.calib_count, heldout_count=args.gate_count)
+            request = PrecisionRequest((precision,), photos, args.calib_count, heldout_count=args.gate_count,
+                                       calib_method=args.calib_method)  # fmt: skip
             lines: list[str] = []
             started = time.monotonic()
             try:
