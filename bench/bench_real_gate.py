@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--gate-count", type=int, default=500)
     parser.add_argument("--fresh", type=int, default=500)
     parser.add_argument("--precisions", nargs="+", default=["int8", "cpu-int8"])
+    parser.add_argument("--gate-top1", type=float, help="gate override (default: the INT8 gate's 0.97)")
+    parser.add_argument("--gate-top5", type=float, help="gate override (default: 0.95)")
     parser.add_argument("--calib-method", default="minmax", help="minmax (labeler build's default), entropy, percentile")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
@@ -84,7 +86,9 @@ def main() -> None:
     from engine_build.precision.variants import PrecisionRequest, add_precision_variants
     from worker.sidecar import ModelSpec
 
-    print(f"machine: {machine_description()}; {machine_load()}", flush=True)
+    overrides = {key: value for key, value in (("min_top1_agreement", args.gate_top1),
+                                               ("min_top5_overlap", args.gate_top5)) if value is not None}  # fmt: skip
+    print(f"machine: {machine_description()}; {machine_load()}; gate overrides {overrides}", flush=True)
     results: dict = {"machine": machine_description(), "model": args.model, "calib_method": args.calib_method,
                      "variants": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +104,7 @@ def main() -> None:
             bundle = work / precision
             shutil.copytree(source, bundle)
             request = PrecisionRequest((precision,), photos, args.calib_count, heldout_count=args.gate_count,
-                                       calib_method=args.calib_method)  # fmt: skip
+                                       calib_method=args.calib_method, threshold_overrides=overrides)  # fmt: skip
             lines: list[str] = []
             started = time.monotonic()
             try:

@@ -248,7 +248,7 @@ def search_fallback(
                                  "top5_overlap": verdict.top5_overlap, "mean_score_diff": verdict.mean_score_diff,
                                  "passed": verdict.passed})  # fmt: skip
             echo(
-                f"int8 fallback: {count} layer(s) in FP32 -> top-1 {verdict.top1_agreement:.4f}, "
+                f"{verdict.precision} fallback: {count} layer(s) in FP32 -> top-1 {verdict.top1_agreement:.4f}, "
                 f"top-5 {verdict.top5_overlap:.4f}, mean diff {verdict.mean_score_diff:.5f}"
                 + (" PASS" if verdict.passed else "")
             )
