@@ -147,26 +147,38 @@ def _packed(out_dir: Path | str, shard_id: str) -> dict | None:
     """A root shard's entry in its group's pack file, or None."""
     if not shard_id.isdigit():
         return None
-    pack = _read_json(pack_path(out_dir, _group_of(shard_id))) or {}
-    return next((entry for entry in pack.get("shards", []) if entry.get("shard") == shard_id), None)
+    return _pack_entries(pack_path(out_dir, _group_of(shard_id))).get(shard_id)
 
 
-def read_stored(out_dir: Path | str, shard_id: str) -> StoredShard:
-    path = shards_dir(out_dir) / f"{check_shard_id(shard_id)}.json"
-    data = _read_json(path)
-    if data is None:
-        data = _packed(out_dir, shard_id)
-    if data is None:
-        raise ShardListError(f"shard {shard_id} has no path list at {path}")
+def _pack_entries(path: Location) -> dict[str, dict]:
+    """A pack file's entries by shard id (empty: no such pack)."""
+    return {str(entry.get("shard")): entry for entry in (_read_json(path) or {}).get("shards", [])}
+
+
+def _stored_entry(out_dir: Path | str, shard_id: str) -> dict | None:
+    """A shard's stored entry: its own file, else (a root shard) its group's pack; None: neither."""
+    data = _read_json(shards_dir(out_dir) / f"{check_shard_id(shard_id)}.json")
+    return data if data is not None else _packed(out_dir, shard_id)
+
+
+def _parse(shard_id: str, data: dict, where: Location) -> StoredShard:
     if "container" in data:
         try:
             return StoredShard(shard_id, Container.from_json(data["container"]), str(data.get("chain", "")))
         except ContainerError as exc:
-            raise ShardListError(f"{path}: {exc}") from None
+            raise ShardListError(f"{where}: {exc}") from None
     paths = data.get("paths")
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-        raise ShardListError(f"{path} holds no list of paths")
+        raise ShardListError(f"{where} holds no list of paths")
     return StoredShard(shard_id, paths, str(data.get("chain", "")))
+
+
+def read_stored(out_dir: Path | str, shard_id: str) -> StoredShard:
+    path = shards_dir(out_dir) / f"{check_shard_id(shard_id)}.json"
+    data = _stored_entry(out_dir, shard_id)
+    if data is None:
+        raise ShardListError(f"shard {shard_id} has no path list at {path}")
+    return _parse(shard_id, data, path)
 
 
 def shard_source(out_dir: Path | str, shard_id: str) -> ShardSource:
@@ -174,8 +186,9 @@ def shard_source(out_dir: Path | str, shard_id: str) -> ShardSource:
     parts = check_shard_id(shard_id).split(".")
     for depth in range(len(parts), 0, -1):
         stored_id = ".".join(parts[:depth])
-        if (shards_dir(out_dir) / f"{stored_id}.json").is_file() or (depth == 1 and _packed(out_dir, stored_id)):
-            source = read_stored(out_dir, stored_id).source
+        data = _stored_entry(out_dir, stored_id)  # one read (a pack's, for a packed root), not a probe and a read
+        if data is not None:
+            source = _parse(stored_id, data, shards_dir(out_dir) / f"{stored_id}.json").source
             for half in parts[depth:]:
                 source = halves(source)[int(half)]
             return source
@@ -199,13 +212,30 @@ def read_index(out_dir: Path | str) -> dict | None:
 
 def stored_root_shards(out_dir: Path | str) -> list[str]:
     """Root shard ids with a path list, in order (000000, 000001, ...)."""
+    return sorted(_root_entries(out_dir), key=shard_sort_key)
+
+
+def _root_entries(out_dir: Path | str) -> dict[str, dict | None]:
+    """Every stored root shard id: packed ones with their entry (each pack read once), those with
+    a file of their own with None (read when wanted)."""
     folder = shards_dir(out_dir)
     if not isinstance(folder, ObjectPath) and not folder.is_dir():
-        return []
-    ids = {p.stem for p in folder.glob("*.json") if p.stem.isdigit()}  # not index.json, lineage.json, halves
-    for pack in folder.glob("pack-*.json"):
-        ids.update(str(entry.get("shard")) for entry in (_read_json(pack) or {}).get("shards", []))
-    return sorted(ids, key=shard_sort_key)
+        return {}
+    found: dict[str, dict | None] = {}
+    for path in folder.glob("*.json"):
+        if path.stem.isdigit():  # not index.json, lineage.json, halves
+            found[path.stem] = None
+        elif path.name.startswith("pack-"):
+            found.update(_pack_entries(path))
+    return found
+
+
+def _read_root(out_dir: Path | str, shard_id: str, entries: dict[str, dict | None]) -> StoredShard:
+    """A root shard of `_root_entries`: a packed one from the entry in hand, else its own file."""
+    entry = entries.get(shard_id)
+    if entry is None:
+        return read_stored(out_dir, shard_id)
+    return _parse(shard_id, entry, pack_path(out_dir, _group_of(shard_id)))
 
 
 @dataclass
@@ -228,10 +258,11 @@ def cut_shards(out_dir: Path | str, entries: Iterable[Entry], shard_size: int) -
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
     index = read_index(out_dir)
-    stored = stored_root_shards(out_dir)
+    entries_found = _root_entries(out_dir)
+    stored = sorted(entries_found, key=shard_sort_key)
     if index is not None:
         for shard_id in stored:
-            yield CutShard(shard_id, read_stored(out_dir, shard_id).source, True)
+            yield CutShard(shard_id, _read_root(out_dir, shard_id, entries_found).source, True)
         return
     source = iter(entries)
     chain = GENESIS
@@ -240,7 +271,7 @@ def cut_shards(out_dir: Path | str, entries: Iterable[Entry], shard_size: int) -
     for position, shard_id in enumerate(stored):
         if shard_id != root_shard_id(position):
             raise ShardListError(f"{shards_dir(out_dir)}: shard {root_shard_id(position)} is missing")
-        kept = read_stored(out_dir, shard_id)
+        kept = _read_root(out_dir, shard_id, entries_found)
         given = [next(source, None) for _ in range(len(kept.entries))]
         chain = chain_hash(chain, [p for p in given if p is not None])
         if chain != kept.chain:
@@ -257,7 +288,7 @@ def cut_shards(out_dir: Path | str, entries: Iterable[Entry], shard_size: int) -
         if isinstance(entry, Container):
             if batch:
                 yield from packing.flush()
-                yield _store_new_paths(packing, batch)
+                yield packing.store_paths(batch)
                 images += len(batch)
                 batch = []
             images += size_of(entry)
@@ -266,12 +297,12 @@ def cut_shards(out_dir: Path | str, entries: Iterable[Entry], shard_size: int) -
         batch.append(entry)
         if len(batch) == shard_size:
             yield from packing.flush()
-            yield _store_new_paths(packing, batch)
+            yield packing.store_paths(batch)
             images += len(batch)
             batch = []
     yield from packing.flush()
     if batch:
-        yield _store_new_paths(packing, batch)
+        yield packing.store_paths(batch)
         images += len(batch)
     write_index(out_dir, shard_size, shard_ids, images, packing.chain)
 
@@ -292,24 +323,24 @@ class _Packer:
         if (len(self.shard_ids)) % PACK_SIZE == 0:
             yield from self.flush()
 
+    def store_paths(self, paths: list[str]) -> CutShard:
+        """A shard of loose paths: its own file, written before it is yielded (after any held
+        containers were flushed: ids and the chain go in input order)."""
+        shard_id = root_shard_id(len(self.shard_ids))
+        self.chain = chain_hash(self.chain, paths)
+        write_shard_source(self.out_dir, shard_id, paths, self.chain)
+        self.shard_ids.append(shard_id)
+        return CutShard(shard_id, paths, False)
+
     def flush(self) -> Iterator[CutShard]:
         """Write the held shards' group (with what an earlier flush stored in it), then yield them."""
         if not self.held:
             return
         group = _group_of(self.held[0][0])
         path = pack_path(self.out_dir, group)
-        kept = (_read_json(path) or {}).get("shards", [])
+        kept = list(_pack_entries(path).values())
         entries = kept + [_body(shard_id, container, chain) for shard_id, container, chain in self.held]
         _write_json(path, {"group": group, "shards": entries})
         held, self.held = self.held, []
         for shard_id, container, _chain in held:
             yield CutShard(shard_id, container, False)
-
-
-def _store_new_paths(packing: _Packer, paths: list[str]) -> CutShard:
-    """A shard of loose paths: its own file, written before it is yielded."""
-    shard_id = root_shard_id(len(packing.shard_ids))
-    packing.chain = chain_hash(packing.chain, paths)
-    write_shard_source(packing.out_dir, shard_id, paths, packing.chain)
-    packing.shard_ids.append(shard_id)
-    return CutShard(shard_id, paths, False)
