@@ -14,9 +14,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from worker.dataset.atomic import atomic_write, ensure_dir
 from worker.dataset.manifest import read_manifest
-from worker.dataset.object_path import as_location
+from worker.dataset.object_path import Location, LocationLike, as_location
 from worker.dataset.schema import DatasetError
+from worker.dataset.shard_list import shards_dir, stored_root_shards
 from worker.dataset.storage import is_url
 
 
@@ -67,7 +69,7 @@ def resolve_chain(named: Sequence[str], out_dir: str | None = None) -> list[Earl
         seen.add(location)
         manifest = _finished_manifest(location, text)
         chain.append(_entry(location, manifest, named=True))
-        for earlier in _recorded(manifest, location):
+        for earlier in recorded_chain(manifest, location):
             if earlier.location not in seen and earlier.location != own:
                 seen.add(earlier.location)
                 _finished_manifest(earlier.location, f"{earlier.location} (in the lineage of {text})")
@@ -81,10 +83,6 @@ def lineage_json(chain: Iterable[EarlierDataset]) -> list[dict[str, Any]]:
 
 def recorded_chain(manifest: dict[str, Any], where: str) -> list[EarlierDataset]:
     """The chain a finished run's manifest names (empty for a run that built on nothing)."""
-    return _recorded(manifest, where)
-
-
-def _recorded(manifest: dict[str, Any], where: str) -> list[EarlierDataset]:
     try:
         return [EarlierDataset.from_json(entry) for entry in manifest.get("lineage") or []]
     except (KeyError, TypeError) as exc:
@@ -122,30 +120,26 @@ def _entry(location: str, manifest: dict[str, Any], named: bool) -> EarlierDatas
 LINEAGE_FILE = "lineage.json"  # beside the shard list: what the run builds on, fixed at its start
 
 
-def _lineage_path(out_dir: Any) -> Any:
-    from worker.dataset.shard_list import shards_dir
-
+def _lineage_path(out_dir: LocationLike) -> Location:
     return shards_dir(out_dir) / LINEAGE_FILE
 
 
-def _stored(out_dir: Any) -> dict[str, Any] | None:
+def _stored(out_dir: LocationLike) -> dict[str, Any] | None:
     try:
         return json.loads(_lineage_path(out_dir).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
 
 
-def stored_lineage(out_dir: Any) -> list[dict[str, Any]]:
+def stored_lineage(out_dir: LocationLike) -> list[dict[str, Any]]:
     """The lineage a run stored at its start, for its manifest (empty: it built on nothing)."""
     return list((_stored(out_dir) or {}).get("lineage") or [])
 
 
-def settle_lineage(out_dir: Any, chain: list[EarlierDataset] | None, skip_failed: bool) -> tuple[list[EarlierDataset], bool]:
+def settle_lineage(out_dir: LocationLike, chain: list[EarlierDataset] | None, skip_failed: bool) -> tuple[list[EarlierDataset], bool]:
     """The chain (and `skip_failed`) this run builds on, stored with its shard list at its start so
     a resume decides the same delta: a resume that names none takes the stored one; one that names
     another is refused (its shard list was cut against the first)."""
-    from worker.dataset.atomic import atomic_write, ensure_dir
-
     stored = _stored(out_dir)
     if stored is not None:
         kept = [EarlierDataset.from_json(entry) for entry in stored.get("lineage") or []]
@@ -157,8 +151,6 @@ def settle_lineage(out_dir: Any, chain: list[EarlierDataset] | None, skip_failed
         return kept, bool(stored.get("skip_failed"))
     if not chain:
         return [], skip_failed  # a run that builds on nothing stores nothing
-    from worker.dataset.shard_list import stored_root_shards
-
     if stored_root_shards(out_dir):
         raise LineageError(f"{out_dir} was started without --skip-done-in: resume it without, or start a new run")
     path = _lineage_path(out_dir)
