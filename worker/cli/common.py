@@ -127,3 +127,16 @@ def input_entries(
 
         entries = split_entries(entries, samples_per_shard)
     return entries
+
+
+def earlier_datasets(named: tuple[str, ...], out_dir: str) -> list | None:
+    """The chain `--skip-done-in` names, followed through each manifest's lineage (None: none
+    named), or a one-line error."""
+    if not named:
+        return None
+    from worker.delta.lineage import LineageError, resolve_chain
+
+    try:
+        return resolve_chain(named, out_dir)
+    except LineageError as exc:
+        raise click.ClickException(str(exc)) from None

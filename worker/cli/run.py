@@ -11,7 +11,13 @@ from typing import Any
 import click
 
 from worker.cli.bundle import resolve_bundle
-from worker.cli.common import container_options, embedding_dtype_option, input_entries, setting_option
+from worker.cli.common import (
+    container_options,
+    earlier_datasets,
+    embedding_dtype_option,
+    input_entries,
+    setting_option,
+)
 from worker.dataset.object_path import Location, ObjectPath
 from worker.dataset.storage import is_url
 from worker.sidecar import ModelSpec, summarize
@@ -119,7 +125,7 @@ def run(
                                "the model and each source's version; a JSON-lines file does not)")  # fmt: skip
     if skip_failed and not skip_done_in:
         raise click.UsageError("--skip-failed goes with --skip-done-in (which earlier rows to trust)")
-    chain = _earlier_datasets(skip_done_in, out_text)
+    chain = earlier_datasets(skip_done_in, out_text)
     bundle = resolve_bundle(model)
     spec = ModelSpec.load(bundle)
     for warning in spec.warnings:
@@ -209,18 +215,6 @@ def _check_folder(out_text: str, out_dir: Path) -> None:
             if not folder.is_dir():
                 raise click.ClickException(f"--out {out_text}: {folder} is a file, not a folder")
             return
-
-
-def _earlier_datasets(named: tuple[str, ...], out_text: str):
-    """The chain `--skip-done-in` names (None: none named), or a one-line error."""
-    if not named:
-        return None
-    from worker.delta.lineage import LineageError, resolve_chain
-
-    try:
-        return resolve_chain(named, out_text)
-    except LineageError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def _run_into_dataset(

@@ -18,6 +18,7 @@ import click
 
 from worker.cli.common import (
     container_options,
+    earlier_datasets,
     embedding_dtype_option,
     input_entries,
     interval_option,
@@ -179,15 +180,11 @@ def _earlier_for_enqueue(named: tuple[str, ...], skip_failed: bool, model_dir: s
                          folder: str, options: dict):  # fmt: skip
     """The chain --skip-done-in names (None: none), with the run's model put in `options`: the
     bundle's where --model names one, else the first named dataset's (said on stderr)."""
-    if not named:
+    chain = earlier_datasets(named, folder)
+    if chain is None:
         return None
-    from worker.delta.lineage import LineageError, resolve_chain
     from worker.sidecar import ModelSpec
 
-    try:
-        chain = resolve_chain(named, folder)
-    except LineageError as exc:
-        raise click.ClickException(str(exc)) from None
     if model_dir:
         wanted = precision or default("precision")
         try:
