@@ -15,6 +15,10 @@ because it must be; every range is overridden, and checked).
 `reduce_range` (7-bit weights): x86 CPUs without VNNI multiply u8 x s8 with an instruction whose
 16-bit pair sums saturate (255 * 127 * 2 > 32767); 7-bit weights never do, so the model computes
 the same numbers with and without VNNI, and a gate passed on one CPU holds on the other.
+Depthwise convolutions keep 8-bit weights either way: ONNX Runtime runs them in its own kernel
+(MLAS qdwconv), whose x86 versions (scalar, SSE2, AVX2) widen both operands to 16 bits and
+multiply into 32 (no pair sums, no saturation). On EfficientNet-Lite2 that 8th bit cut the mean
+score difference from FP32 by a fifth (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ from engine_build.precision.graph_parts import output_nodes, prepared_copy, prep
 from engine_build.precision.ort_quantize import quantize_with_ranges
 from engine_build.precision.ranges import activation_intervals
 
-CPU_QUANTIZED_OPS = ("Conv", "Gemm", "MaxPool", "Add", "Relu")
+# Relu and Clip (ReLU6, as in MobileNet and EfficientNet-Lite) are folded into the quantized range
+# of the tensor before them; left out, each Clip reads a dequantized tensor, its convolution cannot
+# fuse, and the conv output is rounded over its wide pre-clip range before being clipped.
+FOLDED_ACTIVATIONS = ("Relu", "Clip")
+CPU_QUANTIZED_OPS = ("Conv", "Gemm", "MaxPool", "Add", *FOLDED_ACTIVATIONS)
 LOGIT_OPS = ("Gemm",)  # their outputs stay float: 256 levels over the logits would move the scores
 QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "ConvInteger", "MatMulInteger"}
 
@@ -55,33 +63,51 @@ def quantize_cpu_int8(
         _quantize(named, dst, crops, input_name, keep, reduce_range, overrides={})
         tensors = list(activation_scales(onnx.load(str(dst))))
         intervals = activation_intervals(named, tensors, input_name, crops, method)
-        overrides = {
+        overrides: dict[str, list[dict[str, object]]] = {
             name: [{"rmin": np.array(low, np.float32), "rmax": np.array(high, np.float32)}]
             for name, (low, high) in intervals.items()
         }
+        depthwise = depthwise_weights(model)
+        overrides.update({name: [{"reduce_range": False, "axis": 0}] for name in depthwise})
         _quantize(named, dst, crops, input_name, keep, reduce_range, overrides)
     finally:
         named.unlink(missing_ok=True)
-    quantized = restore_relus(onnx.load(str(dst)), model)
+    quantized = restore_activations(onnx.load(str(dst)), model)
     float_readers = float_consumers(quantized)
     if float_readers:
         from engine_build.precision.fallback import fall_back
 
         quantized = fall_back(quantized, model, float_readers)
-    check_cpu_form(quantized, reduce_range)
+    check_cpu_form(quantized, reduce_range, full_width=set(depthwise))
     check_activation_intervals(quantized, intervals)
     onnx.save(quantized, str(dst))
     return {
         "quantizer": "onnxruntime.quantization.quantize_static (QDQ), activation ranges from engine_build.precision.ranges",
         "form": "onnxruntime-cpu: Q/DQ on inputs and outputs, fused to QLinearConv/QLinearAdd/QGemm",
         "activations": "uint8 asymmetric per-tensor",
-        "weights": f"int8 symmetric per-channel{', 7-bit (reduce_range)' if reduce_range else ''}",
+        "weights": "int8 symmetric per-channel"
+        + (", 7-bit (reduce_range) except depthwise convolutions (8-bit)" if reduce_range else ""),
+        "depthwise_layers": len(depthwise),
         "reduce_range": reduce_range,
         "calibration_method": method,
         "calibration_images": int(len(crops)),
-        "quantized_ops": [op for op in CPU_QUANTIZED_OPS if op != "Relu"],
+        "quantized_ops": [op for op in CPU_QUANTIZED_OPS if op not in FOLDED_ACTIVATIONS],
         "fp32_nodes": [*keep, *float_readers],
     }
+
+
+def depthwise_weights(model: onnx.ModelProto) -> list[str]:
+    """Weight initializers of depthwise convolutions (one input channel per group)."""
+    inits = {init.name: init for init in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
+        weight = inits[node.input[1]]
+        if group > 1 and len(weight.dims) == 4 and weight.dims[1] == 1:
+            found.append(node.input[1])
+    return found
 
 
 def _quantize(
@@ -91,7 +117,7 @@ def _quantize(
     input_name: str,
     keep: list[str],
     reduce_range: bool,
-    overrides: dict[str, list[dict[str, np.ndarray]]],
+    overrides: dict[str, list[dict[str, object]]],
 ) -> None:
     from onnxruntime.quantization import QuantType
 
@@ -112,24 +138,36 @@ def _quantize(
     )
 
 
-def restore_relus(quantized: onnx.ModelProto, fp32: onnx.ModelProto) -> onnx.ModelProto:
-    """Put back each ReLU the quantizer folded into a quantized range.
+def restore_activations(quantized: onnx.ModelProto, fp32: onnx.ModelProto) -> onnx.ModelProto:
+    """Put back each Relu or Clip the quantizer folded into a quantized range.
 
-    The quantizer removes `x -> Relu -> y` and renames x to y, leaving the ReLU to the zero point of
-    y's QuantizeLinear; the float y in the graph then holds *negative* values, wrong for any reader
-    that falls back to float. With the Relu restored before the QuantizeLinear, the graph means what
-    it says, and ONNX Runtime still removes it when it fuses (a Relu into a QuantizeLinear whose zero
-    point is the uint8 minimum is a no-op)."""
-    relu_outputs = {node.output[0] for node in fp32.graph.node if node.op_type == "Relu"}
-    present = {node.output[0] for node in quantized.graph.node if node.op_type == "Relu"}
+    The quantizer removes `x -> Relu -> y` (or Clip) and renames x to y, leaving the activation to
+    the saturation of y's QuantizeLinear; the float y in the graph then holds the *unclipped*
+    values, wrong for any reader that falls back to float (the global pool under `features`, a
+    layer the gate keeps in FP32). With the activation restored before the QuantizeLinear, the
+    graph means what it says, and ONNX Runtime still removes it when it fuses (a Relu or
+    Clip(0, 6) in front of a QuantizeLinear whose range is inside the clip is a no-op)."""
+    folded = {node.output[0]: node for node in fp32.graph.node if node.op_type in FOLDED_ACTIVATIONS}
+    present = {node.output[0] for node in quantized.graph.node if node.op_type in FOLDED_ACTIVATIONS}
+    inits = {init.name for init in quantized.graph.initializer}
+    fp32_inits = {init.name: init for init in fp32.graph.initializer}
     restored = []
     for node in quantized.graph.node:
         for position, name in enumerate(node.output):
-            if name in relu_outputs and name not in present and node.op_type != "DequantizeLinear":
-                node.output[position] = f"{name}_before_relu"
+            if name in folded and name not in present and node.op_type != "DequantizeLinear":
+                original = folded[name]
+                node.output[position] = f"{name}_before_{original.op_type.lower()}"
+                bounds = list(original.input[1:])  # Clip's min and max, shared initializers
+                for bound in bounds:
+                    if bound and bound not in inits and bound in fp32_inits:
+                        quantized.graph.initializer.append(fp32_inits[bound])
+                        inits.add(bound)
                 restored.append(
                     onnx.helper.make_node(
-                        "Relu", [f"{name}_before_relu"], [name], name=f"labeler_relu_{name}"
+                        original.op_type,
+                        [node.output[position], *bounds],
+                        [name],
+                        name=f"labeler_{original.op_type.lower()}_{name}",
                     )
                 )
     quantized.graph.node.extend(restored)
@@ -206,9 +244,9 @@ def check_activation_intervals(model: onnx.ModelProto, intervals: dict[str, tupl
             raise ValueError(f"{tensor}: scale {scale} is not the calibrated {expected}")
 
 
-def check_cpu_form(model: onnx.ModelProto, reduce_range: bool) -> None:
+def check_cpu_form(model: onnx.ModelProto, reduce_range: bool, full_width: set[str] = frozenset()) -> None:
     """Fail early on a model the CPU provider would not fuse: QOperator nodes, int8 activations,
-    per-tensor or out-of-range weights."""
+    per-tensor or out-of-range weights (`full_width`: weights allowed 8 bits under reduce_range)."""
     ops = {node.op_type for node in model.graph.node}
     if ops & QOPERATOR_OPS:
         raise ValueError(f"quantized model has QOperator nodes {sorted(ops & QOPERATOR_OPS)}; expected Q/DQ")
@@ -228,9 +266,15 @@ def check_cpu_form(model: onnx.ModelProto, reduce_range: bool) -> None:
         if weight.data_type != onnx.TensorProto.INT8:
             continue  # int32 biases
         values = onnx.numpy_helper.to_array(weight)
-        if np.abs(values.astype(np.int32)).max(initial=0) > top:
-            raise ValueError(f"{node.name}: weights exceed +-{top} ({'7' if reduce_range else '8'}-bit)")
+        limit = 127 if _float_name(weight.name) in full_width else top
+        if np.abs(values.astype(np.int32)).max(initial=0) > limit:
+            raise ValueError(f"{node.name}: weights exceed +-{limit} ({'7' if limit == 64 else '8'}-bit)")
         reader = readers.get(node.output[0])
         scale = onnx.numpy_helper.to_array(inits[node.input[1]])
         if reader is not None and reader.op_type == "Conv" and scale.size <= 1 < values.shape[0]:
             raise ValueError(f"{reader.name}: weights quantized per tensor; expected per channel")
+
+
+def _float_name(quantized_name: str) -> str:
+    """The float initializer a quantized weight was made from (the quantizer appends `_quantized`)."""
+    return quantized_name.removesuffix("_quantized")

@@ -1,0 +1,121 @@
+"""cpu-int8 on a MobileNet-shaped graph (ReLU6 as Clip, depthwise convolutions), the shape of the
+EfficientNet-Lite models the real-model bench uses: each Clip folds into the quantized range (so
+every convolution fuses), the float graph still clips where a reader falls back to float, and
+depthwise weights keep 8 bits under reduce_range (ONNX Runtime's depthwise kernel cannot saturate).
+
+A small random-weight network, exported by torch and bundled by the real build path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from engine_build.precision.calibration import image_paths, load_crops
+from engine_build.precision.cpu_int8 import check_cpu_form, depthwise_weights, quantize_cpu_int8
+from engine_build.precision.evaluate import run_onnx
+from worker.sidecar import ModelSpec, Preprocessing
+
+
+@pytest.fixture(scope="module")
+def mobile_bundle(tmp_path_factory) -> Path:
+    import torch
+    from torch import nn
+
+    from engine_build.build import build_from_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU6(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(),  # depthwise
+        nn.Conv2d(16, 32, 1), nn.ReLU6(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU6(),  # depthwise, read by the pool
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[-1].weight.mul_(20.0)  # logits far enough apart that top-1 means something
+    root = tmp_path_factory.mktemp("mobile")
+    with torch.no_grad():
+        program = torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), dynamo=True, input_names=["input"],
+                                    output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                    opset_version=18, verbose=False)  # fmt: skip
+    program.save(str(root / "mobile.onnx"))
+    prep = Preprocessing(crop_size=(32, 32), resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3)
+    build_from_onnx(root / "mobile.onnx", root / "bundle", prep)
+    return root / "bundle"
+
+
+@pytest.fixture(scope="module")
+def quantized(mobile_bundle, calib_dir, tmp_path_factory):
+    spec = ModelSpec.load(mobile_bundle)
+    crops = load_crops(image_paths(calib_dir), spec.preprocessing).crops
+    out = tmp_path_factory.mktemp("mobile_q") / "model.cpu-int8.onnx"
+    recipe = quantize_cpu_int8(mobile_bundle / spec.model_file, out, crops[:100], "images")
+    return spec, crops[100:], out, recipe
+
+
+def test_clips_fold_and_every_convolution_fuses(quantized, tmp_path):
+    import onnxruntime as ort
+
+    spec, _crops, path, _recipe = quantized
+    model = onnx.load(str(path))
+    convs = sum(node.op_type == "Conv" for node in model.graph.node)
+    assert convs == 4
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    # every convolution but the last, whose output the global pool reads in float (a float Clip
+    # between two convolutions would leave both unfused)
+    assert fused.count("QLinearConv") == convs - 1, fused
+
+
+def test_the_float_graph_still_clips_where_a_reader_falls_back(quantized, mobile_bundle):
+    """The global pool reads the last convolution in float: it must see the clipped values, as in
+    FP32. Without the Clips put back, the same file gives another model (checked)."""
+    spec, crops, path, _recipe = quantized
+    want = _pooled(onnx.load(str(mobile_bundle / spec.model_file)), crops)
+    model = onnx.load(str(path))
+    restored = [node for node in model.graph.node if node.name.startswith("labeler_clip_")]
+    assert len(restored) == 4
+    got = _pooled(model, crops)
+    assert got.min() >= 0.0 and got.max() <= 6.0
+    assert _relative_error(want, got) < 0.05
+    pool = next(node for node in model.graph.node if node.op_type == "ReduceMean")
+    unclipped = next(node for node in restored if node.output[0] == pool.input[0])
+    pool.input[0] = unclipped.input[0]  # what the pool read before the Clips were put back
+    assert _relative_error(want, _pooled(model, crops)) > 0.2
+
+
+def _pooled(model: onnx.ModelProto, crops: np.ndarray) -> np.ndarray:
+    """The global pool's output (the embedding the `features` output would carry)."""
+    pool = next(node for node in model.graph.node if node.op_type == "ReduceMean")
+    del model.graph.output[:]
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(pool.output[0], onnx.TensorProto.FLOAT, None)
+    )
+    return run_onnx(model, "images", crops)
+
+
+def _relative_error(want: np.ndarray, got: np.ndarray) -> float:
+    return float(np.abs(want - got).mean() / np.abs(want).mean())
+
+
+def test_depthwise_weights_keep_eight_bits_under_reduce_range(quantized, mobile_bundle):
+    spec, _crops, path, recipe = quantized
+    depthwise = set(depthwise_weights(onnx.load(str(mobile_bundle / spec.model_file))))
+    assert len(depthwise) == 2 and recipe["depthwise_layers"] == 2
+    model = onnx.load(str(path))
+    widths = {}
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT8 and init.name.endswith("_quantized"):
+            widths[init.name.removesuffix("_quantized")] = int(np.abs(onnx.numpy_helper.to_array(init)).max())
+    assert {name: widths[name] for name in depthwise} == dict.fromkeys(depthwise, 127)
+    assert all(width <= 64 for name, width in widths.items() if name not in depthwise)
+    check_cpu_form(model, reduce_range=True, full_width=depthwise)
+    with pytest.raises(ValueError, match="exceed"):
+        check_cpu_form(model, reduce_range=True)  # the check itself tells 7-bit from 8-bit
