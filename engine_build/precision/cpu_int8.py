@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from engine_build.precision.bias_correction import correct_biases
 from engine_build.precision.graph_parts import output_nodes, prepared_copy, preprocessing_nodes
 from engine_build.precision.ort_quantize import quantize_with_ranges
 from engine_build.precision.ranges import activation_intervals
@@ -54,8 +55,16 @@ def quantize_cpu_int8(
         raise ValueError("no calibration crops")
     model = prepared_copy(str(src))
     keep = [*preprocessing_nodes(model), *output_nodes(model)]
+    depthwise = depthwise_weights(model)
+    full_width = set(depthwise) if reduce_range else None
+    source, corrected = correct_biases(
+        model,
+        crops,
+        input_name,
+        lambda weight: 64 if full_width is not None and weight not in full_width else 127,
+    )
     named = dst.with_name(dst.name + ".named.onnx")
-    onnx.save(model, str(named))
+    onnx.save(source, str(named))
     try:
         # Which tensors the quantizer puts Q/DQ on (after it folds each ReLU into the quantized
         # range of the tensor before it) is its own business: ask it with a probe, then calibrate
@@ -67,7 +76,6 @@ def quantize_cpu_int8(
             name: [{"rmin": np.array(low, np.float32), "rmax": np.array(high, np.float32)}]
             for name, (low, high) in intervals.items()
         }
-        depthwise = depthwise_weights(model)
         overrides.update({name: [{"reduce_range": False, "axis": 0}] for name in depthwise})
         _quantize(named, dst, crops, input_name, keep, reduce_range, overrides)
     finally:
@@ -88,6 +96,7 @@ def quantize_cpu_int8(
         "weights": "int8 symmetric per-channel"
         + (", 7-bit (reduce_range) except depthwise convolutions (8-bit)" if reduce_range else ""),
         "depthwise_layers": len(depthwise),
+        "bias_correction": f"{len(corrected)} convolutions (engine_build.precision.bias_correction)",
         "reduce_range": reduce_range,
         "calibration_method": method,
         "calibration_images": int(len(crops)),

@@ -112,7 +112,8 @@ def int8_layers(model: onnx.ModelProto) -> list[str]:
 
 
 def fall_back(qdq: onnx.ModelProto, fp32: onnx.ModelProto, layers: Iterable[str]) -> onnx.ModelProto:
-    """A copy of `qdq` in which `layers` read float inputs again; unused Q/DQ nodes are dropped."""
+    """A copy of `qdq` in which `layers` read their FP32 inputs again (float activations, the original
+    weights and biases, not corrected ones); unused Q/DQ nodes are dropped."""
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
     wanted = set(layers)
@@ -130,13 +131,18 @@ def fall_back(qdq: onnx.ModelProto, fp32: onnx.ModelProto, layers: Iterable[str]
         original = float_nodes[node.name]
         for index, name in enumerate(node.input):
             producer = producers.get(name)
-            if producer is None or producer.op_type != "DequantizeLinear":
+            dequantized = producer is not None and producer.op_type == "DequantizeLinear"
+            # or a float initializer the quantizer's input had in its place (a corrected bias)
+            replaced = name != original.input[index] and original.input[index] in float_inits
+            if not dequantized and not replaced:
                 continue
             node.input[index] = original.input[index]
             if original.input[index] in float_inits and original.input[index] not in present:
                 model.graph.initializer.append(float_inits[original.input[index]])
                 present.add(original.input[index])
-                if name == original.input[index]:  # the quantizer named the DQ output after the
+                if (
+                    dequantized and name == original.input[index]
+                ):  # the quantizer named the DQ output after the
                     shadowed.append(producer)  # float initializer (an int32 bias): the initializer wins
     for producer in shadowed:
         model.graph.node.remove(producer)

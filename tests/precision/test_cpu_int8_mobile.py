@@ -14,9 +14,12 @@ import numpy as np
 import onnx
 import pytest
 
+from engine_build.precision.bias_correction import CORRECTED_SUFFIX, correct_biases, rounded_weights
 from engine_build.precision.calibration import image_paths, load_crops
 from engine_build.precision.cpu_int8 import check_cpu_form, depthwise_weights, quantize_cpu_int8
 from engine_build.precision.evaluate import run_onnx
+from engine_build.precision.fallback import fall_back
+from engine_build.precision.graph_parts import prepared_copy
 from worker.sidecar import ModelSpec, Preprocessing
 
 
@@ -119,3 +122,82 @@ def test_depthwise_weights_keep_eight_bits_under_reduce_range(quantized, mobile_
     check_cpu_form(model, reduce_range=True, full_width=depthwise)
     with pytest.raises(ValueError, match="exceed"):
         check_cpu_form(model, reduce_range=True)  # the check itself tells 7-bit from 8-bit
+
+
+def test_the_quantizer_rounds_weights_as_bias_correction_assumes(quantized, mobile_bundle):
+    """The correction is only right if it predicts the weights ONNX Runtime then writes."""
+    spec, _crops, path, _recipe = quantized
+    fp32 = {
+        init.name: onnx.numpy_helper.to_array(init)
+        for init in onnx.load(str(mobile_bundle / spec.model_file)).graph.initializer
+    }
+    model = onnx.load(str(path))
+    inits = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    depthwise = set(depthwise_weights(onnx.load(str(mobile_bundle / spec.model_file))))
+    checked = 0
+    for node in model.graph.node:
+        name = node.input[0].removesuffix("_quantized")
+        if (
+            node.op_type == "DequantizeLinear"
+            and node.input[0].endswith("_quantized")
+            and name in fp32
+            and fp32[name].ndim == 4
+        ):
+            scale = inits[node.input[1]].reshape(-1, 1, 1, 1)
+            written = inits[node.input[0]].astype(np.float64) * scale
+            np.testing.assert_allclose(
+                written, rounded_weights(fp32[name], 127 if name in depthwise else 64), rtol=1e-6, atol=1e-9
+            )
+            checked += 1
+    assert checked == 4
+
+
+@pytest.mark.parametrize("group", [1, 8])
+def test_bias_correction_cancels_the_mean_shift_of_rounded_weights(group):
+    """One convolution (no padding) on positive inputs: with the corrected bias, the rounded weights'
+    output has the FP32 output's per-channel mean on the calibration inputs (but for the border,
+    where a channel's full mean is not the mean a position sees); without, it does not."""
+    rng = np.random.default_rng(group)
+    weight = rng.normal(0, 1, (8, 8 // group, 3, 3)).astype(np.float32)
+    weight[:, :, 0, 0] += 0.37  # an offset the rounding does not cancel on average
+    bias = rng.normal(0, 1, 8).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=group)],
+        "one_conv",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 8, 12, 12])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(bias, "b")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    inputs = (
+        rng.uniform(0, 6, (32, 8, 12, 12)).astype(np.float32)
+        + np.arange(8, dtype=np.float32)[None, :, None, None]
+    )
+    corrected, names = correct_biases(model, inputs, "x", lambda _weight: 16)  # coarse: a large shift
+    assert names == ["b" + CORRECTED_SUFFIX]
+    new_bias = next(onnx.numpy_helper.to_array(i) for i in corrected.graph.initializer if i.name == names[0])
+
+    def mean_output(w: np.ndarray, b: np.ndarray) -> np.ndarray:
+        graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), "w"))
+        graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(b.astype(np.float32), "b"))
+        return run_onnx(
+            onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), "x", inputs
+        ).mean(axis=(0, 2, 3))
+
+    want = mean_output(weight, bias)
+    rounded = rounded_weights(weight, 16)
+    before = np.abs(mean_output(rounded, bias) - want).max()
+    after = np.abs(mean_output(rounded, new_bias) - want).max()
+    assert before > 0.05 and after < 0.1 * before, (before, after)  # what is left: the border
+
+
+def test_a_layer_kept_in_fp32_reads_its_original_bias(quantized, mobile_bundle):
+    spec, crops, path, _recipe = quantized
+    fp32 = prepared_copy(str(mobile_bundle / spec.model_file))
+    model = onnx.load(str(path))
+    conv = next(node for node in fp32.graph.node if node.op_type == "Conv")
+    back = fall_back(model, fp32, [conv.name])
+    node = next(node for node in back.graph.node if node.name == conv.name)
+    assert list(node.input) == list(conv.input)  # float activation, original weight and bias
+    assert not any(name.endswith(CORRECTED_SUFFIX) for name in node.input)
+    assert run_onnx(back, "images", crops).shape[0] == len(crops)
