@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from engine_build.precision.graph_parts import probe_session
+
 CORRECTED_SUFFIX = "_bias_corrected"
 MEAN_BATCH = 16  # crops per float run while collecting channel means
 
@@ -90,16 +92,7 @@ def channel_means(
     model: onnx.ModelProto, tensors: list[str], crops: np.ndarray, input_name: str
 ) -> dict[str, np.ndarray]:
     """Mean of each channel of each NCHW tensor over the crops and all positions (one float pass)."""
-    import onnxruntime as ort
-
-    wanted = list(dict.fromkeys(tensors))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {value.name for value in probe.graph.output}
-    for name in wanted:
-        if name not in present:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    session, wanted = probe_session(model, tensors)
     sums: dict[str, np.ndarray] = {}
     for start in range(0, len(crops), MEAN_BATCH):
         batch = crops[start : start + MEAN_BATCH]

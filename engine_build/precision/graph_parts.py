@@ -7,6 +7,9 @@ tensor that feeds the classifier.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import onnx
 
 from engine_build.preprocess_graph import PREPROCESSED, dedupe_opsets
@@ -75,3 +78,24 @@ def output_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = ("Softmax",
         for node in model.graph.node
         if node.op_type in op_types and any(out in outputs for out in node.output)
     ]
+
+
+def probe_session(model: onnx.ModelProto, tensors: Iterable[str]) -> tuple[Any, list[str]]:
+    """An ONNX Runtime session of `model` with `tensors` as extra outputs (graph optimizations off,
+    so every tensor still exists), and the tensor names in the order it returns them."""
+    import onnxruntime as ort
+
+    names = list(dict.fromkeys(tensors))
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    existing = {value.name for value in augmented.graph.output}
+    for name in names:
+        if name not in existing:
+            augmented.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(
+        augmented.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    ), names

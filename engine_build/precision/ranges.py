@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from engine_build.precision.graph_parts import probe_session
+
 METHODS = ("minmax", "entropy", "percentile")
 HISTOGRAM_BINS = 2048
 QUANTIZED_BINS = 128  # 2**7 levels on each side of zero for signed INT8
@@ -115,20 +117,7 @@ def collect_histograms(
     model: onnx.ModelProto, tensors: Iterable[str], input_name: str, batches: Iterable[np.ndarray]
 ) -> dict[str, AbsHistogram]:
     """Run the FP32 model with `tensors` as extra outputs over the batches; one |x| histogram each."""
-    import onnxruntime as ort
-
-    names = list(dict.fromkeys(tensors))
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {value.name for value in augmented.graph.output}
-    for name in names:
-        if name not in existing:
-            augmented.graph.output.append(
-                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-            )
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-    session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session, names = probe_session(model, tensors)
     histograms = {name: AbsHistogram() for name in names}
     for batch in batches:
         for name, value in zip(names, session.run(names, {input_name: batch}), strict=True):
