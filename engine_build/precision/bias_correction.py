@@ -63,6 +63,11 @@ def correct_biases(
         corrected.graph.initializer.append(numpy_helper.from_array((bias - shift).astype(np.float32), name))
         nodes[conv.name].input[2] = name
         names.append(name)
+    # the original biases are read by nothing now: left in, every session warns about each one
+    still_read = {name for node in corrected.graph.node for name in node.input}
+    kept = [init for init in corrected.graph.initializer if init.name in still_read or init.name not in inits]
+    del corrected.graph.initializer[:]
+    corrected.graph.initializer.extend(kept)
     return corrected, names
 
 

@@ -201,3 +201,15 @@ def test_a_layer_kept_in_fp32_reads_its_original_bias(quantized, mobile_bundle):
     assert list(node.input) == list(conv.input)  # float activation, original weight and bias
     assert not any(name.endswith(CORRECTED_SUFFIX) for name in node.input)
     assert run_onnx(back, "images", crops).shape[0] == len(crops)
+
+
+def test_no_initializer_is_left_that_nothing_reads(quantized, mobile_bundle, calib_dir):
+    """ONNX Runtime warns about each unused initializer in every session it opens (the calibration
+    runs, a worker's): the biases bias correction replaced must not stay behind."""
+    spec, crops, path, _recipe = quantized
+    source = prepared_copy(str(mobile_bundle / spec.model_file))
+    corrected, names = correct_biases(source, crops[:16], "images", lambda _weight: 64)
+    assert len(names) == 4
+    for model in (corrected, onnx.load(str(path))):
+        read = {name for node in model.graph.node for name in node.input}
+        assert [init.name for init in model.graph.initializer if init.name not in read] == []
