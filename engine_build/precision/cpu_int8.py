@@ -86,7 +86,7 @@ def quantize_cpu_int8(
         from engine_build.precision.fallback import fall_back
 
         quantized = fall_back(quantized, model, float_readers)
-    check_cpu_form(quantized, reduce_range, full_width=set(depthwise))
+    check_cpu_form(quantized, reduce_range)
     check_activation_intervals(quantized, intervals)
     onnx.save(quantized, str(dst))
     return {
@@ -253,9 +253,9 @@ def check_activation_intervals(model: onnx.ModelProto, intervals: dict[str, tupl
             raise ValueError(f"{tensor}: scale {scale} is not the calibrated {expected}")
 
 
-def check_cpu_form(model: onnx.ModelProto, reduce_range: bool, full_width: set[str] = frozenset()) -> None:
+def check_cpu_form(model: onnx.ModelProto, reduce_range: bool) -> None:
     """Fail early on a model the CPU provider would not fuse: QOperator nodes, int8 activations,
-    per-tensor or out-of-range weights (`full_width`: weights allowed 8 bits under reduce_range)."""
+    per-tensor or out-of-range weights (7-bit under reduce_range, but for depthwise convolutions)."""
     ops = {node.op_type for node in model.graph.node}
     if ops & QOPERATOR_OPS:
         raise ValueError(f"quantized model has QOperator nodes {sorted(ops & QOPERATOR_OPS)}; expected Q/DQ")
@@ -275,15 +275,16 @@ def check_cpu_form(model: onnx.ModelProto, reduce_range: bool, full_width: set[s
         if weight.data_type != onnx.TensorProto.INT8:
             continue  # int32 biases
         values = onnx.numpy_helper.to_array(weight)
-        limit = 127 if _float_name(weight.name) in full_width else top
+        reader = readers.get(node.output[0])
+        limit = 127 if reader is not None and _is_depthwise(reader, values) else top
         if np.abs(values.astype(np.int32)).max(initial=0) > limit:
             raise ValueError(f"{node.name}: weights exceed +-{limit} ({'7' if limit == 64 else '8'}-bit)")
-        reader = readers.get(node.output[0])
         scale = onnx.numpy_helper.to_array(inits[node.input[1]])
         if reader is not None and reader.op_type == "Conv" and scale.size <= 1 < values.shape[0]:
             raise ValueError(f"{reader.name}: weights quantized per tensor; expected per channel")
 
 
-def _float_name(quantized_name: str) -> str:
-    """The float initializer a quantized weight was made from (the quantizer appends `_quantized`)."""
-    return quantized_name.removesuffix("_quantized")
+def _is_depthwise(node: onnx.NodeProto, weight: np.ndarray) -> bool:
+    """A convolution with one input channel per group (MLAS runs it in its depthwise kernel)."""
+    group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
+    return node.op_type == "Conv" and group > 1 and weight.ndim == 4 and weight.shape[1] == 1
