@@ -36,6 +36,7 @@ def correct_biases(
     model: onnx.ModelProto, crops: np.ndarray, input_name: str, weight_levels: Callable[[str], int]
 ) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of `model` whose convolutions (with a bias) carry corrected biases, and their names.
+    A convolution without a bias is left as it is.
 
     `weight_levels(weight_name)` is qmax of that weight's symmetric rounding (127, or 64 with
     reduce_range)."""
@@ -48,9 +49,11 @@ def correct_biases(
         and node.input[1] in inits
         and node.input[2] in inits
     ]
-    means = channel_means(model, [node.input[0] for node in convs], crops, input_name)
     corrected = onnx.ModelProto()
     corrected.CopyFrom(model)
+    if not convs:  # e.g. batch norms of zero shift folded away: the exporter wrote no bias
+        return corrected, []
+    means = channel_means(model, [node.input[0] for node in convs], crops, input_name)
     nodes = {node.name: node for node in corrected.graph.node}
     names = []
     for conv in convs:

@@ -220,3 +220,17 @@ def test_no_initializer_is_left_that_nothing_reads(quantized, mobile_bundle, cal
     for model in (corrected, onnx.load(str(path))):
         read = {name for node in model.graph.node for name in node.input}
         assert [init.name for init in model.graph.initializer if init.name not in read] == []
+
+
+def test_a_graph_whose_convolutions_have_no_bias_is_left_as_it_is():
+    """The default bundle's random-weight ResNet-50 exports its convolutions without biases."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+        "no_bias",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 2, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    corrected, names = correct_biases(model, np.ones((2, 2, 4, 4), np.float32), "x", lambda _weight: 64)
+    assert names == [] and corrected == model
