@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--gate-top1", type=float, help="gate override (default: the INT8 gate's 0.97)")
     parser.add_argument("--gate-top5", type=float, help="gate override (default: 0.95)")
     parser.add_argument("--calib-method", default="minmax", help="minmax (labeler build's default), entropy, percentile")
+    parser.add_argument("--no-reduce-range", action="store_true", help="cpu-int8 with 8-bit weights (VNNI fleets)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -125,6 +126,7 @@ def main() -> None:
                                                ("min_top5_overlap", args.gate_top5)) if value is not None}  # fmt: skip
     print(f"machine: {machine_description()}; {machine_load()}; gate overrides {overrides}", flush=True)
     results: dict = {"machine": machine_description(), "model": args.model, "calib_method": args.calib_method,
+                     "photo_set": args.photo_set, "reduce_range": not args.no_reduce_range,
                      "variants": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -141,7 +143,8 @@ def main() -> None:
             bundle = work / precision
             shutil.copytree(source, bundle)
             request = PrecisionRequest((precision,), photos, args.calib_count, heldout_count=args.gate_count,
-                                       calib_method=args.calib_method, threshold_overrides=overrides)  # fmt: skip
+                                       calib_method=args.calib_method, threshold_overrides=overrides,
+                                       reduce_range=not args.no_reduce_range)  # fmt: skip
             lines: list[str] = []
             started = time.monotonic()
             try:
